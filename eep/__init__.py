@@ -1,0 +1,10 @@
+"""eep: elastic expert-parallel Mixture-of-Experts inference.
+
+The single-process engine (`eep.engine.LLMEngine`) runs Hugging Face MoE checkpoints
+(Qwen3-MoE, DeepSeek-V3) with our own model code; later layers distribute its MoE layers
+over rank processes whose membership can change at run time.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

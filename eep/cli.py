@@ -1,0 +1,149 @@
+"""The `eep` command line: argparse at the edge, mapped onto the config dataclasses.
+
+This is the only module that reads argv or the environment (`EEP_CACHE_DIR`, `XDG_CACHE_HOME`
+for where the embedded default model lives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from eep.errors import EepError
+
+logger = logging.getLogger("eep")
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("EEP_CACHE_DIR"):
+        return Path(os.environ["EEP_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "eep"
+
+
+def _model_path(args: argparse.Namespace) -> str:
+    """`--model-path` if given, else the embedded default model (created on first use)."""
+    if args.model_path:
+        return args.model_path
+    from eep.model.default_model import ensure_default_model
+
+    path = ensure_default_model(Path(args.cache_dir), args.arch)
+    logger.info("using the embedded default model at %s", path)
+    return str(path)
+
+
+def _default(cls: type, name: str) -> object:
+    """The default of dataclass field `name`, so CLI defaults cannot drift from the config's."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from eep.config import EngineConfig
+    from eep.model.default_model import ARCHES, DEFAULT_ARCH
+
+    p.add_argument("--model-path", help="Hugging Face checkpoint directory (default: the embedded default model)")
+    p.add_argument("--arch", choices=ARCHES, default=DEFAULT_ARCH, help="architecture of the default model")
+    p.add_argument("--dtype", default=_default(EngineConfig, "dtype"), choices=["auto", "float32", "bfloat16"])
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from eep.config import EngineConfig
+    from eep.engine.engine import LLMEngine
+    from eep.engine.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
+    engine = LLMEngine(EngineConfig(_model_path(args), dtype=args.dtype, max_model_len=args.max_model_len))
+    for prompt in args.prompt:
+        out = engine.generate([prompt], params)[0]
+        print(out.text if out.text is not None else " ".join(map(str, out.output_ids)), flush=True)
+    return 0
+
+
+def _cmd_model_init(args: argparse.Namespace) -> int:
+    from eep.model.default_model import default_model_dir, init_model
+
+    out = Path(args.out) if args.out else default_model_dir(Path(args.cache_dir), args.arch)
+    path = init_model(out, args.arch, force=args.force)
+    print(path)
+    return 0
+
+
+def _cmd_bench_engine(args: argparse.Namespace) -> int:
+    from eep.bench.engine import run_engine_bench
+
+    result = run_engine_bench(
+        _model_path(args),
+        batch_size=args.batch_size,
+        output_len=args.output_len,
+        prompt_len=args.prompt_len,
+        dtype=args.dtype,
+        repeats=args.repeats,
+    )
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eep", description="Elastic expert-parallel MoE inference.")
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()), help="where the default model is kept")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate a continuation of one or more prompts")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--seed", type=int, default=None)
+    from eep.config import EngineConfig
+
+    gen.add_argument("--max-model-len", type=int, default=_default(EngineConfig, "max_model_len"))
+    gen.set_defaults(func=_cmd_generate)
+
+    model = sub.add_parser("model", help="manage the embedded default model")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    init = model_sub.add_parser("init", help="write the small deterministic default checkpoint")
+    from eep.model.default_model import ARCHES, DEFAULT_ARCH
+
+    init.add_argument("--arch", choices=ARCHES, default=DEFAULT_ARCH)
+    init.add_argument("--out", help="target directory (default: CACHE_DIR/models/NAME)")
+    init.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    init.set_defaults(func=_cmd_model_init)
+
+    bench = sub.add_parser("bench", help="benchmarks that write JSON")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    eng = bench_sub.add_parser("engine", help="decode tokens/s of eep vs transformers on one checkpoint")
+    _add_model_args(eng)
+    eng.add_argument("--batch-size", type=int, default=16)
+    eng.add_argument("--output-len", type=int, default=64)
+    eng.add_argument("--prompt-len", type=int, default=32)
+    eng.add_argument("--repeats", type=int, default=3)
+    eng.add_argument("--json", help="write the result here")
+    eng.set_defaults(func=_cmd_bench_engine)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except EepError as e:
+        print(f"eep: error: {e}", file=sys.stderr)
+        return 2

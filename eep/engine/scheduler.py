@@ -1,0 +1,66 @@
+"""Continuous batching: which requests run in the next step, and how many tokens each.
+
+Every step is a mix: each running request that has its whole history cached decodes one
+token; requests still prefilling continue with a chunk; waiting requests are admitted FIFO
+while KV slots and the step's token budget last. A request leaves the step plan only by
+finishing, which frees its slot for the next waiting request at the next step. CPU
+bookkeeping only: nothing here touches tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from eep.engine.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    request: Request
+    q_len: int  # tokens computed this step, starting at request.num_computed
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the end of the known tokens, so a token is sampled."""
+        return self.request.num_computed + self.q_len == self.request.num_tokens
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, max_batched_tokens: int) -> None:
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self.max_batched_tokens = max_batched_tokens
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_batched_tokens
+        plan: list[ScheduledSeq] = []
+        # Decodes first (one token each, in slot order so attention reads the cache as a view),
+        # then chunks of requests still prefilling.
+        for req in sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed, r.slot)):
+            q_len = min(req.num_tokens - req.num_computed, budget)
+            if q_len <= 0:
+                continue
+            plan.append(ScheduledSeq(req, q_len))
+            budget -= q_len
+        while self.waiting and self.free_slots and budget > 0:
+            req = self.waiting.popleft()
+            req.slot = self.free_slots.pop()
+            self.running.append(req)
+            q_len = min(req.num_tokens - req.num_computed, budget)
+            plan.append(ScheduledSeq(req, q_len))
+            budget -= q_len
+        return plan
+
+    def finish(self, request: Request) -> None:
+        self.running.remove(request)
+        if request.slot is not None:
+            self.free_slots.append(request.slot)
+            request.slot = None

@@ -1,0 +1,254 @@
+"""Attention over a slotted KV cache: GQA (Qwen3-MoE) and MLA (DeepSeek-V3).
+
+KV cache layout (slotted, preallocated once): every running sequence owns one slot, a row of
+`max_len` positions in each layer's cache tensors. GQA caches `k, v [S, max_len, KV, D]`;
+MLA caches the compressed latent `c [S, max_len, R]` (after `kv_a_layernorm`) and the shared
+rotated key `k_rot [S, max_len, Dr]`, as transformers caches them. A slotted cache wastes the
+tail of short sequences but needs no block tables: a sequence's history is one contiguous
+slice, which keeps the CPU attention path to one gather + one SDPA call per step.
+
+A step's flat tokens are described by `StepLayout`: sequences with one new token (decode,
+and one-token prompts) are batched into one padded SDPA call; longer chunks (prefill, possibly
+continuing from an earlier chunk) run one SDPA call each.
+
+Legend: T = tokens of the step, B = decode sequences, L = longest cached length among them,
+N = heads, KV = key/value heads, D = head dim, R = MLA latent rank, S = cache slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eep.model.config import ModelConfig
+from eep.model.layers import RMSNorm, RotaryTable, apply_rope
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    token_start: int  # first token of the chunk in the step's flat token list
+    slot: int
+    ctx_len: int  # tokens of this sequence already in the cache before the step
+    q_len: int  # new tokens
+
+
+@dataclass(frozen=True, slots=True)
+class StepLayout:
+    """How one step's flat tokens split into sequences; built once per step, read by every layer."""
+
+    positions: torch.Tensor  # [T] int64
+    token_slots: torch.Tensor  # [T] int64: cache slot written by each token
+    decode_tokens: torch.Tensor  # [B] int64: index in T of each decode sequence's token
+    decode_slots: torch.Tensor | slice  # [B] int64, or a slice when the slots are consecutive (no gather)
+    decode_kv_len: int  # L
+    decode_mask: torch.Tensor  # [B, 1, 1, L] bool, True = attend
+    prefill: tuple[PrefillChunk, ...]
+    all_decode: bool  # every token is a decode token, in order (decode_tokens == arange(T))
+
+    @classmethod
+    def build(cls, slots: list[int], ctx_lens: list[int], q_lens: list[int]) -> StepLayout:
+        positions: list[int] = []
+        token_slots: list[int] = []
+        dec_tok: list[int] = []
+        dec_slot: list[int] = []
+        dec_len: list[int] = []
+        prefill: list[PrefillChunk] = []
+        for slot, ctx, q in zip(slots, ctx_lens, q_lens):
+            start = len(positions)
+            positions.extend(range(ctx, ctx + q))
+            token_slots.extend([slot] * q)
+            if q == 1:
+                dec_tok.append(start)
+                dec_slot.append(slot)
+                dec_len.append(ctx + 1)
+            else:
+                prefill.append(PrefillChunk(start, slot, ctx, q))
+        kv_len = max(dec_len, default=0)
+        lens = torch.tensor(dec_len, dtype=torch.int64)
+        mask = torch.arange(kv_len).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+        return cls(
+            positions=torch.tensor(positions, dtype=torch.int64),
+            token_slots=torch.tensor(token_slots, dtype=torch.int64),
+            decode_tokens=torch.tensor(dec_tok, dtype=torch.int64),
+            decode_slots=_as_slice(dec_slot) or torch.tensor(dec_slot, dtype=torch.int64),
+            decode_kv_len=kv_len,
+            decode_mask=mask[:, None, None, :],
+            prefill=tuple(prefill),
+            all_decode=not prefill,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+
+def _as_slice(slots: list[int]) -> slice | None:
+    """`slots` as a slice if they are consecutive and ascending: the cache is then read as a view."""
+    if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return None
+
+
+def _sdpa_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, scale: float) -> torch.Tensor:
+    """One sequence: `q [N, Q, Dq]` against `k [KV, C+Q, Dq]`, `v [KV, C+Q, Dv]` -> `[Q, N, Dv]`."""
+    gqa = q.shape[0] != k.shape[0]
+    if ctx_len == 0:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        q_len, kv_len = q.shape[1], k.shape[1]
+        mask = torch.arange(kv_len).unsqueeze(0) <= (ctx_len + torch.arange(q_len)).unsqueeze(1)  # [Q, C+Q]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(0, 1)
+
+
+class GQAAttention(nn.Module):
+    """Grouped-query attention with per-head q/k RMSNorm (Qwen3) and fused qkv projection."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv * self.head_dim
+        self.split = (q_out, kv_out, kv_out)
+        self.wqkv = nn.Parameter(torch.empty(q_out + 2 * kv_out, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.bqkv = (
+            nn.Parameter(torch.empty(q_out + 2 * kv_out, dtype=dtype), requires_grad=False)
+            if cfg.attention_bias
+            else None
+        )
+        self.wo = nn.Parameter(torch.empty(cfg.hidden_size, q_out, dtype=dtype), requires_grad=False)
+        self.bo = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False) if cfg.attention_bias else None
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.scale = cfg.attn_scale
+
+    def forward(
+        self, x: torch.Tensor, layout: StepLayout, rope: tuple[torch.Tensor, torch.Tensor], cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:  # x [T, H] -> [T, H]
+        k_cache, v_cache = cache  # [S, max_len, KV, D]
+        t = x.shape[0]
+        q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.split, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv, self.head_dim)
+        v = v.view(t, self.num_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope, interleaved=False), apply_rope(k, *rope, interleaved=False)
+        k_cache[layout.token_slots, layout.positions] = k
+        v_cache[layout.token_slots, layout.positions] = v
+        out = self._attend(q, layout, k_cache, v_cache)  # [T, N, D]
+        return F.linear(out.reshape(t, -1), self.wo, self.bo)
+
+    def _attend(self, q: torch.Tensor, layout: StepLayout, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty(q.shape)
+        if layout.decode_tokens.numel():
+            out[layout.decode_tokens] = self._decode(q[layout.decode_tokens], layout, k_cache, v_cache)
+        for c in layout.prefill:
+            kv_end = c.ctx_len + c.q_len
+            qs = q[c.token_start : c.token_start + c.q_len].transpose(0, 1)  # [N, Q, D]
+            ks = k_cache[c.slot, :kv_end].transpose(0, 1)  # [KV, C+Q, D]
+            vs = v_cache[c.slot, :kv_end].transpose(0, 1)
+            out[c.token_start : c.token_start + c.q_len] = _sdpa_chunk(qs, ks, vs, c.ctx_len, self.scale)
+        return out
+
+    def _decode(self, q: torch.Tensor, layout: StepLayout, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        kv_len = layout.decode_kv_len
+        ks = k_cache[layout.decode_slots, :kv_len].transpose(1, 2)  # [B, KV, L, D]
+        vs = v_cache[layout.decode_slots, :kv_len].transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), ks, vs, attn_mask=layout.decode_mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv,
+        )  # [B, N, 1, D]
+        return out.squeeze(2)
+
+
+class MLAAttention(nn.Module):
+    """DeepSeek multi-head latent attention; the cache holds the latent and the rotated shared key.
+
+    The latent is expanded to per-head keys and values with `kv_b_proj` at attention time,
+    exactly as transformers does, so logits match it in fp32.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        h, n, qk = cfg.hidden_size, cfg.num_heads, cfg.qk_head_dim
+        self.interleaved = cfg.rope_interleave
+
+        def param(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+        if cfg.q_lora_rank is None:
+            self.wq = param(n * qk, h)
+        else:
+            self.wq_a = param(cfg.q_lora_rank, h)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, 1e-6, dtype)  # transformers uses the default eps here
+            self.wq_b = param(n * qk, cfg.q_lora_rank)
+        self.q_lora = cfg.q_lora_rank is not None
+        self.wkv_a = param(self.rank + self.rope_dim, h)
+        self.kv_a_norm = RMSNorm(self.rank, 1e-6, dtype)
+        self.wkv_b = param(n * (self.nope + self.v_dim), self.rank)
+        self.wo = param(h, n * self.v_dim)
+        self.scale = cfg.attn_scale
+
+    def forward(
+        self, x: torch.Tensor, layout: StepLayout, rope: tuple[torch.Tensor, torch.Tensor], cache: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:  # x [T, H] -> [T, H]
+        c_cache, r_cache = cache  # [S, max_len, R], [S, max_len, Dr]
+        t = x.shape[0]
+        q = F.linear(self.q_a_norm(F.linear(x, self.wq_a)), self.wq_b) if self.q_lora else F.linear(x, self.wq)
+        q = q.view(t, self.num_heads, self.nope + self.rope_dim)
+        q_nope, q_rot = q.split((self.nope, self.rope_dim), dim=-1)
+        latent, k_rot = F.linear(x, self.wkv_a).split((self.rank, self.rope_dim), dim=-1)
+        latent = self.kv_a_norm(latent)  # [T, R]
+        q_rot = apply_rope(q_rot, *rope, interleaved=self.interleaved)
+        k_rot = apply_rope(k_rot.unsqueeze(1), *rope, interleaved=self.interleaved).squeeze(1)  # [T, Dr]
+        c_cache[layout.token_slots, layout.positions] = latent
+        r_cache[layout.token_slots, layout.positions] = k_rot
+        q = torch.cat((q_nope, q_rot), dim=-1)  # [T, N, Dq]
+        out = q.new_empty(t, self.num_heads, self.v_dim)
+        if layout.decode_tokens.numel():
+            out[layout.decode_tokens] = self._decode(q[layout.decode_tokens], layout, c_cache, r_cache)
+        for c in layout.prefill:
+            kv_end = c.ctx_len + c.q_len
+            k, v = self._expand(c_cache[c.slot, :kv_end], r_cache[c.slot, :kv_end])  # [N, C+Q, *]
+            qs = q[c.token_start : c.token_start + c.q_len].transpose(0, 1)
+            out[c.token_start : c.token_start + c.q_len] = _sdpa_chunk(qs, k, v, c.ctx_len, self.scale)
+        return F.linear(out.reshape(t, -1), self.wo)
+
+    def _expand(self, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`latent [..., L, R]`, `k_rot [..., L, Dr]` -> keys `[..., N, L, Dq]`, values `[..., N, L, Dv]`."""
+        kv = F.linear(latent, self.wkv_b).unflatten(-1, (self.num_heads, self.nope + self.v_dim))  # [..., L, N, *]
+        k_nope, v = kv.split((self.nope, self.v_dim), dim=-1)
+        k_rot = k_rot.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope_dim)
+        k = torch.cat((k_nope, k_rot), dim=-1)
+        return k.transpose(-3, -2), v.transpose(-3, -2)
+
+    def _decode(self, q: torch.Tensor, layout: StepLayout, c_cache: torch.Tensor, r_cache: torch.Tensor) -> torch.Tensor:
+        kv_len = layout.decode_kv_len
+        k, v = self._expand(c_cache[layout.decode_slots, :kv_len], r_cache[layout.decode_slots, :kv_len])
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=layout.decode_mask, scale=self.scale)
+        return out.squeeze(2)  # [B, N, Dv]
+
+
+class KVCache:
+    """Every layer's cache tensors, allocated once for `num_slots` sequences of `max_len` tokens."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype) -> None:
+        if cfg.attention == "mla":
+            shapes = [(num_slots, max_len, cfg.kv_lora_rank), (num_slots, max_len, cfg.qk_rope_head_dim)]
+        else:
+            shapes = [(num_slots, max_len, cfg.num_kv_heads, cfg.head_dim)] * 2
+        self.layers = [tuple(torch.zeros(s, dtype=dtype) for s in shapes) for _ in range(cfg.num_layers)]
+        self.num_slots, self.max_len = num_slots, max_len
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+
+
+def make_rope_table(cfg: ModelConfig, max_len: int) -> RotaryTable:
+    return RotaryTable(cfg.rope_dim, cfg.rope_theta, max_len)

@@ -1,0 +1,127 @@
+"""The MoE layer: router -> routing tables (logical -> physical slot) -> expert slots -> combine.
+
+Experts are stored stacked by *physical slot*, not by logical expert, and pre-transposed for
+`x @ w`: `w13 [S, H, 2I]` (gate columns, then up columns) and `w2 [S, I, H]` hold the S slots
+this process owns, slot ids
+`slot_offset .. slot_offset + S - 1`. In one process every slot is local; the expert-parallel
+runtime hands each rank a contiguous range and replaces `_run_local` by dispatch/combine.
+
+Legend: T = tokens, K = experts per token, E = logical experts, S = local slots,
+C = most tokens any local slot receives this step, H = hidden, I = expert intermediate size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eep.model.config import ModelConfig
+from eep.model.layers import GatedMLP
+from eep.placement.routing import RoutingTables
+
+
+class Router(nn.Module):
+    """Logical top-k choice: softmax top-k (Qwen3-MoE) or grouped sigmoid top-k (DeepSeek-V3)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, dtype=dtype), requires_grad=False)
+        self.sigmoid = cfg.scoring == "sigmoid"
+        self.bias = (
+            nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32), requires_grad=False) if self.sigmoid else None
+        )
+        self.top_k, self.norm_topk = cfg.top_k, cfg.norm_topk_prob
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scaling = cfg.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x [T, H]` -> `(topk_ids [T, K] int64, topk_weights [T, K] float32)`."""
+        if self.sigmoid:
+            return self._grouped_sigmoid(F.linear(x.float(), self.weight.float()))
+        logits = F.linear(x, self.weight)  # [T, E], model dtype as in transformers
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights.to(logits.dtype).float()
+
+    def _grouped_sigmoid(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t, e = logits.shape
+        scores = logits.sigmoid()  # [T, E]
+        choice = scores + self.bias
+        if self.n_group > 1:
+            group_scores = choice.view(t, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            choice = choice.masked_fill(~keep.repeat_interleave(e // self.n_group, dim=1), float("-inf"))
+        ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if self.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+
+class MoELayer(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_index: int,
+        tables: RoutingTables,
+        num_local_slots: int,
+        slot_offset: int,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.router = Router(cfg, dtype)
+        i, h = cfg.moe_intermediate_size, cfg.hidden_size
+        self.w13 = nn.Parameter(torch.zeros(num_local_slots, h, 2 * i, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.zeros(num_local_slots, i, h, dtype=dtype), requires_grad=False)
+        self.shared = GatedMLP(h, i * cfg.n_shared_experts, dtype) if cfg.n_shared_experts else None
+        self.tables = tables
+        self.moe_index = layer_index  # row of the routing tables
+        self.slot_offset = slot_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        topk_ids, topk_weights = self.router(x)
+        slots = self.tables.to_physical(self.moe_index, topk_ids)  # [T, K]
+        out = self._run_local(x, slots - self.slot_offset, topk_weights)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out
+
+    def _run_local(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every (token, k) pair on a local slot: `slots [T, K]` local ids (<0 = skip), `weights [T, K]`."""
+        t, k = slots.shape
+        flat = slots.flatten()  # [T*K]
+        pair = torch.nonzero(flat >= 0).squeeze(1)  # pairs to compute
+        slot_of_pair = flat[pair]
+        order = torch.argsort(slot_of_pair, stable=True)
+        pair, slot_of_pair = pair[order], slot_of_pair[order]
+        token_of_pair = pair // k
+        expert_out = self.expert_forward(x[token_of_pair], slot_of_pair)  # [P, H]
+        expert_out = expert_out * weights.flatten()[pair].unsqueeze(1).to(x.dtype)
+        out = torch.zeros_like(x)
+        return out.index_add_(0, token_of_pair, expert_out)
+
+    def expert_forward(self, xs: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+        """Apply slot `slot_ids[p]` to row `xs[p]`: `xs [P, H]`, `slot_ids [P]` sorted ascending -> `[P, H]`.
+
+        Rows are packed per slot into a zero-padded `[S, C, H]` block so that the whole layer is
+        two batched matmuls: on CPU this beats a loop over slots (~6x at decode sizes) and
+        torch._grouped_mm (~3x), and the padding is at most the per-step load imbalance.
+        Contiguous `[S, H, 2I]` weights make each bmm ~1.3x faster than a transposed view.
+        """
+        p = xs.shape[0]
+        if p == 0:
+            return xs.new_zeros(0, xs.shape[1])
+        num_slots = self.w13.shape[0]
+        counts = torch.bincount(slot_ids, minlength=num_slots)  # [S]
+        cap = int(counts.max())
+        starts = counts.cumsum(0) - counts
+        rank_in_slot = torch.arange(p) - starts[slot_ids]  # [P]
+        padded = xs.new_zeros(num_slots, cap, xs.shape[1])  # [S, C, H]
+        padded[slot_ids, rank_in_slot] = xs
+        gate, up = torch.bmm(padded, self.w13).chunk(2, dim=-1)  # [S, C, I] each
+        down = torch.bmm(F.silu(gate) * up, self.w2)  # [S, C, H]
+        return down[slot_ids, rank_in_slot]

@@ -1,0 +1,119 @@
+"""Routing state: the tables that turn a router's logical expert ids into physical slots.
+
+Names and shapes follow vLLM / SGLang EPLB (L = MoE layers, E = logical experts,
+P = physical slots, R = maximum replicas of one expert):
+
+- `physical_to_logical_map [L, P]` int64: the logical expert held by each slot, -1 = empty.
+- `logical_to_physical_map [L, E, R]` int64: the live replicas of each expert, -1 padded.
+- `logical_replica_count [L, E]` int64: how many entries of the row above are live.
+
+Promise: the tensors are allocated once at their maximum shape and only ever updated in
+place (`copy_`), so their storage (`data_ptr()`) never changes for the life of a process and
+anything captured against them stays valid. Replica choice is deterministic (no RNG): the
+same tokens routed through the same tables reach the same slots on every process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eep.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A complete slot layout, as produced by a placement or repair planner (pure data)."""
+
+    physical_to_logical_map: torch.Tensor  # [L, P] int64, -1 = empty slot
+    logical_to_physical_map: torch.Tensor  # [L, E, R] int64, -1 padded
+    logical_replica_count: torch.Tensor  # [L, E] int64
+
+    @property
+    def num_layers(self) -> int:
+        return self.physical_to_logical_map.shape[0]
+
+    @property
+    def num_physical(self) -> int:
+        return self.physical_to_logical_map.shape[1]
+
+    @property
+    def num_logical(self) -> int:
+        return self.logical_replica_count.shape[1]
+
+    @property
+    def max_replicas(self) -> int:
+        return self.logical_to_physical_map.shape[2]
+
+
+def placement_from_phy2log(phy2log: torch.Tensor, num_experts: int, max_replicas: int) -> Placement:
+    """Derive the other two tables from `phy2log [L, P]`; replicas are listed in slot order."""
+    num_layers, _ = phy2log.shape
+    log2phy = torch.full((num_layers, num_experts, max_replicas), -1, dtype=torch.int64)
+    count = torch.zeros((num_layers, num_experts), dtype=torch.int64)
+    for layer, row in enumerate(phy2log.tolist()):
+        for slot, expert in enumerate(row):
+            if expert < 0:
+                continue
+            r = int(count[layer, expert])
+            if r >= max_replicas:
+                raise ConfigError(f"layer {layer}: expert {expert} has more than max_replicas={max_replicas} replicas")
+            log2phy[layer, expert, r] = slot
+            count[layer, expert] = r + 1
+    return Placement(phy2log.to(torch.int64).clone(), log2phy, count)
+
+
+def identity_placement(num_layers: int, num_experts: int, max_replicas: int = 1) -> Placement:
+    """Slot p holds expert p on every layer: the layout of a single process without redundancy."""
+    phy2log = torch.arange(num_experts, dtype=torch.int64).repeat(num_layers, 1)
+    return placement_from_phy2log(phy2log, num_experts, max_replicas)
+
+
+class RoutingTables:
+    """Per-process routing state; see the module docstring for the storage promise."""
+
+    def __init__(self, num_layers: int, num_experts: int, num_physical: int, max_replicas: int) -> None:
+        self.physical_to_logical_map = torch.full((num_layers, num_physical), -1, dtype=torch.int64)
+        self.logical_to_physical_map = torch.full((num_layers, num_experts, max_replicas), -1, dtype=torch.int64)
+        self.logical_replica_count = torch.zeros((num_layers, num_experts), dtype=torch.int64)
+
+    @classmethod
+    def from_placement(cls, placement: Placement) -> RoutingTables:
+        tables = cls(placement.num_layers, placement.num_logical, placement.num_physical, placement.max_replicas)
+        tables.update_(placement)
+        return tables
+
+    def update_(self, placement: Placement) -> None:
+        """Switch to `placement` in place; shapes must match the allocation."""
+        for dst, src in (
+            (self.physical_to_logical_map, placement.physical_to_logical_map),
+            (self.logical_to_physical_map, placement.logical_to_physical_map),
+            (self.logical_replica_count, placement.logical_replica_count),
+        ):
+            if dst.shape != src.shape:
+                raise ConfigError(f"placement table of shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+            dst.copy_(src)
+
+    def data_ptrs(self) -> tuple[int, int, int]:
+        return (
+            self.physical_to_logical_map.data_ptr(),
+            self.logical_to_physical_map.data_ptr(),
+            self.logical_replica_count.data_ptr(),
+        )
+
+    def to_physical(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Map logical ids `topk_ids [T, K]` (int64, -1 = none) of MoE layer `layer` to slots [T, K].
+
+        Replica of the (t, k) pair: (t + k) mod live replica count, so consecutive tokens spread
+        over the replicas of a hot expert without any randomness. An expert with no live replica
+        maps to -1 (only possible in degraded mode); -1 inputs stay -1.
+        """
+        valid = topk_ids >= 0
+        ids = topk_ids.clamp(min=0)
+        count = self.logical_replica_count[layer][ids]  # [T, K]
+        t, k = topk_ids.shape
+        spread = torch.arange(t).unsqueeze(1) + torch.arange(k).unsqueeze(0)  # [T, K]
+        replica = spread % count.clamp(min=1)
+        slots = self.logical_to_physical_map[layer][ids, replica]  # [T, K]
+        return torch.where(valid & (count > 0), slots, torch.full_like(slots, -1))
