@@ -47,10 +47,17 @@ def test_unsupported_model_type(good: Path, tmp_path: Path, model_type: str | No
     assert fragment in str(e.value) and "qwen3_moe" in str(e.value)
 
 
-def test_unsupported_rope_scaling(good: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("rope", "fragment"),
+    [
+        ({"rope_type": "longrope", "rope_theta": 10000.0}, "'longrope' is not supported"),
+        ({"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}, "original_max_position_embeddings"),
+    ],
+)
+def test_unsupported_rope_scaling(good: Path, tmp_path: Path, rope: dict[str, object], fragment: str) -> None:
     path = _copy(good, tmp_path / "m")
-    _edit_config(path, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
-    with pytest.raises(UnsupportedModel, match="yarn"):
+    _edit_config(path, rope_parameters=rope)
+    with pytest.raises(UnsupportedModel, match=fragment):
         load_model(path, progress=False)
 
 

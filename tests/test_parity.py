@@ -32,14 +32,15 @@ def _qwen3_moe(path: Path) -> None:
     transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(path)
 
 
-def _deepseek_v3(path: Path) -> None:
-    cfg = transformers.DeepseekV3Config(
+def _deepseek_v3(path: Path, **extra: object) -> None:
+    options = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
         topk_group=2, first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=32, q_lora_rank=48,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=2.5,
         max_position_embeddings=256,
     )
+    cfg = transformers.DeepseekV3Config(**{**options, **extra})
     model = transformers.DeepseekV3ForCausalLM(cfg)
     with torch.no_grad():  # transformers initialises the correction bias to zeros: exercise it
         for module in model.modules():
@@ -48,7 +49,14 @@ def _deepseek_v3(path: Path) -> None:
     model.save_pretrained(path)
 
 
-BUILDERS = {"qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3}
+def _deepseek_v3_yarn(path: Path) -> None:
+    """DeepSeek-V3 as it ships: YaRN RoPE with mscale (changes frequencies, cos/sin and softmax scale)."""
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
+    _deepseek_v3(path, rope_parameters=yarn, q_lora_rank=None)
+
+
+BUILDERS = {"qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "deepseek_v3_yarn": _deepseek_v3_yarn}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))

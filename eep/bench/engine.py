@@ -146,11 +146,16 @@ def _measure(
     """Warm up once, then time 1-token and `output_len`-token runs; return figures and the tokens."""
     logger.info("%s: warm-up (%d x %d tokens)", name, batch_size, output_len)
     tokens = generate(output_len)
-    prefill = statistics.median(_timed(generate, 1) for _ in range(repeats))
-    full = statistics.median(_timed(generate, output_len) for _ in range(repeats))
+    # Interleaved, so that load from other processes weighs on both kinds of run alike.
+    pairs = [(_timed(generate, 1), _timed(generate, output_len)) for _ in range(repeats)]
+    prefill = statistics.median(p for p, _ in pairs)
+    full = statistics.median(f for _, f in pairs)
     decode = full - prefill
     if decode <= 0:
-        raise ConfigError(f"{name}: decode time {decode:.4f} s is not positive; raise output_len or repeats")
+        raise ConfigError(
+            f"{name}: decode time {decode:.4f} s is not positive (timings too noisy): "
+            "raise output_len or repeats, or run on a less loaded machine"
+        )
     stats = {
         "prefill_s": prefill,
         "total_s": full,

@@ -251,4 +251,4 @@ class KVCache:
 
 
 def make_rope_table(cfg: ModelConfig, max_len: int) -> RotaryTable:
-    return RotaryTable(cfg.rope_dim, cfg.rope_theta, max_len)
+    return RotaryTable(cfg.rope_dim, cfg.rope_theta, max_len, cfg.rope_scaling)

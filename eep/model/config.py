@@ -7,7 +7,8 @@ checkpoint is either run exactly as transformers would run it or not at all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from eep.errors import UnsupportedModel
@@ -65,6 +66,7 @@ class ModelConfig:
     rope_interleave: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    rope_scaling: dict[str, Any] = field(default_factory=dict, compare=False)  # rope_type "yarn" or empty
 
     def __post_init__(self) -> None:
         if len(self.moe_layer_mask) != self.num_layers:
@@ -100,7 +102,11 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
-        return (self.qk_head_dim if self.attention == "mla" else self.head_dim) ** -0.5
+        scale = (self.qk_head_dim if self.attention == "mla" else self.head_dim) ** -0.5
+        mscale_all_dim = self.rope_scaling.get("mscale_all_dim")
+        if self.attention == "mla" and mscale_all_dim:  # DeepSeek's YaRN: softmax scale times mscale^2
+            scale *= yarn_mscale(float(self.rope_scaling["factor"]), float(mscale_all_dim)) ** 2
+        return scale
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
@@ -111,7 +117,6 @@ class ModelConfig:
             raise UnsupportedModel(
                 f"unsupported model_type {model_type!r}: {why}; eep supports {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        _check_rope(hf)
         if hf.get("use_sliding_window"):
             raise UnsupportedModel("use_sliding_window=true is not supported (sliding-window attention)")
         if hf.get("hidden_act", "silu") != "silu":
@@ -119,11 +124,25 @@ class ModelConfig:
         return _from_qwen3_moe(hf) if model_type == "qwen3_moe" else _from_deepseek_v3(hf)
 
 
-def _check_rope(hf: dict[str, Any]) -> None:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE scaling options, {} for plain RoPE; UnsupportedModel for anything but YaRN."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise UnsupportedModel(f"rope_type {rope_type!r} is not supported yet (only 'default' RoPE)")
+    if rope_type == "default":
+        return {}
+    if rope_type != "yarn":
+        raise UnsupportedModel(f"rope_type {rope_type!r} is not supported (eep implements 'default' and 'yarn')")
+    if "original_max_position_embeddings" not in rope:
+        raise UnsupportedModel("yarn RoPE needs rope_parameters.original_max_position_embeddings")
+    if rope.get("factor") is None:
+        rope["factor"] = int(hf["max_position_embeddings"]) / int(rope["original_max_position_embeddings"])
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UnsupportedModel("partial_rotary_factor != 1 is not supported")
+    return rope
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:
@@ -147,6 +166,7 @@ def _common(hf: dict[str, Any]) -> dict[str, Any]:
         num_heads=int(hf["num_attention_heads"]),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(hf),
+        rope_scaling=_rope_scaling(hf),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         intermediate_size=int(hf.get("intermediate_size", 0)),

@@ -7,9 +7,14 @@ fp32 parity (RoPE in fp32 from the same `position * inv_freq` products, SiLU-gat
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from eep.model.config import yarn_mscale
 
 
 class RMSNorm(nn.Module):
@@ -27,14 +32,44 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def rope_frequencies(rot_dim: int, theta: float, scaling: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies `[D/2]` and the cos/sin factor, for plain RoPE or YaRN (as transformers)."""
+    pos_freqs = theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim)
+    if not scaling:
+        return 1.0 / pos_freqs, 1.0
+    factor = float(scaling["factor"])
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    original = int(scaling["original_max_position_embeddings"])
+
+    def correction_dim(rotations: float) -> float:
+        return (rot_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rot_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(rot_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
 class RotaryTable:
     """Precomputed cos/sin of every position: `cos, sin [max_pos, D/2]` in fp32."""
 
-    def __init__(self, rot_dim: int, theta: float, max_positions: int) -> None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+    def __init__(self, rot_dim: int, theta: float, max_positions: int, scaling: dict[str, Any] | None = None) -> None:
+        inv_freq, attention_factor = rope_frequencies(rot_dim, theta, scaling or {})
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-        self.cos = freqs.cos()
-        self.sin = freqs.sin()
+        self.cos = freqs.cos() * attention_factor
+        self.sin = freqs.sin() * attention_factor
         self.max_positions = max_positions
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
