@@ -88,14 +88,16 @@ class LLMEngine:
             return []
         logits = self._forward(plan)  # [N, V] for the sequences that sample
         sampling = [s.request for s in plan if s.completes]
-        for s in plan:
-            s.request.num_computed += s.q_len
         tokens = sample(
             logits,
             [r.params for r in sampling],
             [r.seed for r in sampling],
             [len(r.output_ids) for r in sampling],
         )
+        # Commit only now that the whole step succeeded: a failure above leaves every request as
+        # it was before the step, so the step can simply be run again.
+        for s in plan:
+            s.request.num_computed += s.q_len
         finished = []
         for req, tok in zip(sampling, tokens):
             req.output_ids.append(tok)
@@ -133,7 +135,14 @@ class LLMEngine:
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[RequestOutput]:
-        """Run `prompts` to completion (continuous batching) and return outputs in prompt order."""
+        """Run `prompts` to completion (continuous batching) and return outputs in prompt order.
+
+        A bare string is one prompt; a token-id prompt is a list of ints inside `prompts`.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if any(isinstance(p, int) for p in prompts):
+            raise RequestError("prompts must be a list of prompts: pass [[1, 2, 3]] for one token-id prompt")
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")

@@ -54,7 +54,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, seed: int, index: int) -> int:
-    scaled = logits / p.temperature  # [V]
+    # shift first: a tiny temperature then sends every non-maximal logit to -inf, never to NaN
+    scaled = (logits - logits.max()) / p.temperature  # [V]
     if p.top_k:
         kth = torch.topk(scaled, min(p.top_k, scaled.numel())).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

@@ -94,10 +94,11 @@ class MoELayer(nn.Module):
         """Every (token, k) pair on a local slot: `slots [T, K]` local ids (<0 = skip), `weights [T, K]`."""
         t, k = slots.shape
         flat = slots.flatten()  # [T*K]
-        pair = torch.nonzero(flat >= 0).squeeze(1)  # pairs to compute
+        pair = torch.argsort(flat, stable=True)  # pairs grouped by slot; skipped (<0) pairs first
         slot_of_pair = flat[pair]
-        order = torch.argsort(slot_of_pair, stable=True)
-        pair, slot_of_pair = pair[order], slot_of_pair[order]
+        skipped = int((flat < 0).sum())
+        if skipped:
+            pair, slot_of_pair = pair[skipped:], slot_of_pair[skipped:]
         token_of_pair = pair // k
         expert_out = self.expert_forward(x[token_of_pair], slot_of_pair)  # [P, H]
         expert_out = expert_out * weights.flatten()[pair].unsqueeze(1).to(x.dtype)

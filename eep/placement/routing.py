@@ -77,6 +77,9 @@ class RoutingTables:
         self.physical_to_logical_map = torch.full((num_layers, num_physical), -1, dtype=torch.int64)
         self.logical_to_physical_map = torch.full((num_layers, num_experts, max_replicas), -1, dtype=torch.int64)
         self.logical_replica_count = torch.zeros((num_layers, num_experts), dtype=torch.int64)
+        # Per layer: does every expert have exactly one live replica? Then the mapping is one
+        # gather. Host-side bookkeeping derived at update time, never read from the tensors per token.
+        self._single_replica = [False] * num_layers
 
     @classmethod
     def from_placement(cls, placement: Placement) -> RoutingTables:
@@ -94,6 +97,7 @@ class RoutingTables:
             if dst.shape != src.shape:
                 raise ConfigError(f"placement table of shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
             dst.copy_(src)
+        self._single_replica = [bool((row == 1).all()) for row in self.logical_replica_count]
 
     def data_ptrs(self) -> tuple[int, int, int]:
         return (
@@ -102,13 +106,17 @@ class RoutingTables:
             self.logical_replica_count.data_ptr(),
         )
 
-    def to_physical(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Map logical ids `topk_ids [T, K]` (int64, -1 = none) of MoE layer `layer` to slots [T, K].
+    def to_physical(self, layer: int, topk_ids: torch.Tensor, allow_none: bool = False) -> torch.Tensor:
+        """Map logical ids `topk_ids [T, K]` int64 of MoE layer `layer` to slots `[T, K]`.
+
+        Router output has no -1 entries; pass `allow_none=True` for ids that may be -1 (= none).
 
         Replica of the (t, k) pair: (t + k) mod live replica count, so consecutive tokens spread
         over the replicas of a hot expert without any randomness. An expert with no live replica
         maps to -1 (only possible in degraded mode); -1 inputs stay -1.
         """
+        if self._single_replica[layer] and not allow_none:
+            return self.logical_to_physical_map[layer, :, 0][topk_ids]  # one gather
         valid = topk_ids >= 0
         ids = topk_ids.clamp(min=0)
         count = self.logical_replica_count[layer][ids]  # [T, K]
