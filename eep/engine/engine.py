@@ -21,7 +21,7 @@ from eep.config import EngineConfig
 from eep.engine.request import Request, RequestOutput
 from eep.engine.sampling import SamplingParams, sample
 from eep.engine.scheduler import ScheduledSeq, Scheduler
-from eep.errors import RequestError
+from eep.errors import ConfigError, RequestError
 from eep.model.attention import KVCache, StepLayout
 from eep.model.loader import load_model
 from eep.model.model import MoEModel
@@ -38,6 +38,11 @@ class LLMEngine:
         self.model: MoEModel = load_model(
             config.model_path, dtype=config.dtype, max_len=config.max_model_len, progress=config.progress
         )
+        if config.max_model_len > self.model.cfg.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len ({config.max_model_len}) exceeds the model's max_position_embeddings "
+                f"({self.model.cfg.max_position_embeddings}); lower --max-model-len"
+            )
         self.kv = KVCache(self.model.cfg, config.max_num_seqs, config.max_model_len, self.model.dtype)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
         tokenizer_file = Path(config.model_path) / "tokenizer.json"

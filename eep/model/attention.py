@@ -1,7 +1,8 @@
 """Attention over a slotted KV cache: GQA (Qwen3-MoE) and MLA (DeepSeek-V3).
 
 KV cache layout (slotted, preallocated once): every running sequence owns one slot, a row of
-`max_len` positions in each layer's cache tensors. GQA caches `k, v [S, max_len, KV, D]`;
+`max_len` positions in each layer's cache tensors. GQA caches `k, v [S, KV, max_len, D]` (heads
+outside positions, so a slot range is a batch of contiguous `[L, D]` matrices for matmul);
 MLA caches the compressed latent `c [S, max_len, R]` (after `kv_a_layernorm`) and the shared
 rotated key `k_rot [S, max_len, Dr]`, as transformers caches them. A slotted cache wastes the
 tail of short sequences but needs no block tables: a sequence's history is one contiguous
@@ -143,7 +144,7 @@ class GQAAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, layout: StepLayout, rope: tuple[torch.Tensor, torch.Tensor], cache: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:  # x [T, H] -> [T, H]
-        k_cache, v_cache = cache  # [S, max_len, KV, D]
+        k_cache, v_cache = cache  # [S, KV, max_len, D]
         t = x.shape[0]
         q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.split, dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
@@ -152,8 +153,8 @@ class GQAAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope, interleaved=False), apply_rope(k, *rope, interleaved=False)
-        k_cache[layout.token_slots, layout.positions] = k
-        v_cache[layout.token_slots, layout.positions] = v
+        k_cache[layout.token_slots, :, layout.positions] = k  # [T, KV, D]
+        v_cache[layout.token_slots, :, layout.positions] = v
         out = self._attend(q, layout, k_cache, v_cache)  # [T, N, D]
         return F.linear(out.reshape(t, -1), self.wo, self.bo)
 
@@ -164,15 +165,15 @@ class GQAAttention(nn.Module):
         for c in layout.prefill:
             kv_end = c.ctx_len + c.q_len
             qs = q[c.token_start : c.token_start + c.q_len].transpose(0, 1)  # [N, Q, D]
-            ks = k_cache[c.slot, :kv_end].transpose(0, 1)  # [KV, C+Q, D]
-            vs = v_cache[c.slot, :kv_end].transpose(0, 1)
+            ks = k_cache[c.slot, :, :kv_end]  # [KV, C+Q, D]
+            vs = v_cache[c.slot, :, :kv_end]
             out[c.token_start : c.token_start + c.q_len] = _sdpa_chunk(qs, ks, vs, c.ctx_len, self.scale)
         return out
 
     def _decode(self, q: torch.Tensor, layout: StepLayout, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         kv_len = layout.decode_kv_len
-        ks = k_cache[layout.decode_slots, :kv_len].transpose(1, 2)  # [B, KV, L, D]
-        vs = v_cache[layout.decode_slots, :kv_len].transpose(1, 2)
+        ks = k_cache[layout.decode_slots, :, :kv_len]  # [B, KV, L, D]
+        vs = v_cache[layout.decode_slots, :, :kv_len]
         return _decode_attention(q, ks, vs, layout.decode_mask, self.scale)
 
 
@@ -253,7 +254,7 @@ class KVCache:
         if cfg.attention == "mla":
             shapes = [(num_slots, max_len, cfg.kv_lora_rank), (num_slots, max_len, cfg.qk_rope_head_dim)]
         else:
-            shapes = [(num_slots, max_len, cfg.num_kv_heads, cfg.head_dim)] * 2
+            shapes = [(num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)] * 2
         self.layers = [tuple(torch.zeros(s, dtype=dtype) for s in shapes) for _ in range(cfg.num_layers)]
         self.num_slots, self.max_len = num_slots, max_len
 
