@@ -59,8 +59,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
     engine = LLMEngine(EngineConfig(_model_path(args), dtype=args.dtype, max_model_len=args.max_model_len))
-    for prompt in args.prompt:
-        out = engine.generate([prompt], params)[0]
+    for out in engine.generate(args.prompt, params):  # all prompts batched together
         print(out.text if out.text is not None else " ".join(map(str, out.output_ids)), flush=True)
     return 0
 

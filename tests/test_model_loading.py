@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eep.errors import TensorMismatch, UnsupportedModel
+from eep.model.config import ModelConfig
 from eep.model.default_model import init_model
 from eep.model.loader import load_model
 
@@ -38,7 +39,7 @@ def test_default_model_loads(good: Path) -> None:
     assert model.moe_layers()[0].w13.shape == (64, 256, 128)  # [slots, H, 2I], pre-transposed
 
 
-@pytest.mark.parametrize(("model_type", "fragment"), [("mixtral", "Mixtral"), ("llama", "unknown"), (None, "None")])
+@pytest.mark.parametrize(("model_type", "fragment"), [("qwen2_moe", "Qwen2-MoE"), ("llama", "unknown"), (None, "None")])
 def test_unsupported_model_type(good: Path, tmp_path: Path, model_type: str | None, fragment: str) -> None:
     path = _copy(good, tmp_path / "m")
     _edit_config(path, model_type=model_type)
@@ -59,6 +60,30 @@ def test_unsupported_rope_scaling(good: Path, tmp_path: Path, rope: dict[str, ob
     _edit_config(path, rope_parameters=rope)
     with pytest.raises(UnsupportedModel, match=fragment):
         load_model(path, progress=False)
+
+
+_MIXTRAL = {
+    "model_type": "mixtral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"sliding_window": 4096}, "sliding_window=4096 is not supported"),
+        ({"model_type": "olmoe", "num_experts": 4, "clip_qkv": -1.0}, "clip_qkv=-1.0 must be positive"),
+    ],
+)
+def test_unsupported_mixtral_olmoe_options(changes: dict[str, object], fragment: str) -> None:
+    with pytest.raises(UnsupportedModel, match=fragment):
+        ModelConfig.from_hf({**_MIXTRAL, **changes})
+
+
+def test_mixtral_config_defaults() -> None:
+    cfg = ModelConfig.from_hf({**_MIXTRAL, "sliding_window": None})
+    assert cfg.moe_intermediate_size == 16 and cfg.moe_layers == (0, 1) and cfg.head_dim == 8
+    assert cfg.norm_topk_prob and cfg.qk_norm == "none" and cfg.rope_theta == 1e6  # MixtralConfig's default theta
 
 
 def test_shape_mismatch_names_tensor_and_shapes(good: Path, tmp_path: Path) -> None:

@@ -6,10 +6,12 @@ model), so this also proves that eep reads the Hugging Face layout as transforme
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,7 +29,7 @@ def _qwen3_moe(path: Path) -> None:
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=16, num_experts_per_tok=4,
-        norm_topk_prob=True, max_position_embeddings=256,
+        norm_topk_prob=True, max_position_embeddings=256, eos_token_id=None,
     )
     transformers.Qwen3MoeForCausalLM(cfg).save_pretrained(path)
 
@@ -38,7 +40,7 @@ def _deepseek_v3(path: Path, **extra: object) -> None:
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
         topk_group=2, first_k_dense_replace=1, n_shared_experts=1, kv_lora_rank=32, q_lora_rank=48,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, routed_scaling_factor=2.5,
-        max_position_embeddings=256,
+        max_position_embeddings=256, eos_token_id=None,  # no early stop: both sides run all 32 tokens
     )
     cfg = transformers.DeepseekV3Config(**{**options, **extra})
     model = transformers.DeepseekV3ForCausalLM(cfg)
@@ -56,7 +58,52 @@ def _deepseek_v3_yarn(path: Path) -> None:
     _deepseek_v3(path, rope_parameters=yarn, q_lora_rank=None)
 
 
-BUILDERS = {"qwen3_moe": _qwen3_moe, "deepseek_v3": _deepseek_v3, "deepseek_v3_yarn": _deepseek_v3_yarn}
+def _mixtral(path: Path) -> None:
+    """Saved by transformers as `block_sparse_moe.experts.{e}.w1/w3/w2` (the original Mixtral names)."""
+    cfg = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=16, num_experts_per_tok=2, max_position_embeddings=256,
+        eos_token_id=None,  # the oracle's min_new_tokens would mask it while eep's ignore_eos samples it
+    )
+    transformers.MixtralForCausalLM(cfg).save_pretrained(path)
+
+
+def _olmoe(path: Path) -> None:
+    """q/k RMSNorm over the whole projection, `clip_qkv` that clips, top-k weights not renormalised."""
+    cfg = transformers.OlmoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=16, num_experts_per_tok=4, max_position_embeddings=256, clip_qkv=1.0,
+        eos_token_id=None,  # the default, 50279, lies outside this vocabulary
+    )
+    model = transformers.OlmoeForCausalLM(cfg)
+    with torch.no_grad():  # transformers initialises RMSNorm weights to ones: make the q/k norm weights matter
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+
+
+BUILDERS = {
+    "qwen3_moe": _qwen3_moe,
+    "deepseek_v3": _deepseek_v3,
+    "deepseek_v3_yarn": _deepseek_v3_yarn,
+    "mixtral": _mixtral,
+    "olmoe": _olmoe,
+}
+
+
+def test_mixtral_experts_under_mlp_load_the_same(tmp_path: Path) -> None:
+    """transformers also loads Mixtral checkpoints with `mlp.` in place of `block_sparse_moe.`: so does eep."""
+    torch.manual_seed(0)
+    _mixtral(tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "model.safetensors")
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in tensors
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    renamed = {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()}
+    save_file(renamed, tmp_path / "b" / "model.safetensors", metadata={"format": "pt"})
+    a, b = (load_model(tmp_path / d, dtype=torch.float32, max_len=16, progress=False) for d in "ab")
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(x, y), name
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))

@@ -1,4 +1,4 @@
-"""Attention over a slotted KV cache: GQA (Qwen3-MoE) and MLA (DeepSeek-V3).
+"""Attention over a slotted KV cache: GQA (Qwen3-MoE, Mixtral, OLMoE) and MLA (DeepSeek-V3).
 
 KV cache layout (slotted, preallocated once): every running sequence owns one slot, a row of
 `max_len` positions in each layer's cache tensors. GQA caches `k, v [S, KV, max_len, D]` (heads
@@ -122,7 +122,11 @@ def _sdpa_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int,
 
 
 class GQAAttention(nn.Module):
-    """Grouped-query attention with per-head q/k RMSNorm (Qwen3) and fused qkv projection."""
+    """Grouped-query attention with a fused qkv projection and optional q/k RMSNorm and clip.
+
+    q/k RMSNorm per head (Qwen3), over the whole projection before the head split (OLMoE), or
+    none (Mixtral); OLMoE's `clip_qkv` clamps q, k and v after that norm, before RoPE.
+    """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -137,8 +141,11 @@ class GQAAttention(nn.Module):
         )
         self.wo = nn.Parameter(torch.empty(cfg.hidden_size, q_out, dtype=dtype), requires_grad=False)
         self.bo = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype), requires_grad=False) if cfg.attention_bias else None
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.norm_full = cfg.qk_norm == "full"
+        q_dim, k_dim = (q_out, kv_out) if self.norm_full else (self.head_dim, self.head_dim)
+        self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm != "none" else None
+        self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm != "none" else None
+        self.clip = cfg.clip_qkv
         self.scale = cfg.attn_scale
 
     def forward(
@@ -146,11 +153,15 @@ class GQAAttention(nn.Module):
     ) -> torch.Tensor:  # x [T, H] -> [T, H]
         k_cache, v_cache = cache  # [S, KV, max_len, D]
         t = x.shape[0]
-        q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.split, dim=-1)
+        q, k, v = F.linear(x, self.wqkv, self.bqkv).split(self.split, dim=-1)  # [T, N*D], [T, KV*D] x2
+        if self.norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (y.clamp(-self.clip, self.clip) for y in (q, k, v))
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv, self.head_dim)
         v = v.view(t, self.num_kv, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope, interleaved=False), apply_rope(k, *rope, interleaved=False)
         k_cache[layout.token_slots, :, layout.positions] = k  # [T, KV, D]

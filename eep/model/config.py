@@ -13,11 +13,10 @@ from typing import Any
 
 from eep.errors import UnsupportedModel
 
-SUPPORTED_MODEL_TYPES = ("qwen3_moe", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = ("qwen3_moe", "deepseek_v3", "mixtral", "olmoe")
+QK_NORMS = ("none", "head", "full")
 # Architectures whose structure we know but have not implemented yet: a clear error beats a guess.
 _KNOWN_UNSUPPORTED = {
-    "mixtral": "Mixtral is not implemented yet",
-    "olmoe": "OLMoE is not implemented yet",
     "qwen2_moe": "Qwen2-MoE is not implemented yet",
     "deepseek_v2": "DeepSeek-V2 is not implemented yet (DeepSeek-V3 is)",
 }
@@ -27,8 +26,10 @@ _KNOWN_UNSUPPORTED = {
 class ModelConfig:
     """Everything the model code needs, with derived values as properties.
 
-    Attention is GQA (`attention == "gqa"`, Qwen3-MoE) or MLA (`attention == "mla"`,
-    DeepSeek-V3); routing is softmax top-k or DeepSeek's grouped sigmoid top-k.
+    Attention is GQA (`attention == "gqa"`: Qwen3-MoE, Mixtral, OLMoE) or MLA
+    (`attention == "mla"`, DeepSeek-V3); routing is softmax top-k or DeepSeek's grouped
+    sigmoid top-k. GQA q/k RMSNorm is `qk_norm`: "none" (Mixtral), "head" (per head, Qwen3)
+    or "full" (over the whole q and k projections before the head split, OLMoE).
     """
 
     model_type: str
@@ -55,7 +56,8 @@ class ModelConfig:
     # GQA attention
     num_kv_heads: int
     head_dim: int
-    qk_norm: bool
+    qk_norm: str  # one of QK_NORMS
+    clip_qkv: float | None  # clamp q, k, v to [-clip_qkv, clip_qkv] after the qk norm (OLMoE)
     attention_bias: bool
     # MLA attention
     q_lora_rank: int | None
@@ -79,6 +81,10 @@ class ModelConfig:
             raise UnsupportedModel(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
         if not 0 < self.topk_group <= self.n_group:
             raise UnsupportedModel(f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
+        if self.qk_norm not in QK_NORMS:
+            raise UnsupportedModel(f"qk_norm={self.qk_norm!r} must be one of {', '.join(QK_NORMS)}")
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            raise UnsupportedModel(f"clip_qkv={self.clip_qkv} must be positive or null")
         if self.attention == "gqa" and self.num_heads % self.num_kv_heads:
             raise UnsupportedModel(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
@@ -121,7 +127,7 @@ class ModelConfig:
             raise UnsupportedModel("use_sliding_window=true is not supported (sliding-window attention)")
         if hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModel(f"hidden_act={hf.get('hidden_act')!r} is not supported (only 'silu')")
-        return _from_qwen3_moe(hf) if model_type == "qwen3_moe" else _from_deepseek_v3(hf)
+        return _BUILDERS[model_type](hf)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -145,9 +151,9 @@ def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any]:
     return rope
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
+def _rope_theta(hf: dict[str, Any], default: float = 10000.0) -> float:
     rope = hf.get("rope_parameters") or {}
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    return float(rope.get("rope_theta", hf.get("rope_theta", default)))
 
 
 def _eos(hf: dict[str, Any]) -> tuple[int, ...]:
@@ -157,7 +163,7 @@ def _eos(hf: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def _common(hf: dict[str, Any]) -> dict[str, Any]:
+def _common(hf: dict[str, Any], default_theta: float = 10000.0) -> dict[str, Any]:
     return dict(
         model_type=hf["model_type"],
         vocab_size=int(hf["vocab_size"]),
@@ -165,17 +171,39 @@ def _common(hf: dict[str, Any]) -> dict[str, Any]:
         num_layers=int(hf["num_hidden_layers"]),
         num_heads=int(hf["num_attention_heads"]),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(hf),
+        rope_theta=_rope_theta(hf, default_theta),
         rope_scaling=_rope_scaling(hf),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        intermediate_size=int(hf.get("intermediate_size", 0)),
-        moe_intermediate_size=int(hf["moe_intermediate_size"]),
         top_k=int(hf["num_experts_per_tok"]),
         norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
         attention_bias=bool(hf.get("attention_bias", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=_eos(hf),
+    )
+
+
+def _gqa(
+    hf: dict[str, Any], qk_norm: str, head_dim: int | None = None, clip_qkv: float | None = None
+) -> dict[str, Any]:
+    """The GQA fields (and empty MLA fields) of a softmax-routed model with no shared experts."""
+    num_heads = int(hf["num_attention_heads"])
+    return dict(
+        scoring="softmax",
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        n_shared_experts=0,
+        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+        head_dim=head_dim or int(hf.get("head_dim") or int(hf["hidden_size"]) // num_heads),
+        qk_norm=qk_norm,
+        clip_qkv=clip_qkv,
+        q_lora_rank=None,
+        kv_lora_rank=0,
+        qk_nope_head_dim=0,
+        qk_rope_head_dim=0,
+        v_head_dim=0,
+        rope_interleave=False,
     )
 
 
@@ -187,25 +215,45 @@ def _from_qwen3_moe(hf: dict[str, Any]) -> ModelConfig:
     mask = tuple(
         i not in mlp_only and num_experts > 0 and (i + 1) % sparse_step == 0 for i in range(n_layers)
     )
-    num_heads = int(hf["num_attention_heads"])
     return ModelConfig(
         **_common(hf),
+        **_gqa(hf, qk_norm="head"),
+        intermediate_size=int(hf.get("intermediate_size", 0)),
+        moe_intermediate_size=int(hf["moe_intermediate_size"]),
         num_experts=num_experts,
         moe_layer_mask=mask,
-        scoring="softmax",
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=1.0,
-        n_shared_experts=0,
-        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // num_heads),
-        qk_norm=True,
-        q_lora_rank=None,
-        kv_lora_rank=0,
-        qk_nope_head_dim=0,
-        qk_rope_head_dim=0,
-        v_head_dim=0,
-        rope_interleave=False,
+    )
+
+
+def _from_mixtral(hf: dict[str, Any]) -> ModelConfig:
+    """Every layer MoE; `intermediate_size` is the expert size; top-k weights always renormalised."""
+    if hf.get("sliding_window") is not None:
+        raise UnsupportedModel(
+            f"sliding_window={hf['sliding_window']} is not supported (sliding-window attention); "
+            "eep runs Mixtral checkpoints whose config has sliding_window: null"
+        )
+    common = {**_common(hf, default_theta=1e6), "norm_topk_prob": True, "attention_bias": False}
+    return ModelConfig(
+        **common,
+        **_gqa(hf, qk_norm="none"),
+        intermediate_size=0,
+        moe_intermediate_size=int(hf["intermediate_size"]),
+        num_experts=int(hf.get("num_local_experts", 8)),
+        moe_layer_mask=(True,) * int(hf["num_hidden_layers"]),
+    )
+
+
+def _from_olmoe(hf: dict[str, Any]) -> ModelConfig:
+    """Every layer MoE; q/k RMSNorm over the whole projection, then the optional clip."""
+    clip = hf.get("clip_qkv")
+    head_dim = int(hf["hidden_size"]) // int(hf["num_attention_heads"])  # as transformers sizes the q/k norms
+    return ModelConfig(
+        **_common(hf),
+        **_gqa(hf, qk_norm="full", head_dim=head_dim, clip_qkv=None if clip is None else float(clip)),
+        intermediate_size=0,
+        moe_intermediate_size=int(hf["intermediate_size"]),
+        num_experts=int(hf.get("num_experts", 64)),
+        moe_layer_mask=(True,) * int(hf["num_hidden_layers"]),
     )
 
 
@@ -218,6 +266,8 @@ def _from_deepseek_v3(hf: dict[str, Any]) -> ModelConfig:
     num_heads = int(hf["num_attention_heads"])
     return ModelConfig(
         **_common(hf),
+        intermediate_size=int(hf.get("intermediate_size", 0)),
+        moe_intermediate_size=int(hf["moe_intermediate_size"]),
         num_experts=int(hf["n_routed_experts"]),
         moe_layer_mask=tuple(i >= first_dense and i % moe_freq == 0 for i in range(n_layers)),
         scoring="sigmoid",
@@ -227,7 +277,8 @@ def _from_deepseek_v3(hf: dict[str, Any]) -> ModelConfig:
         n_shared_experts=int(hf.get("n_shared_experts") or 0),
         num_kv_heads=num_heads,
         head_dim=int(hf["qk_rope_head_dim"]),
-        qk_norm=False,
+        qk_norm="none",
+        clip_qkv=None,
         q_lora_rank=None if hf.get("q_lora_rank") is None else int(hf["q_lora_rank"]),
         kv_lora_rank=int(hf["kv_lora_rank"]),
         qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
@@ -235,3 +286,11 @@ def _from_deepseek_v3(hf: dict[str, Any]) -> ModelConfig:
         v_head_dim=int(hf["v_head_dim"]),
         rope_interleave=bool(hf.get("rope_interleave", True)),
     )
+
+
+_BUILDERS = {
+    "qwen3_moe": _from_qwen3_moe,
+    "deepseek_v3": _from_deepseek_v3,
+    "mixtral": _from_mixtral,
+    "olmoe": _from_olmoe,
+}

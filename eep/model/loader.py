@@ -1,10 +1,11 @@
 """Build an `MoEModel` from a Hugging Face checkpoint directory, as it is on disk.
 
 Tensor names are those transformers writes (`model.layers.{l}.mlp.experts.{e}.gate_proj.weight`
-and so on); every tensor is checked for shape and dtype before it is copied, and any problem
-is raised as a `CheckpointError` naming the file, the tensor and what was expected. Expert
-slots are filled from the logical expert the placement assigns to them, so a process loads
-only the experts it serves.
+and so on; for Mixtral `block_sparse_moe.experts.{e}.w1/w3/w2.weight`, also accepted under
+`mlp.` as transformers accepts it). Every tensor is checked for shape and dtype before it is
+copied, and any problem is raised as a `CheckpointError` naming the file, the tensor and what
+was expected. Expert slots are filled from the logical expert the placement assigns to them,
+so a process loads only the experts it serves.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def load_model(
 
 def _fill(model: MoEModel, reader: CheckpointReader, placement: Placement, slots: SlotRange, progress: bool) -> None:
     cfg = model.cfg
-    jobs = _jobs(model, cfg, placement, slots)
+    jobs = _jobs(model, cfg, placement, slots, reader)
     bar = tqdm(jobs, desc=f"loading {reader.model_dir.name}", unit="tensor", disable=not progress, leave=False)
     with torch.no_grad():
         for job in bar:
@@ -98,7 +99,19 @@ def _concat(dst: torch.Tensor, names: list[str], shapes: list[tuple[int, ...]]) 
 
 
 
-def _jobs(model: MoEModel, cfg: ModelConfig, placement: Placement, slots: SlotRange) -> list[Job]:
+# Expert tensor names (gate, up, down) where they differ from transformers' gate_proj/up_proj/down_proj.
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2")}
+
+
+def _moe_prefix(cfg: ModelConfig, reader: CheckpointReader, layer_prefix: str) -> str:
+    """`block_sparse_moe.` for Mixtral checkpoints that use it (as transformers saves them), else `mlp.`."""
+    block = layer_prefix + "block_sparse_moe."
+    return block if cfg.model_type == "mixtral" and block + "gate.weight" in reader else layer_prefix + "mlp."
+
+
+def _jobs(
+    model: MoEModel, cfg: ModelConfig, placement: Placement, slots: SlotRange, reader: CheckpointReader
+) -> list[Job]:
     h = cfg.hidden_size
     jobs = [_copy(model.embed, "model.embed_tokens.weight"), _copy(model.norm.weight, "model.norm.weight")]
     if not cfg.tie_word_embeddings:
@@ -110,7 +123,8 @@ def _jobs(model: MoEModel, cfg: ModelConfig, placement: Placement, slots: SlotRa
                  _copy(layer.post_attn_norm.weight, p + "post_attention_layernorm.weight")]
         jobs += _attention_jobs(layer.attn, cfg, p + "self_attn.")
         if cfg.moe_layer_mask[i]:
-            jobs += _moe_jobs(layer.mlp, cfg, p + "mlp.", placement.physical_to_logical_map[moe_row], slots)
+            phy2log = placement.physical_to_logical_map[moe_row]
+            jobs += _moe_jobs(layer.mlp, cfg, _moe_prefix(cfg, reader, p), phy2log, slots)
             moe_row += 1
         else:
             jobs += _mlp_jobs(layer.mlp, p + "mlp.", cfg.intermediate_size, h)
@@ -136,7 +150,7 @@ def _attention_jobs(attn: torch.nn.Module, cfg: ModelConfig, p: str) -> list[Job
         if cfg.attention_bias:
             jobs += [_concat(attn.bqkv, [n + "bias" for n in names], [(q_out,), (kv_out,), (kv_out,)]),
                      _copy(attn.bo, p + "o_proj.bias")]
-        if cfg.qk_norm:
+        if cfg.qk_norm != "none":
             jobs += [_copy(attn.q_norm.weight, p + "q_norm.weight"), _copy(attn.k_norm.weight, p + "k_norm.weight")]
         return jobs
     jobs = []
@@ -155,6 +169,7 @@ def _attention_jobs(attn: torch.nn.Module, cfg: ModelConfig, p: str) -> list[Job
 
 def _moe_jobs(moe: torch.nn.Module, cfg: ModelConfig, p: str, phy2log: torch.Tensor, slots: SlotRange) -> list[Job]:
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
+    gate, up, down = _EXPERT_NAMES.get(cfg.model_type, ("gate_proj", "up_proj", "down_proj"))
     jobs = [_copy(moe.router.weight, p + "gate.weight")]
     if moe.router.bias is not None:
         jobs.append(_copy(moe.router.bias, p + "gate.e_score_correction_bias"))
@@ -167,7 +182,7 @@ def _moe_jobs(moe: torch.nn.Module, cfg: ModelConfig, p: str, phy2log: torch.Ten
         e = f"{p}experts.{expert}."
         # experts are stored pre-transposed ([H, 2I], [I, H]): write through transposed views
         jobs += [
-            _concat(moe.w13[local].t(), [e + "gate_proj.weight", e + "up_proj.weight"], [(inter, h), (inter, h)]),
-            _copy(moe.w2[local].t(), e + "down_proj.weight"),
+            _concat(moe.w13[local].t(), [f"{e}{gate}.weight", f"{e}{up}.weight"], [(inter, h), (inter, h)]),
+            _copy(moe.w2[local].t(), f"{e}{down}.weight"),
         ]
     return jobs

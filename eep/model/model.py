@@ -1,4 +1,4 @@
-"""The decoder-only MoE language model (Qwen3-MoE and DeepSeek-V3 share this skeleton).
+"""The decoder-only MoE language model (Qwen3-MoE, Mixtral, OLMoE and DeepSeek-V3 share this skeleton).
 
 `MoEModel.forward` runs one step over flat tokens described by a `StepLayout` and returns
 hidden states; `compute_logits` applies the final norm and LM head only to the rows asked for,

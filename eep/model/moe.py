@@ -22,7 +22,7 @@ from eep.placement.routing import RoutingTables
 
 
 class Router(nn.Module):
-    """Logical top-k choice: softmax top-k (Qwen3-MoE) or grouped sigmoid top-k (DeepSeek-V3)."""
+    """Logical top-k choice: softmax top-k (Qwen3-MoE, Mixtral, OLMoE) or DeepSeek-V3's grouped sigmoid."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
