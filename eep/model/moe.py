@@ -83,46 +83,64 @@ class MoELayer(nn.Module):
         self.slot_offset = slot_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        slots, weights = self.route(x)
+        out = self.local_experts(x, slots - self.slot_offset if self.slot_offset else slots, weights)
+        return out + self.shared(x) if self.shared is not None else out
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`x [T, H]` -> physical slots `[T, K]` int64 and weights `[T, K]` float32."""
         topk_ids, topk_weights = self.router(x)
-        slots = self.tables.to_physical(self.moe_index, topk_ids)  # [T, K]
-        out = self._run_local(x, slots - self.slot_offset, topk_weights)
-        if self.shared is not None:
-            out = out + self.shared(x)
-        return out
+        return self.tables.to_physical(self.moe_index, topk_ids), topk_weights
 
-    def _run_local(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Every (token, k) pair on a local slot: `slots [T, K]` local ids (<0 = skip), `weights [T, K]`."""
-        t, k = slots.shape
-        flat = slots.flatten()  # [T*K]
-        pair = torch.argsort(flat, stable=True)  # pairs grouped by slot; skipped (<0) pairs first
-        slot_of_pair = flat[pair]
-        skipped = int((flat < 0).sum())
-        if skipped:
-            pair, slot_of_pair = pair[skipped:], slot_of_pair[skipped:]
-        token_of_pair = pair // k
-        expert_out = self.expert_forward(x[token_of_pair], slot_of_pair)  # [P, H]
-        expert_out = expert_out * weights.flatten()[pair].unsqueeze(1).to(x.dtype)
-        out = torch.zeros_like(x)
-        return out.index_add_(0, token_of_pair, expert_out)
+    def local_experts(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This process's expert compute (between dispatch and combine); see `run_experts`."""
+        return run_experts(x, slots, weights, self.w13, self.w2)
 
-    def expert_forward(self, xs: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
-        """Apply slot `slot_ids[p]` to row `xs[p]`: `xs [P, H]`, `slot_ids [P]` sorted ascending -> `[P, H]`.
 
-        Rows are packed per slot into a zero-padded `[S, C, H]` block so that the whole layer is
-        two batched matmuls: on CPU this beats a loop over slots (~6x at decode sizes) and
-        torch._grouped_mm (~3x), and the padding is at most the per-step load imbalance.
-        Contiguous `[S, H, 2I]` weights make each bmm ~1.3x faster than a transposed view.
-        """
-        p = xs.shape[0]
-        if p == 0:
-            return xs.new_zeros(0, xs.shape[1])
-        num_slots = self.w13.shape[0]
-        counts = torch.bincount(slot_ids, minlength=num_slots)  # [S]
-        cap = int(counts.max())
-        starts = counts.cumsum(0) - counts
-        rank_in_slot = torch.arange(p) - starts[slot_ids]  # [P]
-        padded = xs.new_zeros(num_slots, cap, xs.shape[1])  # [S, C, H]
-        padded[slot_ids, rank_in_slot] = xs
-        gate, up = torch.bmm(padded, self.w13).chunk(2, dim=-1)  # [S, C, I] each
-        down = torch.bmm(F.silu(gate) * up, self.w2)  # [S, C, H]
-        return down[slot_ids, rank_in_slot]
+def run_experts(
+    x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """Weighted sum over each row's local experts.
+
+    Args:
+        x: `[T, H]` rows (tokens, or rows received by dispatch).
+        slots: `[T, K]` int64 local slot ids into `w13`/`w2`; < 0 = not here, skipped.
+        weights: `[T, K]` float32 router weights.
+        w13, w2: `[S, H, 2I]`, `[S, I, H]` stacked, pre-transposed slot weights.
+    Returns:
+        `[T, H]`; a row with no local slot is zero.
+    """
+    k = slots.shape[1]
+    flat = slots.flatten()  # [T*K]
+    pair = torch.argsort(flat, stable=True)  # pairs grouped by slot; skipped (<0) pairs first
+    slot_of_pair = flat[pair]
+    skipped = int((flat < 0).sum())
+    if skipped:
+        pair, slot_of_pair = pair[skipped:], slot_of_pair[skipped:]
+    token_of_pair = pair // k
+    expert_out = _packed_experts(x[token_of_pair], slot_of_pair, w13, w2)  # [P, H]
+    expert_out = expert_out * weights.flatten()[pair].unsqueeze(1).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of_pair, expert_out)
+
+
+def _packed_experts(xs: torch.Tensor, slot_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Apply slot `slot_ids[p]` to row `xs[p]`: `xs [P, H]`, `slot_ids [P]` sorted ascending -> `[P, H]`.
+
+    Rows are packed per slot into a zero-padded `[S, C, H]` block so that the whole layer is
+    two batched matmuls: on CPU this beats a loop over slots (~6x at decode sizes) and
+    torch._grouped_mm (~3x), and the padding is at most the per-step load imbalance.
+    Contiguous `[S, H, 2I]` weights make each bmm ~1.3x faster than a transposed view.
+    """
+    p = xs.shape[0]
+    if p == 0:
+        return xs.new_zeros(0, xs.shape[1])
+    num_slots = w13.shape[0]
+    counts = torch.bincount(slot_ids, minlength=num_slots)  # [S]
+    cap = int(counts.max())
+    starts = counts.cumsum(0) - counts
+    rank_in_slot = torch.arange(p) - starts[slot_ids]  # [P]
+    padded = xs.new_zeros(num_slots, cap, xs.shape[1])  # [S, C, H]
+    padded[slot_ids, rank_in_slot] = xs
+    gate, up = torch.bmm(padded, w13).chunk(2, dim=-1)  # [S, C, I] each
+    down = torch.bmm(F.silu(gate) * up, w2)  # [S, C, H]
+    return down[slot_ids, rank_in_slot]

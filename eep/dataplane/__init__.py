@@ -1,0 +1,1 @@
+"""The data plane: dispatch/combine between ranks over an exchange (shared memory, gloo, loopback)."""

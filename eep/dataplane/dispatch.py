@@ -1,0 +1,130 @@
+"""Expert-parallel dispatch / combine with the argument shapes of DeepEP and pplx-kernels.
+
+`EPDispatcher.dispatch` sends each of this rank's tokens once to every rank that holds at
+least one of its top-k physical slots, together with its top-k ids rewritten to *local* slot
+ids (-1 where the slot lives elsewhere) and its top-k weights; `combine` returns each rank's
+per-token partial outputs to the token's owner, which sums them in rank order (deterministic).
+The transport is any `Exchange` (an all-to-all of byte tensors): shared memory, gloo, or the
+in-process loopback used by tests. Each direction is one exchange: rows, ids and weights of a
+destination travel packed in one payload.
+
+Legend: T = tokens of this rank, K = top-k, H = hidden, R = rows received, N = ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class Exchange(Protocol):
+    """All-to-all of variable-size byte payloads among the active ranks, in rank order."""
+
+    rank: int
+    num_ranks: int
+
+    def all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`send[d]` (uint8, 1-D) goes to rank d; returns `recv[s]`, what rank s sent here."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchHandle:
+    """What `combine` needs: which local tokens went where, and how many rows came from whom."""
+
+    send_tokens: tuple[torch.Tensor, ...]  # per destination rank: int64 [n_d] indices into x
+    recv_counts: tuple[int, ...]  # per source rank: rows received from it
+    num_tokens: int  # T
+
+
+def plan_dispatch(
+    topk_slots: torch.Tensor, slots_per_rank: int, num_ranks: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Pure routing of one rank's tokens: `topk_slots [T, K]` int64 physical slots (-1 = none).
+
+    Returns, per destination rank d, the token indices sent to d (ascending) and their top-k ids
+    as d-local slot ids `[n_d, K]` (-1 where the slot is not on d).
+    """
+    owner = torch.where(topk_slots >= 0, topk_slots // slots_per_rank, -1)  # [T, K]
+    tokens, local = [], []
+    for d in range(num_ranks):
+        on_d = owner == d  # [T, K]
+        rows = torch.nonzero(on_d.any(dim=1)).squeeze(1)
+        tokens.append(rows)
+        local.append(torch.where(on_d, topk_slots - d * slots_per_rank, -1)[rows])
+    return tokens, local
+
+
+def _pack(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.contiguous().view(-1).view(torch.uint8) for p in parts])
+
+
+class EPDispatcher:
+    """DeepEP-shaped dispatch/combine over an `Exchange`, for one MoE layer shape."""
+
+    def __init__(self, exchange: Exchange, slots_per_rank: int, hidden: int, top_k: int, dtype: torch.dtype) -> None:
+        self.exchange = exchange
+        self.slots_per_rank = slots_per_rank
+        self.hidden, self.top_k, self.dtype = hidden, top_k, dtype
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        self._x_bytes = hidden * itemsize
+        # Packed as ids (int64), weights (float32), rows (dtype): each section stays aligned.
+        self._row_bytes = top_k * 8 + top_k * 4 + self._x_bytes
+
+    def dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, DispatchHandle]:
+        """Send tokens to the ranks that hold their experts.
+
+        Args:
+            x: `[T, H]` this rank's hidden states (model dtype).
+            topk_idx: `[T, K]` int64 physical slot ids, -1 = none.
+            topk_weights: `[T, K]` float32 router weights.
+        Returns:
+            recv_x `[R, H]`, recv_topk_idx `[R, K]` int64 local slot ids (-1 = not on this rank),
+            recv_topk_weights `[R, K]` float32, num_recv_tokens_per_expert `[slots_per_rank]` int64,
+            and the handle for `combine`. Rows are ordered by source rank, then token index.
+        """
+        n = self.exchange.num_ranks
+        tokens, local = plan_dispatch(topk_idx, self.slots_per_rank, n)
+        weights = topk_weights.float()
+        send = [_pack([ids, weights[t], x[t].to(self.dtype)]) for t, ids in zip(tokens, local)]
+        recv = self.exchange.all_to_all(send)
+        counts = tuple(r.numel() // self._row_bytes for r in recv)
+        recv_x, recv_ids, recv_w = self._unpack(recv, counts)
+        per_expert = torch.bincount(recv_ids[recv_ids >= 0], minlength=self.slots_per_rank)
+        return recv_x, recv_ids, recv_w, per_expert, DispatchHandle(tuple(tokens), counts, x.shape[0])
+
+    def _unpack(self, recv: list[torch.Tensor], counts: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        rows = sum(counts)
+        h, k = self.hidden, self.top_k
+        out_x = torch.empty(rows, h, dtype=self.dtype)
+        out_ids = torch.empty(rows, k, dtype=torch.int64)
+        out_w = torch.empty(rows, k, dtype=torch.float32)
+        row = 0
+        for payload, c in zip(recv, counts):
+            ib, wb = c * k * 8, c * k * 4
+            out_ids[row : row + c] = payload[:ib].view(torch.int64).view(c, k)
+            out_w[row : row + c] = payload[ib : ib + wb].view(torch.float32).view(c, k)
+            out_x[row : row + c] = payload[ib + wb :].view(self.dtype).view(c, h)
+            row += c
+        return out_x, out_ids, out_w
+
+    def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Return partial outputs to their tokens' owners and sum them in rank order.
+
+        Args:
+            expert_out: `[R, H]` this rank's weighted expert output for each received row.
+            handle: from the matching `dispatch`.
+        Returns:
+            `[T, H]` the combined MoE output of this rank's tokens.
+        """
+        send = [_pack([part]) for part in expert_out.to(self.dtype).split(list(handle.recv_counts))]
+        recv = self.exchange.all_to_all(send)
+        out = torch.zeros(handle.num_tokens, self.hidden, dtype=self.dtype)
+        for tokens, payload in zip(handle.send_tokens, recv):
+            if tokens.numel():
+                out.index_add_(0, tokens, payload.view(self.dtype).view(-1, self.hidden))
+        return out
