@@ -33,3 +33,55 @@ class ConfigError(EepError):
 
 class RequestError(EepError):
     """A generation request is invalid (empty prompt, too long, bad sampling parameters)."""
+
+
+class DataPlaneError(EepError):
+    """The data plane cannot complete an exchange; the step must be aborted, never half-used."""
+
+
+class SegmentError(DataPlaneError):
+    """A shared-memory segment is missing, has another layout than expected, or is not eep's."""
+
+
+class PayloadTooLarge(DataPlaneError):
+    """A message is larger than the region it must fit in: create the segment with a larger
+    `region_bytes` (the engine sizes it from max tokens per step x hidden size)."""
+
+
+class PeerTimeout(DataPlaneError):
+    """A peer did not send (or did not drain its receive region) within the timeout.
+
+    `peer` is the silent rank; the caller reports it to the controller and aborts the step.
+    """
+
+    def __init__(
+        self, *, peer: int, rank: int, epoch: int, step: int, waited_s: float, op: str = "recv"
+    ) -> None:
+        self.peer, self.rank, self.epoch, self.step, self.waited_s, self.op = (
+            peer, rank, epoch, step, waited_s, op
+        )
+        what = "sent nothing for" if op == "recv" else "did not drain its region for"
+        super().__init__(
+            f"rank {peer} is silent: it {what} epoch {epoch} step {step} after {waited_s:.3f} s "
+            f"(noticed by rank {rank} in {op}); report rank {peer} to the controller and abort "
+            f"the step"
+        )
+
+
+class StaleEpoch(DataPlaneError):
+    """A peer already sends in a newer epoch: this process is behind and must rejoin."""
+
+    def __init__(self, *, rank: int, peer: int, epoch: int, seen_epoch: int) -> None:
+        self.rank, self.peer, self.epoch, self.seen_epoch = rank, peer, epoch, seen_epoch
+        super().__init__(
+            f"rank {rank} waits in epoch {epoch} but rank {peer} already sends in epoch "
+            f"{seen_epoch}: this rank is behind the membership view and must rejoin"
+        )
+
+
+class OutOfStep(DataPlaneError):
+    """A peer sent a later step of the same epoch than the one awaited: the ranks left lockstep."""
+
+
+class RankFenced(DataPlaneError):
+    """Another process has since attached as this rank (a replacement): this one must exit."""
