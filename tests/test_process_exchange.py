@@ -1,4 +1,5 @@
-"""The gloo baseline transport with real processes: byte-exact all-to-all and EP dispatch/combine."""
+"""Both process transports (gloo baseline, shared memory) with real rank processes: byte-exact
+all-to-all and EP dispatch/combine equal to the single-process expert computation."""
 
 from __future__ import annotations
 
@@ -27,11 +28,19 @@ def _payload(src: int, dst: int, round_: int) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64).mul(src * 31 + dst * 7 + round_).remainder(251).to(torch.uint8)
 
 
-def _rank_main(rank: int, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    from eep.dataplane.gloo import GlooExchange
+def _make_exchange(backend: str, rank: int, where: str):  # type: ignore[no-untyped-def]
+    if backend == "gloo":
+        from eep.dataplane.gloo import GlooExchange
 
-    ex = GlooExchange(rank, N, store, timeout_s=60)
+        return GlooExchange(rank, N, where, timeout_s=60)
+    from eep.dataplane.shm import Endpoint, ShmExchange, ShmSegment
+
+    return ShmExchange(Endpoint(ShmSegment.attach(where), rank, timeout_s=60), N)
+
+
+def _rank_main(backend: str, rank: int, where: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    ex = _make_exchange(backend, rank, where)
     try:
         for round_ in range(5):
             recv = ex.all_to_all([_payload(rank, d, round_) for d in range(N)])
@@ -44,13 +53,25 @@ def _rank_main(rank: int, store: str, out_dir: str) -> None:
         out = comm.combine(run_experts(rx, ri, rw, w13[rank * spr : (rank + 1) * spr], w2[rank * spr : (rank + 1) * spr]), handle)
         torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        ex.close()
+        if backend == "gloo":
+            ex.close()
+        else:
+            ex.endpoint.close()
+            ex.endpoint.segment.close()
 
 
-def test_gloo_exchange_and_ep_dispatch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["gloo", "shm"])
+def test_exchange_and_ep_dispatch(tmp_path: Path, backend: str) -> None:
     ctx = mp.get_context("spawn")
-    store = f"file://{tmp_path / 'store'}"
-    procs = [ctx.Process(target=_rank_main, args=(r, store, str(tmp_path))) for r in range(N)]
+    segment = None
+    if backend == "gloo":
+        where = f"file://{tmp_path / 'store'}"
+    else:
+        from eep.dataplane.shm import ShmLayout, ShmSegment
+
+        segment = ShmSegment.create(ShmLayout(num_ranks=N, region_bytes=1 << 16))  # by the "controller"
+        where = segment.name
+    procs = [ctx.Process(target=_rank_main, args=(backend, r, where, str(tmp_path))) for r in range(N)]
     try:
         for p in procs:
             p.start()
@@ -62,6 +83,9 @@ def test_gloo_exchange_and_ep_dispatch(tmp_path: Path) -> None:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+        if segment is not None:
+            segment.close()
+            segment.unlink()
     xs, slots, weights, w13, w2 = _problem()
     for r in range(N):
         ref = run_experts(xs[r], slots[r], weights[r], w13, w2)
