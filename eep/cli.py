@@ -58,9 +58,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
-    engine = LLMEngine(EngineConfig(_model_path(args), dtype=args.dtype, max_model_len=args.max_model_len))
-    for out in engine.generate(args.prompt, params):  # all prompts batched together
-        print(out.text if out.text is not None else " ".join(map(str, out.output_ids)), flush=True)
+    config = EngineConfig(_model_path(args), dtype=args.dtype, max_model_len=args.max_model_len)
+    executor = None
+    if args.ep_size > 1:
+        from eep.runtime.executor import EPConfig, EPExecutor
+
+        ep = EPConfig(ep_size=args.ep_size, num_redundant_experts=args.ep_num_redundant_experts, backend=args.ep_backend)
+        executor = EPExecutor(config, ep)
+    engine = LLMEngine(config, executor)
+    try:
+        for out in engine.generate(args.prompt, params):  # all prompts batched together
+            print(out.text if out.text is not None else " ".join(map(str, out.output_ids)), flush=True)
+    finally:
+        engine.close()
     return 0
 
 
@@ -109,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     from eep.config import EngineConfig
 
     gen.add_argument("--max-model-len", type=int, default=_default(EngineConfig, "max_model_len"))
+    gen.add_argument("--ep-size", type=int, default=1, help="expert-parallel rank processes (1 = in this process)")
+    gen.add_argument("--ep-num-redundant-experts", type=int, default=0, help="extra expert slots for replicas")
+    gen.add_argument("--ep-backend", choices=["shm", "gloo"], default="shm", help="data plane between ranks")
     gen.set_defaults(func=_cmd_generate)
 
     model = sub.add_parser("model", help="manage the embedded default model")

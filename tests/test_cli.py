@@ -40,6 +40,14 @@ def test_generate_creates_default_model_and_is_deterministic(cache: Path) -> Non
     assert second.stdout == first.stdout  # greedy: same text on the reused model
 
 
+def test_generate_expert_parallel_matches_single_process(cache: Path) -> None:
+    args = ["generate", "--prompt", "Expert parallelism", "--prompt", "x", "--max-tokens", "8", "--dtype", "float32"]
+    single = _run(args, cache)
+    ep = _run(args + ["--ep-size", "4", "--ep-num-redundant-experts", "8"], cache)
+    assert ep.returncode == 0, ep.stderr
+    assert ep.stdout == single.stdout and len(ep.stdout.splitlines()) == 2
+
+
 def test_seeded_sampling_is_reproducible(cache: Path) -> None:
     args = ["generate", "--prompt", "Hello", "--max-tokens", "16", "--temperature", "1.0", "--seed", "7"]
     a, b = _run(args, cache), _run(args, cache)

@@ -116,15 +116,16 @@ def _run_until_idle(engine: LLMEngine, arrivals: Sequence[Sequence[tuple[list[in
 def _record_logits(engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """Every step's sampled-row logits `[N, V]` of `engine`, in step order (steps sampling nothing skipped)."""
     seen: list[torch.Tensor] = []
-    forward = engine._forward
+    worker = engine.executor.worker  # type: ignore[attr-defined]
+    forward = worker.forward_logits
 
-    def recording(plan):  # type: ignore[no-untyped-def]
-        logits = forward(plan)
+    def recording(work):  # type: ignore[no-untyped-def]
+        logits = forward(work)
         if logits.shape[0]:
             seen.append(logits.clone())
         return logits
 
-    monkeypatch.setattr(engine, "_forward", recording)
+    monkeypatch.setattr(worker, "forward_logits", recording)
     return seen
 
 

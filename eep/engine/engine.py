@@ -14,15 +14,16 @@ import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import Protocol
 
 from eep.config import EngineConfig
 from eep.engine.request import Request, RequestOutput
-from eep.engine.sampling import SamplingParams, sample
+from eep.engine.sampling import SamplingParams
 from eep.engine.scheduler import ScheduledSeq, Scheduler
+from eep.engine.worker import ModelWorker, SampleSpec, SeqWork
 from eep.errors import ConfigError, RequestError
-from eep.model.attention import KVCache, StepLayout
+from eep.model.checkpoint import CheckpointReader
+from eep.model.config import ModelConfig
 from eep.model.loader import load_model
 from eep.model.model import MoEModel
 from eep.tokenizer import Tokenizer
@@ -32,27 +33,75 @@ logger = logging.getLogger(__name__)
 Prompt = str | Sequence[int]
 
 
-class LLMEngine:
+class Executor(Protocol):
+    """Runs each rank's share of a step and returns, per rank, the tokens its chunks sampled."""
+
+    num_ranks: int
+
+    def execute(self, work: list[list[SeqWork]]) -> list[list[int]]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """The whole model in this process: one rank, every expert slot local."""
+
+    num_ranks = 1
+
     def __init__(self, config: EngineConfig) -> None:
+        model = load_model(config.model_path, dtype=config.dtype, max_len=config.max_model_len, progress=config.progress)
+        self.worker = ModelWorker(model, config.max_num_seqs, config.max_model_len)
+        logger.info("local executor: %s, KV cache %.1f MiB", model.dtype, self.worker.kv.nbytes() / 2**20)
+
+    def execute(self, work: list[list[SeqWork]]) -> list[list[int]]:
+        return [self.worker.execute(work[0])]
+
+    def close(self) -> None:
+        pass
+
+
+class LLMEngine:
+    """Scheduling and committing for one instance; the model runs in its `Executor`.
+
+    With an expert-parallel executor of N ranks, every rank has its own scheduler (its own KV
+    slots and requests: data-parallel attention); all ranks run each step together.
+    """
+
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
-        self.model: MoEModel = load_model(
-            config.model_path, dtype=config.dtype, max_len=config.max_model_len, progress=config.progress
-        )
-        if config.max_model_len > self.model.cfg.max_position_embeddings:
+        with CheckpointReader(config.model_path) as reader:
+            self.model_config = ModelConfig.from_hf(reader.config)
+        if config.max_model_len > self.model_config.max_position_embeddings:
             raise ConfigError(
                 f"max_model_len ({config.max_model_len}) exceeds the model's max_position_embeddings "
-                f"({self.model.cfg.max_position_embeddings}); lower --max-model-len"
+                f"({self.model_config.max_position_embeddings}); lower --max-model-len"
             )
-        self.kv = KVCache(self.model.cfg, config.max_num_seqs, config.max_model_len, self.model.dtype)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+        self.executor: Executor = executor or LocalExecutor(config)
+        self.schedulers = [
+            Scheduler(config.max_num_seqs, config.max_num_batched_tokens) for _ in range(self.executor.num_ranks)
+        ]
         tokenizer_file = Path(config.model_path) / "tokenizer.json"
         self.tokenizer = Tokenizer.from_dir(config.model_path) if tokenizer_file.exists() else None
-        self.eos_ids = set(self.model.cfg.eos_token_ids)
+        self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self._ids = itertools.count()
         self.steps = 0
-        logger.info("engine ready: %s, KV cache %.1f MiB", self.model.dtype, self.kv.nbytes() / 2**20)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler of rank 0 (the only one of a single-rank engine)."""
+        return self.schedulers[0]
+
+    @property
+    def model(self) -> MoEModel:
+        """The in-process model of a single-rank engine."""
+        if not isinstance(self.executor, LocalExecutor):
+            raise AttributeError("the model lives in the rank processes of an expert-parallel engine")
+        return self.executor.worker.model
+
+    def close(self) -> None:
+        self.executor.close()
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Request:
@@ -64,12 +113,13 @@ class LLMEngine:
             raise RequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len ({limit})"
             )
-        vocab = self.model.cfg.vocab_size
+        vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**31)
         req = Request(request_id or f"req-{next(self._ids)}", list(ids), params, seed)
-        self.scheduler.add(req)
+        # the rank with the fewest requests takes it (data-parallel attention)
+        min(self.schedulers, key=lambda s: len(s.running) + len(s.waiting)).add(req)
         return req
 
     def _encode(self, prompt: Prompt) -> list[int]:
@@ -83,50 +133,35 @@ class LLMEngine:
         return None if self.tokenizer is None else self.tokenizer.decode(ids)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return any(s.has_work() for s in self.schedulers)
 
     # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one step; return the requests that finished in it."""
-        plan = self.scheduler.schedule()
-        if not plan:
+        """Run one step on every rank; return the requests that finished in it."""
+        plans = [s.schedule() for s in self.schedulers]
+        if not any(plans):
             return []
-        logits = self._forward(plan)  # [N, V] for the sequences that sample
-        sampling = [s.request for s in plan if s.completes]
-        tokens = sample(
-            logits,
-            [r.params for r in sampling],
-            [r.seed for r in sampling],
-            [len(r.output_ids) for r in sampling],
-        )
-        # Commit only now that the whole step succeeded: a failure above leaves every request as
-        # it was before the step, so the step can simply be run again.
-        for s in plan:
-            s.request.num_computed += s.q_len
+        tokens = self.executor.execute([[self._work(s) for s in plan] for plan in plans])
+        # Commit only now that the whole step succeeded on every rank: a failure above leaves
+        # every request as it was before the step, so the step can simply be run again.
         finished = []
-        for req, tok in zip(sampling, tokens):
-            req.output_ids.append(tok)
-            if self._check_stop(req, tok):
-                self.scheduler.finish(req)
-                finished.append(req)
+        for scheduler, plan, rank_tokens in zip(self.schedulers, plans, tokens):
+            sampling = [s.request for s in plan if s.completes]
+            for s in plan:
+                s.request.num_computed += s.q_len
+            for req, tok in zip(sampling, rank_tokens, strict=True):
+                req.output_ids.append(tok)
+                if self._check_stop(req, tok):
+                    scheduler.finish(req)
+                    finished.append(req)
         self.steps += 1
         return finished
 
-    def _forward(self, plan: list[ScheduledSeq]) -> torch.Tensor:
-        input_ids: list[int] = []
-        last_rows: list[int] = []
-        for s in plan:
-            r = s.request
-            input_ids.extend(r.tokens(r.num_computed, r.num_computed + s.q_len))
-            if s.completes:
-                last_rows.append(len(input_ids) - 1)
-        layout = StepLayout.build(
-            [s.request.slot for s in plan], [s.request.num_computed for s in plan], [s.q_len for s in plan]
-        )
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.int64), layout, self.kv)
-        if not last_rows:
-            return hidden.new_zeros(0, self.model.cfg.vocab_size)
-        return self.model.compute_logits(hidden[last_rows])
+    @staticmethod
+    def _work(s: ScheduledSeq) -> SeqWork:
+        r = s.request
+        spec = SampleSpec(r.params, r.seed, len(r.output_ids)) if s.completes else None
+        return SeqWork(r.slot, r.num_computed, tuple(r.tokens(r.num_computed, r.num_computed + s.q_len)), spec)
 
     def _check_stop(self, req: Request, tok: int) -> bool:
         p = req.params

@@ -167,7 +167,7 @@ class GQAAttention(nn.Module):
         k_cache[layout.token_slots, :, layout.positions] = k  # [T, KV, D]
         v_cache[layout.token_slots, :, layout.positions] = v
         out = self._attend(q, layout, k_cache, v_cache)  # [T, N, D]
-        return F.linear(out.reshape(t, -1), self.wo, self.bo)
+        return F.linear(out.reshape(t, self.num_heads * out.shape[-1]), self.wo, self.bo)
 
     def _attend(self, q: torch.Tensor, layout: StepLayout, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         out = q.new_empty(q.shape)
@@ -242,7 +242,7 @@ class MLAAttention(nn.Module):
             k, v = self._expand(c_cache[c.slot, :kv_end], r_cache[c.slot, :kv_end])  # [N, C+Q, *]
             qs = q[c.token_start : c.token_start + c.q_len].transpose(0, 1)
             out[c.token_start : c.token_start + c.q_len] = _sdpa_chunk(qs, k, v, c.ctx_len, self.scale)
-        return F.linear(out.reshape(t, -1), self.wo)
+        return F.linear(out.reshape(t, self.num_heads * out.shape[-1]), self.wo)
 
     def _expand(self, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`latent [..., L, R]`, `k_rot [..., L, Dr]` -> keys `[..., N, L, Dq]`, values `[..., N, L, Dv]`."""

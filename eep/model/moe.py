@@ -18,6 +18,7 @@ from torch import nn
 
 from eep.model.config import ModelConfig
 from eep.model.layers import GatedMLP
+from eep.dataplane.dispatch import EPDispatcher
 from eep.placement.routing import RoutingTables
 
 
@@ -81,10 +82,15 @@ class MoELayer(nn.Module):
         self.tables = tables
         self.moe_index = layer_index  # row of the routing tables
         self.slot_offset = slot_offset
+        self.dispatcher: EPDispatcher | None = None  # set by an expert-parallel rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         slots, weights = self.route(x)
-        out = self.local_experts(x, slots - self.slot_offset if self.slot_offset else slots, weights)
+        if self.dispatcher is None:
+            out = self.local_experts(x, slots - self.slot_offset if self.slot_offset else slots, weights)
+        else:  # tokens travel to the ranks holding their slots, and the outputs come back
+            recv_x, recv_slots, recv_weights, _, handle = self.dispatcher.dispatch(x, slots, weights)
+            out = self.dispatcher.combine(self.local_experts(recv_x, recv_slots, recv_weights), handle)
         return out + self.shared(x) if self.shared is not None else out
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,1 @@
+"""The expert-parallel runtime: rank processes, their supervisor and the executor that drives them."""

@@ -1,0 +1,108 @@
+"""The expert-parallel instance with real rank processes: exact outputs, stable storage,
+a stopped rank named within the timeout, and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from eep.config import EngineConfig
+from eep.engine.engine import LLMEngine
+from eep.engine.sampling import SamplingParams
+from eep.model.default_model import init_model
+from eep.runtime.executor import EPConfig, EPExecutor, RankFailed
+
+SHM = Path("/dev/shm")
+PARAMS = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (10, 4, 12, 7, 9, 1)]
+
+
+def _our_segments() -> set[str]:
+    return {p.name for p in SHM.glob(f"eep-{os.getpid()}-*")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return init_model(tmp_path_factory.mktemp("m") / "qwen3_moe", "qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def config(model_dir: Path) -> EngineConfig:
+    return EngineConfig(str(model_dir), dtype="float32", max_num_seqs=4, max_model_len=96,
+                        max_num_batched_tokens=128, progress=False)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 4096, (n,), generator=g).tolist() for n in (5, 23, 1, 40, 11, 17)]
+
+
+@pytest.fixture(scope="module")
+def reference(config: EngineConfig, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy outputs of the single-process engine (itself checked against transformers)."""
+    return [o.output_ids for o in LLMEngine(config).generate(prompts, PARAMS)]
+
+
+@pytest.fixture
+def instance(config: EngineConfig):  # type: ignore[no-untyped-def]
+    """Factory of EP engines; every rank process and segment is gone after the test, pass or fail."""
+    engines: list[LLMEngine] = []
+    pids: list[int] = []
+
+    def make(**ep: object) -> LLMEngine:
+        executor = EPExecutor(config, EPConfig(**ep))  # type: ignore[arg-type]
+        pids.extend(executor.pids())
+        engines.append(LLMEngine(config, executor))
+        return engines[-1]
+
+    before = _our_segments()
+    try:
+        yield make
+    finally:
+        for pid in pids:  # a stopped rank must be able to die
+            if _alive(pid):
+                os.kill(pid, signal.SIGCONT)
+        for engine in engines:
+            engine.close()
+    assert not [pid for pid in pids if _alive(pid)], "rank processes left running"
+    assert _our_segments() <= before, "shared-memory segments left behind"
+
+
+@pytest.mark.parametrize("backend", ["shm", "gloo"])
+@pytest.mark.parametrize(("ep_size", "redundant"), [(1, 0), (2, 0), (4, 0), (8, 0), (2, 8), (4, 8), (8, 8)])
+def test_outputs_identical_to_single_process(
+    instance, prompts: list[list[int]], reference: list[list[int]], backend: str, ep_size: int, redundant: int
+) -> None:  # type: ignore[no-untyped-def]
+    engine = instance(ep_size=ep_size, backend=backend, num_redundant_experts=redundant)
+    assert [o.output_ids for o in engine.generate(prompts, PARAMS)] == reference
+
+
+def test_storage_never_moves(instance, prompts: list[list[int]], reference: list[list[int]]) -> None:  # type: ignore[no-untyped-def]
+    engine = instance(ep_size=4, num_redundant_experts=8)
+    before = engine.executor.storage_ptrs()
+    assert [o.output_ids for o in engine.generate(prompts, PARAMS)] == reference
+    assert engine.executor.storage_ptrs() == before
+
+
+def test_stopped_rank_is_named_within_the_timeout(instance, prompts: list[list[int]]) -> None:  # type: ignore[no-untyped-def]
+    engine = instance(ep_size=4, timeout_s=1.5)
+    victim = 2
+    os.kill(engine.executor.pids()[victim], signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(RankFailed) as failed:
+        engine.generate(prompts, PARAMS)
+    assert failed.value.rank == victim, str(failed.value)
+    assert time.monotonic() - start < 2 * 1.5 + 1.0
