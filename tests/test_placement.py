@@ -233,3 +233,16 @@ def test_bad_input_raises_config_error(kwargs: dict, names: str) -> None:
     with pytest.raises(ConfigError) as info:
         plan_placement(**kwargs)
     assert names in str(info.value)
+
+
+def test_routing_tables_update_in_place_keeps_storage() -> None:
+    from eep.placement.routing import RoutingTables
+
+    first = plan_placement(64, 4, num_layers=3, num_redundant=8)
+    skewed = plan_placement(64, 4, num_layers=3, num_redundant=8, load=torch.arange(64, dtype=torch.float32))
+    tables = RoutingTables.from_placement(first)
+    ptrs = tables.data_ptrs()
+    tables.update_(skewed)
+    assert tables.data_ptrs() == ptrs
+    assert torch.equal(tables.physical_to_logical_map, skewed.physical_to_logical_map)
+    assert not torch.equal(skewed.physical_to_logical_map, first.physical_to_logical_map)

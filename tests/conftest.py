@@ -1,0 +1,56 @@
+"""Suite-wide guard: every test leaves no child process and no shared-memory segment behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _children() -> set[int]:
+    """Live (non-zombie) direct children of this process, read from /proc."""
+    me, found = os.getpid(), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me and fields[0] != "Z" and not _is_mp_helper(stat.parent):
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _is_mp_helper(proc: Path) -> bool:
+    """multiprocessing's resource tracker lives for the whole session by design: not a leak."""
+    try:
+        return b"resource_tracker" in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("eep-*")}
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    children, segments = _children(), _segments()
+    yield
+    deadline = time.monotonic() + 5  # processes a test just stopped may take a moment to exit
+    while (_children() - children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    leaked = _children() - children
+    for pid in leaked:  # clean up first, so one leak does not fail every later test too
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    new_segments = _segments() - segments
+    for name in new_segments:
+        Path("/dev/shm", name).unlink(missing_ok=True)
+    assert not leaked, f"test left child processes running: {sorted(leaked)}"
+    assert not new_segments, f"test left shared-memory segments: {sorted(new_segments)}"
