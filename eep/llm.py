@@ -1,0 +1,68 @@
+"""`eep.LLM`: the offline Python entry point, in the style of vLLM's `LLM`.
+
+    from eep import LLM, SamplingParams
+    with LLM(ep_size=4, ep_num_redundant_experts=8) as llm:
+        outs = llm.generate(["Expert parallelism is"], SamplingParams(max_tokens=32))
+
+With `ep_size > 1` the instance runs N rank processes (see `eep.runtime`); `close()` (or the
+`with` block) stops them and removes their shared memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from eep.config import EngineConfig
+from eep.engine.engine import Executor, LLMEngine, Prompt
+from eep.engine.request import RequestOutput
+from eep.engine.sampling import SamplingParams
+
+
+class LLM:
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        ep_size: int = 1,
+        ep_num_redundant_experts: int = 0,
+        ep_backend: str = "shm",
+        dtype: str = "auto",
+        max_num_seqs: int = 32,
+        max_model_len: int = 1024,
+        max_num_batched_tokens: int = 2048,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        if model_path is None:
+            from eep.model.default_model import ensure_default_model
+
+            model_path = str(ensure_default_model(Path(cache_dir or Path.home() / ".cache" / "eep")))
+        self.config = EngineConfig(
+            model_path, dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens,
+        )
+        executor: Executor | None = None
+        if ep_size > 1:
+            from eep.runtime.executor import EPConfig, EPExecutor
+
+            executor = EPExecutor(
+                self.config, EPConfig(ep_size=ep_size, num_redundant_experts=ep_num_redundant_experts, backend=ep_backend)
+            )
+        self.engine = LLMEngine(self.config, executor)
+
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion (batched); outputs in prompt order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self.engine.generate(prompts, sampling_params or SamplingParams())
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
