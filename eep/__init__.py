@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "Client", "SamplingParams"]
 
 
 def __getattr__(name: str) -> object:
@@ -18,6 +18,10 @@ def __getattr__(name: str) -> object:
         from eep.llm import LLM
 
         return LLM
+    if name == "Client":
+        from eep.client import Client
+
+        return Client
     if name == "SamplingParams":
         from eep.engine.sampling import SamplingParams
 

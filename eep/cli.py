@@ -1,7 +1,7 @@
 """The `eep` command line: argparse at the edge, mapped onto the config dataclasses.
 
 This is the only module that reads argv or the environment (`EEP_CACHE_DIR`, `XDG_CACHE_HOME`
-for where the embedded default model lives).
+for where the embedded default model lives, `XDG_RUNTIME_DIR` for `eep serve`'s socket).
 """
 
 from __future__ import annotations
@@ -51,27 +51,47 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from eep.config import EngineConfig
-    from eep.engine.engine import LLMEngine
     from eep.engine.sampling import SamplingParams
+    from eep.llm import LLM
 
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
-    config = EngineConfig(_model_path(args), dtype=args.dtype, max_model_len=args.max_model_len)
-    executor = None
-    if args.ep_size > 1:
-        from eep.runtime.executor import EPConfig, EPExecutor
-
-        ep = EPConfig(ep_size=args.ep_size, num_redundant_experts=args.ep_num_redundant_experts, backend=args.ep_backend)
-        executor = EPExecutor(config, ep)
-    engine = LLMEngine(config, executor)
-    try:
-        for out in engine.generate(args.prompt, params):  # all prompts batched together
+    with LLM(
+        _model_path(args), dtype=args.dtype, max_model_len=args.max_model_len, ep_size=args.ep_size,
+        ep_num_redundant_experts=args.ep_num_redundant_experts, ep_backend=args.ep_backend,
+    ) as llm:
+        for out in llm.generate(args.prompt, params):  # all prompts batched together
             print(out.text if out.text is not None else " ".join(map(str, out.output_ids)), flush=True)
-    finally:
-        engine.close()
     return 0
+
+
+def default_socket() -> str:
+    from eep.serving.server import default_socket_path
+
+    return default_socket_path(os.environ.get("XDG_RUNTIME_DIR"))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from eep.config import EngineConfig
+    from eep.runtime.executor import EPConfig
+    from eep.serving.server import ServeConfig, serve
+
+    config = ServeConfig(
+        EngineConfig(
+            _model_path(args), dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs
+        ),
+        socket_path=args.socket,
+        ep=EPConfig(ep_size=args.ep_size, num_redundant_experts=args.ep_num_redundant_experts, backend=args.ep_backend),
+        request_timeout_s=args.request_timeout,
+    )
+
+    def ready(status: dict[str, object]) -> None:
+        # The command's contract with whoever started it (scripts, tests): exactly this one
+        # line on stdout once requests are answered; everything else goes to the log (stderr).
+        print(f"eep serve: ready on unix:{status['socket']} ({status['ep_size']} ranks, {status['backend']})", flush=True)
+
+    return serve(config, on_ready=ready)
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
@@ -94,12 +114,35 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         repeats=args.repeats,
     )
-    text = json.dumps(result, indent=2)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    print(text)
+    _write_json(result, args.json)
     return 0
+
+
+def _cmd_bench_steady(args: argparse.Namespace) -> int:
+    from eep.bench.steady import run_steady_bench
+    from eep.runtime.executor import BACKENDS
+
+    result = run_steady_bench(
+        _model_path(args),
+        ep_size=args.ep_size,
+        backends=BACKENDS if args.ep_backend == "both" else (args.ep_backend,),
+        num_requests=args.num_requests,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        num_redundant_experts=args.ep_num_redundant_experts,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    _write_json(result, args.json)
+    return 0
+
+
+def _write_json(result: dict[str, object], path: str | None) -> None:
+    text = json.dumps(result, indent=2)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+    print(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ep-backend", choices=["shm", "gloo"], default="shm", help="data plane between ranks")
     gen.set_defaults(func=_cmd_generate)
 
+    from eep.runtime.executor import EPConfig
+    from eep.serving.server import ServeConfig
+
+    srv = sub.add_parser("serve", help="run an instance that answers requests on a Unix socket (eep.Client)")
+    _add_model_args(srv)
+    srv.add_argument("--ep-size", type=int, default=_default(EPConfig, "ep_size"), help="expert-parallel rank processes")
+    srv.add_argument("--ep-num-redundant-experts", type=int, default=_default(EPConfig, "num_redundant_experts"))
+    srv.add_argument("--ep-backend", choices=["shm", "gloo"], default=_default(EPConfig, "backend"))
+    srv.add_argument("--max-model-len", type=int, default=_default(EngineConfig, "max_model_len"))
+    srv.add_argument("--max-num-seqs", type=int, default=_default(EngineConfig, "max_num_seqs"))
+    srv.add_argument("--socket", default=default_socket(), help="Unix socket path (default: %(default)s)")
+    srv.add_argument(
+        "--request-timeout", type=float, default=_default(ServeConfig, "request_timeout_s"),
+        help="seconds before a generate request is aborted",
+    )
+    srv.set_defaults(func=_cmd_serve)
+
     model = sub.add_parser("model", help="manage the embedded default model")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     init = model_sub.add_parser("init", help="write the small deterministic default checkpoint")
@@ -144,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--repeats", type=int, default=3)
     eng.add_argument("--json", help="write the result here")
     eng.set_defaults(func=_cmd_bench_engine)
+    steady = bench_sub.add_parser("steady", help="steady-state decode of one request set over the shm and gloo data planes")
+    _add_model_args(steady)
+    steady.add_argument("--ep-size", type=int, default=4)
+    steady.add_argument("--ep-backend", choices=["shm", "gloo", "both"], default="both")
+    steady.add_argument("--ep-num-redundant-experts", type=int, default=0)
+    steady.add_argument("--num-requests", type=int, default=64)
+    steady.add_argument("--prompt-len", type=int, default=128)
+    steady.add_argument("--output-len", type=int, default=128)
+    steady.add_argument("--seed", type=int, default=0)
+    steady.add_argument("--json", help="write the result here")
+    steady.set_defaults(func=_cmd_bench_steady)
     return parser
 
 

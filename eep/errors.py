@@ -35,6 +35,10 @@ class RequestError(EepError):
     """A generation request is invalid (empty prompt, too long, bad sampling parameters)."""
 
 
+class MembershipError(EepError):
+    """A membership transition is not allowed (e.g. activating a rank that is not joining)."""
+
+
 class DataPlaneError(EepError):
     """The data plane cannot complete an exchange; the step must be aborted, never half-used."""
 
@@ -79,9 +83,41 @@ class StaleEpoch(DataPlaneError):
         )
 
 
+class StepAborted(DataPlaneError):
+    """The controller announced a newer epoch while this rank waited: the step is abandoned
+    (nothing of it is committed) and runs again under the new view."""
+
+    def __init__(self, *, rank: int, epoch: int, step: int, peer: int, announced: int) -> None:
+        self.rank, self.epoch, self.step, self.peer, self.announced = rank, epoch, step, peer, announced
+        super().__init__(
+            f"rank {rank} abandons epoch {epoch} step {step} (waiting on rank {peer}): the controller "
+            f"announced epoch {announced}"
+        )
+
+
 class OutOfStep(DataPlaneError):
     """A peer sent a later step of the same epoch than the one awaited: the ranks left lockstep."""
 
 
 class RankFenced(DataPlaneError):
     """Another process has since attached as this rank (a replacement): this one must exit."""
+
+
+class EngineUnavailable(EepError):
+    """The engine loop no longer runs requests: it was closed, or a step failed (a rank died).
+
+    Until failure recovery exists, restart the instance (`eep serve`) to serve again.
+    """
+
+
+class ServerError(EepError):
+    """`eep serve` cannot serve: its socket path is taken or unsafe, or a request timed out."""
+
+
+class RequestTimeout(ServerError):
+    """A request did not finish within the server's request timeout; it was aborted."""
+
+
+class ClientError(EepError):
+    """`eep.Client` cannot talk to the server (none listening, connection lost, no reply in
+    time), or the server reported an error that has no eep exception type of its own."""

@@ -12,11 +12,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from eep.config import EngineConfig
 from eep.engine.engine import Executor, LLMEngine, Prompt
 from eep.engine.request import RequestOutput
 from eep.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from eep.runtime.executor import EPConfig
+
+
+def build_engine(config: EngineConfig, ep: EPConfig | None = None) -> LLMEngine:
+    """The engine of one instance: in this process, or over `ep.ep_size` rank processes.
+
+    Shared by `eep.LLM` and `eep serve`, so that both build an instance the same way. On
+    error nothing is left running (the executor stops the ranks it started).
+    """
+    executor: Executor | None = None
+    if ep is not None and ep.ep_size > 1:
+        from eep.runtime.executor import EPExecutor
+
+        executor = EPExecutor(config, ep)
+    try:
+        return LLMEngine(config, executor)
+    except BaseException:
+        if executor is not None:
+            executor.close()
+        raise
 
 
 class LLM:
@@ -41,14 +64,10 @@ class LLM:
             model_path, dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens,
         )
-        executor: Executor | None = None
-        if ep_size > 1:
-            from eep.runtime.executor import EPConfig, EPExecutor
+        from eep.runtime.executor import EPConfig
 
-            executor = EPExecutor(
-                self.config, EPConfig(ep_size=ep_size, num_redundant_experts=ep_num_redundant_experts, backend=ep_backend)
-            )
-        self.engine = LLMEngine(self.config, executor)
+        ep = EPConfig(ep_size=ep_size, num_redundant_experts=ep_num_redundant_experts, backend=ep_backend)
+        self.engine = build_engine(self.config, ep)
 
     def generate(
         self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None

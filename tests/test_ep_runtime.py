@@ -15,6 +15,8 @@ from eep.config import EngineConfig
 from eep.engine.engine import LLMEngine
 from eep.engine.sampling import SamplingParams
 from eep.model.default_model import init_model
+from eep.errors import ConfigError
+from eep.placement.routing import Placement, placement_from_phy2log, without_slots
 from eep.runtime.executor import EPConfig, EPExecutor, RankFailed
 
 SHM = Path("/dev/shm")
@@ -90,11 +92,43 @@ def test_outputs_identical_to_single_process(
     assert [o.output_ids for o in engine.generate(prompts, PARAMS)] == reference
 
 
-def test_storage_never_moves(instance, prompts: list[list[int]], reference: list[list[int]]) -> None:  # type: ignore[no-untyped-def]
+def _second_replicas(placement: Placement) -> torch.Tensor:
+    """[L, P] bool: every slot that holds a second (or later) replica of its expert."""
+    log2phy, count = placement.logical_to_physical_map, placement.logical_replica_count
+    drop = torch.zeros_like(placement.physical_to_logical_map, dtype=torch.bool)
+    for layer, expert in torch.nonzero(count > 1).tolist():
+        drop[layer, log2phy[layer, expert, 1 : int(count[layer, expert])]] = True
+    return drop
+
+
+def test_storage_never_moves_across_steps_and_table_updates(
+    instance, prompts: list[list[int]], reference: list[list[int]]
+) -> None:  # type: ignore[no-untyped-def]
     engine = instance(ep_size=4, num_redundant_experts=8)
-    before = engine.executor.storage_ptrs()
+    executor: EPExecutor = engine.executor
+    before = executor.storage_ptrs()
+    layers = executor.placement.num_layers
+    assert all(len(p) == 3 + 2 * layers + 4 * 2 * 2 for p in before)  # tables, expert slots, shm buffers
     assert [o.output_ids for o in engine.generate(prompts, PARAMS)] == reference
-    assert engine.executor.storage_ptrs() == before
+    assert executor.storage_ptrs() == before
+
+    # Drop every redundant replica from the tables (what a reuse-only repair does): no weight
+    # moves, the same tokens now reach the first replicas, outputs stay exact.
+    full = executor.placement
+    dropped = _second_replicas(full)
+    assert int(dropped.sum()) == 8 * len(full.logical_replica_count)
+    executor.update_routing(without_slots(full, dropped))
+    assert [o.output_ids for o in engine.generate(prompts, PARAMS)] == reference
+    executor.update_routing(full)  # and back
+    assert [o.output_ids for o in engine.generate(prompts, PARAMS)] == reference
+    assert executor.storage_ptrs() == before
+
+    # Tables that would give a slot an expert it does not hold are refused before any rank applies them.
+    swapped = full.physical_to_logical_map.clone()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]
+    with pytest.raises(ConfigError, match="relocate the weights first"):
+        executor.update_routing(placement_from_phy2log(swapped, full.num_logical, full.max_replicas))
+    assert [o.output_ids for o in engine.generate(prompts[:2], PARAMS[:2])] == reference[:2]
 
 
 def test_stopped_rank_is_named_within_the_timeout(instance, prompts: list[list[int]]) -> None:  # type: ignore[no-untyped-def]

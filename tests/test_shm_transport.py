@@ -364,3 +364,78 @@ def test_sweep_leaves_live_creators_alone(tmp_path: Path) -> None:
     (tmp_path / f"eep-{os.getpid()}-live").write_bytes(b"")
     assert sweep_orphans(tmp_path) == [f"eep-{dead.pid}-dead"]
     assert [p.name for p in tmp_path.iterdir()] == [f"eep-{os.getpid()}-live"]
+
+
+def test_exchange_among_the_active_ranks_of_a_view_drops_older_epochs() -> None:
+    """Threads as ranks (futex waits work across threads too): after rank 2 leaves the view,
+    the other three exchange without it, and what rank 2 left in flight is never used."""
+    import threading
+
+    from eep.dataplane.shm import ShmExchange
+
+    with ShmSegment.create(ShmLayout(4, 64)) as seg:
+        exchanges = [ShmExchange(Endpoint(seg, r, timeout_s=5.0), 4) for r in range(4)]
+        got: dict[int, list[bytes]] = {}
+
+        def run(r: int, active: list[int]) -> None:
+            out = exchanges[r].all_to_all([torch.tensor([r, d], dtype=torch.uint8) for d in range(4)])
+            got[r] = [bytes(t) for t in out]
+
+        def round_(active: list[int]) -> None:
+            threads = [threading.Thread(target=run, args=(r, active)) for r in active]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert not any(t.is_alive() for t in threads)
+
+        round_([0, 1, 2, 3])
+        assert got[1] == [bytes([s, 1]) for s in range(4)]
+        # rank 2 "dies" after sending its next message to rank 0 only
+        exchanges[2].endpoint.send(0, torch.tensor([2, 0], dtype=torch.uint8), epoch=0, step=1)
+        for r in (0, 1, 3):
+            exchanges[r].set_view(1, [0, 1, 3])
+        got.clear()
+        round_([0, 1, 3])
+        for r in (0, 1, 3):
+            assert got[r] == [bytes([s, r]) if s != 2 else b"" for s in range(4)]
+        assert exchanges[0].endpoint.dropped == 0  # not yet read: rank 2 is not awaited at all
+        with pytest.raises(StaleEpoch):
+            exchanges[1].set_view(0, [0, 1, 3])
+        with pytest.raises(RankFenced, match="must rejoin"):
+            exchanges[2].set_view(1, [0, 1, 3])
+        for ex in exchanges:
+            ex.endpoint.close()
+
+
+def test_announced_epoch_aborts_a_blocked_wait_at_once() -> None:
+    """A rank blocked on a peer that will never send is released by the controller's
+    announcement long before its own timeout."""
+    import threading
+
+    from eep.errors import StepAborted
+
+    with ShmSegment.create(ShmLayout(2, 64)) as seg:
+        waiter = Endpoint(seg, 0, timeout_s=10.0)
+        seen: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                waiter.recv(1, epoch=3, step=0)
+            except BaseException as e:  # noqa: BLE001 - handed to the test thread
+                seen.append(e)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.2)
+        assert t.is_alive()  # blocked on rank 1
+        announced = time.monotonic()
+        seg.announce_epoch(4)
+        t.join(5)
+        assert not t.is_alive() and time.monotonic() - announced < 0.2
+        assert isinstance(seen[0], StepAborted) and seen[0].announced == 4 and seen[0].peer == 1
+        assert seg.control_epoch == 4
+        with pytest.raises(SegmentError, match="older"):
+            seg.announce_epoch(3)
+        with pytest.raises(PeerTimeout):  # a wait in the announced epoch is a normal wait
+            waiter.recv(1, epoch=4, step=0, timeout_s=0.1)

@@ -13,6 +13,7 @@ Legend: T = tokens of this rank, K = top-k, H = hidden, R = rows received, N = r
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,7 +27,11 @@ class Exchange(Protocol):
     num_ranks: int
 
     def all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
-        """`send[d]` (uint8, 1-D) goes to rank d; returns `recv[s]`, what rank s sent here."""
+        """`send[d]` (uint8, 1-D) goes to rank d; returns `recv[s]`, what rank s sent here.
+
+        The returned tensors may be views into the transport's buffers, valid only until the
+        next call: read them before exchanging again.
+        """
         ...
 
 
@@ -64,7 +69,10 @@ def _pack(parts: list[torch.Tensor]) -> torch.Tensor:
 class EPDispatcher:
     """DeepEP-shaped dispatch/combine over an `Exchange`, for one MoE layer shape."""
 
-    def __init__(self, exchange: Exchange, slots_per_rank: int, hidden: int, top_k: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, exchange: Exchange, slots_per_rank: int, hidden: int, top_k: int, dtype: torch.dtype,
+        timings: list[float] | None = None,
+    ) -> None:
         self.exchange = exchange
         self.slots_per_rank = slots_per_rank
         self.hidden, self.top_k, self.dtype = hidden, top_k, dtype
@@ -72,6 +80,9 @@ class EPDispatcher:
         self._x_bytes = hidden * itemsize
         # Packed as ids (int64), weights (float32), rows (dtype): each section stays aligned.
         self._row_bytes = top_k * 8 + top_k * 4 + self._x_bytes
+        # Wall time of each dispatch and each combine call (packing, transport, waiting on peers),
+        # appended in call order; a list shared by the layers of a rank gives the step's sequence.
+        self.timings: list[float] = [] if timings is None else timings
 
     def dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
@@ -87,6 +98,7 @@ class EPDispatcher:
             recv_topk_weights `[R, K]` float32, num_recv_tokens_per_expert `[slots_per_rank]` int64,
             and the handle for `combine`. Rows are ordered by source rank, then token index.
         """
+        start = time.perf_counter()
         n = self.exchange.num_ranks
         tokens, local = plan_dispatch(topk_idx, self.slots_per_rank, n)
         weights = topk_weights.float()
@@ -95,6 +107,7 @@ class EPDispatcher:
         counts = tuple(r.numel() // self._row_bytes for r in recv)
         recv_x, recv_ids, recv_w = self._unpack(recv, counts)
         per_expert = torch.bincount(recv_ids[recv_ids >= 0], minlength=self.slots_per_rank)
+        self.timings.append(time.perf_counter() - start)
         return recv_x, recv_ids, recv_w, per_expert, DispatchHandle(tuple(tokens), counts, x.shape[0])
 
     def _unpack(self, recv: list[torch.Tensor], counts: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
@@ -121,10 +134,12 @@ class EPDispatcher:
         Returns:
             `[T, H]` the combined MoE output of this rank's tokens.
         """
+        start = time.perf_counter()
         send = [_pack([part]) for part in expert_out.to(self.dtype).split(list(handle.recv_counts))]
         recv = self.exchange.all_to_all(send)
         out = torch.zeros(handle.num_tokens, self.hidden, dtype=self.dtype)
         for tokens, payload in zip(handle.send_tokens, recv):
             if tokens.numel():
                 out.index_add_(0, tokens, payload.view(self.dtype).view(-1, self.hidden))
+        self.timings.append(time.perf_counter() - start)
         return out

@@ -9,9 +9,12 @@ RuntimeError after at most `timeout_s` instead of the 30-minute default.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+from eep.errors import DataPlaneError
 
 
 class GlooExchange:
@@ -23,6 +26,14 @@ class GlooExchange:
             "gloo", init_method=init_method, rank=rank, world_size=num_ranks,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+
+    def set_view(self, epoch: int, active: Sequence[int]) -> None:
+        """The baseline's membership is frozen: any view but all ranks is refused."""
+        if list(active) != list(range(self.num_ranks)):
+            raise DataPlaneError(
+                f"the gloo baseline has fixed membership ({self.num_ranks} ranks); it cannot run with "
+                f"ranks {list(active)}: use the shm backend for elastic membership"
+            )
 
     def all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
         """Two collectives: the byte counts, then the payloads in one `all_to_all_single`."""

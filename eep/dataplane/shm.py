@@ -12,6 +12,9 @@ What this module promises:
   steps of its epoch), raises `StaleEpoch` on a newer epoch, and `PeerTimeout` naming the
   silent peer when nothing arrives in time. A sender blocked by a reader that does not drain
   its region raises `PeerTimeout` naming that reader. Nothing waits without a timeout.
+- The controller can abort every blocked wait at once: `announce_epoch(e)` publishes `e` in
+  the segment's control line and wakes all waiters; a wait in an older epoch then raises
+  `StepAborted` (within 50 ms at worst), so survivors of a death do not sit out a timeout.
 - Waiting sleeps on a futex (no spinning). Publication relies on x86-64's ordered stores:
   payload and header are written before the `seq` word that publishes them.
 
@@ -43,6 +46,7 @@ import os
 import secrets
 import time
 import weakref
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -57,6 +61,7 @@ from eep.errors import (
     RankFenced,
     SegmentError,
     StaleEpoch,
+    StepAborted,
 )
 
 log = logging.getLogger(__name__)
@@ -65,11 +70,15 @@ T = TypeVar("T")
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "eep-"
 _MAGIC = 0x31304D4853504545  # b"EEPSHM01" little-endian
-_VERSION = 1
+_VERSION = 2
 _LINE = 64
 _MASK = 0xFFFFFFFF  # seq/ack are u32 futex words and wrap: compare modulo 2**32
 _NUM_BUFFERS = 2
 _PROT = mmap.PROT_READ | mmap.PROT_WRITE
+# A blocked wait re-checks the controller's epoch at least this often. `announce_epoch` wakes
+# waiters at once; the bound only covers a wake that lands between a waiter's check and its
+# sleep (the futex word itself does not change), so an abort is seen within 50 ms at worst.
+_ABORT_CHECK_S = 0.05
 
 
 def _round_up(n: int, to: int = _LINE) -> int:
@@ -115,8 +124,13 @@ class ShmLayout:
 
     @property
     def preamble_bytes(self) -> int:
-        # one line of identity, then one u64 owner (incarnation) word per rank
-        return _LINE + _round_up(8 * self.num_ranks)
+        # one line of identity, one control line (the controller's epoch), then one u64 owner
+        # (incarnation) word per rank
+        return 2 * _LINE + _round_up(8 * self.num_ranks)
+
+    @property
+    def control_offset(self) -> int:
+        return _LINE
 
     @property
     def region_stride(self) -> int:
@@ -127,7 +141,7 @@ class ShmLayout:
         return self.preamble_bytes + self.num_ranks**2 * self.region_stride
 
     def owner_offset(self, rank: int) -> int:
-        return _LINE + 8 * rank
+        return 2 * _LINE + 8 * rank
 
     def region_offset(self, src: int, dst: int) -> int:
         if not (0 <= src < self.num_ranks and 0 <= dst < self.num_ranks):
@@ -176,6 +190,7 @@ class ShmSegment:
         # Typed views, all made once: they export the mapping, so it is never unmapped
         # under them (see close).
         self._owners = [ctypes.c_uint64.from_buffer(mm, lay.owner_offset(r)) for r in range(n)]
+        self._control_epoch = ctypes.c_uint64.from_buffer(mm, lay.control_offset)
         self._seq = _per_pair(n, lambda s, d: ctypes.c_uint32.from_buffer(mm, lay.seq_offset(s, d)))
         self._ack = _per_pair(n, lambda s, d: ctypes.c_uint32.from_buffer(mm, lay.ack_offset(s, d)))
         self._headers = _per_pair(
@@ -263,6 +278,24 @@ class ShmSegment:
         (same data_ptr) on every call, so it can be captured once."""
         return self._payloads[src][dst][buf]
 
+    @property
+    def control_epoch(self) -> int:
+        """The newest epoch the controller has announced (0 until it announces one)."""
+        return int(self._control_epoch.value)
+
+    def announce_epoch(self, epoch: int) -> None:
+        """Controller side: announce `epoch` and wake every waiter of every region, so that a
+        rank blocked on a peer that died aborts its step now (`StepAborted`) instead of at its
+        timeout. Epochs only grow; the controller is the only writer of this word."""
+        if epoch < self.control_epoch:
+            raise SegmentError(f"epoch {epoch} is older than the announced {self.control_epoch}")
+        self._control_epoch.value = epoch
+        base, lay, n = self.base_address, self.layout, self.layout.num_ranks
+        for src in range(n):
+            for dst in range(n):
+                futex_wake(base + lay.seq_offset(src, dst))
+                futex_wake(base + lay.ack_offset(src, dst))
+
     def close(self) -> None:
         """Drop this process's mapping (the file stays). Views still held elsewhere keep the
         memory mapped until they are freed; nothing is ever left dangling."""
@@ -270,6 +303,7 @@ class ShmSegment:
             return
         mm, self._mm = self._mm, None
         self._owners, self._seq, self._ack, self._headers, self._payloads = [], [], [], [], []
+        del self._control_epoch
         del self._base
         try:
             mm.close()
@@ -366,6 +400,11 @@ class Endpoint:
                 f"rank {self.rank} (pid {os.getpid()}) was replaced by a newer process: exit"
             )
 
+    def _check_aborted(self, epoch: int, step: int, peer: int) -> None:
+        announced = self.segment.control_epoch
+        if announced > epoch:
+            raise StepAborted(rank=self.rank, epoch=epoch, step=step, peer=peer, announced=announced)
+
     def _wait_free(self, dst: int, m: int, timeout_s: float | None, epoch: int, step: int) -> None:
         ack = self.segment._ack[self.rank][dst]
         if (m - ack.value) & _MASK <= 1:  # fast path: no clock read
@@ -376,11 +415,12 @@ class Endpoint:
             a = ack.value
             if (m - a) & _MASK <= 1:  # message m-2, which buffer m%2 holds, is released
                 return
+            self._check_aborted(epoch, step, dst)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerTimeout(peer=dst, rank=self.rank, epoch=epoch, step=step,
                                   waited_s=time.monotonic() - start, op="send")
-            futex_wait(self._ack_addr_out[dst], a, left)
+            futex_wait(self._ack_addr_out[dst], a, min(left, _ABORT_CHECK_S))
 
     def outgoing(
         self, dst: int, *, epoch: int = 0, step: int = 0, timeout_s: float | None = None
@@ -486,11 +526,12 @@ class Endpoint:
                 self._cursor[src] = (c + 1) & _MASK
                 self._held[src] = True
                 return seg._payloads[src][self.rank][buf][:n]
+            self._check_aborted(epoch, step, src)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerTimeout(peer=src, rank=self.rank, epoch=epoch, step=step,
                                   waited_s=time.monotonic() - start)
-            futex_wait(self._seq_addr_in[src], s, left)
+            futex_wait(self._seq_addr_in[src], s, min(left, _ABORT_CHECK_S))
 
     def close(self) -> None:
         """Release every held message (does not close the segment)."""
@@ -503,22 +544,43 @@ class ShmExchange:
     """The `Exchange` of `EPDispatcher` over an `Endpoint`: one all-to-all per call.
 
     Each call is one step of this rank's exchange counter within `epoch`; every active rank
-    makes the same sequence of calls (lockstep). Peers are visited starting after this rank,
-    so that N ranks do not all queue on rank 0 first (measured: 8 ranks 1.3 ms vs 2.0 ms).
+    makes the same sequence of calls (lockstep). Only the ranks of the current view take part:
+    nothing is sent to or awaited from an inactive rank, and what it is "received" from one is
+    empty. Peers are visited starting after this rank, so that N ranks do not all queue on
+    rank 0 first (measured: 8 ranks 1.3 ms vs 2.0 ms).
     """
 
     def __init__(self, endpoint: Endpoint, num_ranks: int, epoch: int = 0) -> None:
         self.endpoint, self.rank, self.num_ranks = endpoint, endpoint.rank, num_ranks
         self.epoch, self.step = epoch, 0
+        self._peers = self._order(range(num_ranks))
+        self._empty = torch.empty(0, dtype=torch.uint8)
+
+    def _order(self, active: Iterable[int]) -> list[int]:
+        n, members = self.num_ranks, set(active)
+        return [(self.rank + i) % n for i in range(1, n) if (self.rank + i) % n in members]
+
+    def set_view(self, epoch: int, active: Sequence[int]) -> None:
+        """Exchange among `active` ranks, stamped `epoch`, from the next call on. A new epoch
+        restarts the step counter; messages of older epochs are dropped on receipt."""
+        if epoch < self.epoch:
+            raise StaleEpoch(rank=self.rank, peer=self.rank, epoch=self.epoch, seen_epoch=epoch)
+        if self.rank not in active:
+            raise RankFenced(f"rank {self.rank} is not in the view of epoch {epoch}: it must rejoin")
+        if epoch != self.epoch:
+            self.epoch, self.step = epoch, 0
+        self._peers = self._order(active)
 
     def all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
-        n, step = self.num_ranks, self.step
-        order = [(self.rank + i) % n for i in range(1, n + 1)]  # peers first, self last
-        for d in order:
+        """`send[d]` goes to rank d; returns what each rank sent here. The payloads from peers
+        are views into shared memory, valid until the next call (which releases them): read
+        them, do not keep them. This rank's own part is `send[rank]` itself, never copied."""
+        step = self.step
+        for d in self._peers:
             self.endpoint.send(d, send[d], epoch=self.epoch, step=step)
-        recv: list[torch.Tensor] = [torch.empty(0, dtype=torch.uint8)] * n
-        for s in order:
-            recv[s] = self.endpoint.recv(s, epoch=self.epoch, step=step).clone()
-            self.endpoint.release(s)
+        recv: list[torch.Tensor] = [self._empty] * self.num_ranks
+        recv[self.rank] = send[self.rank]
+        for s in self._peers:
+            recv[s] = self.endpoint.recv(s, epoch=self.epoch, step=step)
         self.step += 1
         return recv

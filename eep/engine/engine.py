@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from eep.config import EngineConfig
-from eep.engine.request import Request, RequestOutput
+from eep.engine.request import Prompt, Request, RequestOutput, as_batch
 from eep.engine.sampling import SamplingParams
 from eep.engine.scheduler import ScheduledSeq, Scheduler
 from eep.engine.worker import ModelWorker, SampleSpec, SeqWork
@@ -30,7 +30,6 @@ from eep.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | Sequence[int]
 
 
 class Executor(Protocol):
@@ -179,14 +178,8 @@ class LLMEngine:
 
         A bare string is one prompt; a token-id prompt is a list of ints inside `prompts`.
         """
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if any(isinstance(p, int) for p in prompts):
-            raise RequestError("prompts must be a list of prompts: pass [[1, 2, 3]] for one token-id prompt")
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(plist) != len(prompts):
-            raise RequestError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
-        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        batch, plist = as_batch(prompts, params)
+        reqs = [self.add_request(p, sp) for p, sp in zip(batch, plist)]
         while not all(r.finished for r in reqs):
             self.step()
         return [

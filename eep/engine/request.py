@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from eep.engine.sampling import SamplingParams
+from eep.errors import RequestError
+
+Prompt = str | Sequence[int]  # text, or token ids
+
+
+def as_batch(
+    prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None
+) -> tuple[list[Prompt], list[SamplingParams]]:
+    """The batch conventions of every `generate`: a bare string is one prompt, a token-id prompt
+    is a list of ints inside `prompts`; one `SamplingParams` (or None: defaults) applies to all."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if any(isinstance(p, int) for p in prompts):
+        raise RequestError("prompts must be a list of prompts: pass [[1, 2, 3]] for one token-id prompt")
+    batch = list(prompts)  # type: ignore[arg-type]
+    if params is None or isinstance(params, SamplingParams):
+        return batch, [params or SamplingParams()] * len(batch)
+    plist = list(params)
+    if len(plist) != len(batch):
+        raise RequestError(f"{len(batch)} prompts but {len(plist)} sampling parameter sets")
+    return batch, plist
 
 
 @dataclass(slots=True)

@@ -64,6 +64,35 @@ def placement_from_phy2log(phy2log: torch.Tensor, num_experts: int, max_replicas
     return Placement(phy2log.to(torch.int64).clone(), log2phy, count)
 
 
+def without_slots(placement: Placement, slots: torch.Tensor) -> Placement:
+    """`placement` with physical `slots [L, P]` bool (True = drop) emptied on their layers;
+    the replica lists are rebuilt in slot order and the table shapes kept. Experts whose every
+    replica is dropped get a replica count of 0."""
+    phy2log = torch.where(slots, -1, placement.physical_to_logical_map)
+    return placement_from_phy2log(phy2log, placement.num_logical, placement.max_replicas)
+
+
+def check_tables_only(loaded: Placement, new: Placement, slots: range | None = None) -> None:
+    """Raise ConfigError unless `new` asks only for what the weights `loaded` into the slots
+    allow: every slot (of `slots`, default all) is given the expert it holds, or nothing (-1).
+    Such a switch moves no weights, so it can be applied in place between two steps."""
+    if new.physical_to_logical_map.shape != loaded.physical_to_logical_map.shape:
+        raise ConfigError(
+            f"placement of shape {tuple(new.physical_to_logical_map.shape)} does not fit "
+            f"{tuple(loaded.physical_to_logical_map.shape)}"
+        )
+    cols = slice(None) if slots is None else slice(slots.start, slots.stop)
+    o, n = loaded.physical_to_logical_map[:, cols], new.physical_to_logical_map[:, cols]
+    moved = torch.nonzero((n != o) & (n >= 0))
+    if moved.numel():
+        layer, slot = (int(v) for v in moved[0])
+        slot += 0 if slots is None else slots.start
+        raise ConfigError(
+            f"layer {layer} slot {slot}: the new tables give it expert {int(new.physical_to_logical_map[layer, slot])} "
+            f"but it holds {int(loaded.physical_to_logical_map[layer, slot])}; relocate the weights first"
+        )
+
+
 def identity_placement(num_layers: int, num_experts: int, max_replicas: int = 1) -> Placement:
     """Slot p holds expert p on every layer: the layout of a single process without redundancy."""
     phy2log = torch.arange(num_experts, dtype=torch.int64).repeat(num_layers, 1)
@@ -98,6 +127,12 @@ class RoutingTables:
                 raise ConfigError(f"placement table of shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
             dst.copy_(src)
         self._single_replica = [bool((row == 1).all()) for row in self.logical_replica_count]
+
+    def placement(self) -> Placement:
+        """A copy of the current tables as a `Placement`."""
+        return Placement(
+            self.physical_to_logical_map.clone(), self.logical_to_physical_map.clone(), self.logical_replica_count.clone()
+        )
 
     def data_ptrs(self) -> tuple[int, int, int]:
         return (

@@ -23,13 +23,15 @@ from multiprocessing.connection import Connection, wait
 import torch
 
 from eep.config import EngineConfig, resolve_dtype
-from eep.dataplane.shm import ShmLayout, ShmSegment
+from eep.dataplane.shm import ShmLayout, ShmSegment, sweep_orphans
 from eep.engine.worker import SeqWork
-from eep.errors import ConfigError, EepError
+from eep.errors import ConfigError, DataPlaneError, EepError
 from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
 from eep.placement.eplb import plan_placement
-from eep.runtime.rank import RankSpec, recv, send
+from eep.placement.routing import Placement, check_tables_only
+from eep.membership.view import MembershipView
+from eep.runtime.rank import RankSpec, StepOrder, StepResult, recv, send
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +72,13 @@ class EPExecutor:
         self.placement = plan_placement(
             cfg.num_experts, ep.ep_size, num_layers=len(cfg.moe_layers), num_redundant=ep.num_redundant_experts
         )
+        self.loaded = self.placement  # which expert each slot's weights are (tables may differ)
         self._segment: ShmSegment | None = None
         self._tmpdir = tempfile.mkdtemp(prefix="eep-ep-")
         self._procs: list[subprocess.Popen[bytes]] = []
         self._pidfds: list[int] = []
         self._conns: list[Connection] = []
+        self.last_step: list[StepResult] = []  # per rank: the timings of the last step
         try:
             rendezvous = self._make_rendezvous(cfg, dtype)
             self._start(rendezvous)
@@ -88,11 +92,12 @@ class EPExecutor:
         # a region carries at most one step's tokens of one rank: ids + weights + hidden row each
         row = cfg.top_k * 12 + cfg.hidden_size * torch.empty(0, dtype=dtype).element_size()
         layout = ShmLayout(num_ranks=self.num_ranks, region_bytes=self.config.max_num_batched_tokens * row)
+        sweep_orphans()  # segments of controllers that were SIGKILLed (they could not remove them)
         self._segment = ShmSegment.create(layout)
         return self._segment.name
 
     def _start(self, rendezvous: str) -> None:
-        # Ranks are fresh interpreters (`python -m eep.runtime.rank`), not multiprocessing
+        # Ranks are fresh interpreters (`python -m eep.runtime`), not multiprocessing
         # children: nothing of the caller's __main__ is re-imported, and a replacement rank can
         # be started the same way at any time. Control travels over a socketpair; exits are
         # seen through a pidfd, at once.
@@ -103,8 +108,11 @@ class EPExecutor:
             )
             ours, theirs = socket.socketpair()
             with ours, theirs:
+                # A session of its own: a terminal's Ctrl-C reaches the controller, which stops
+                # the ranks in order, and not every rank at once.
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "eep.runtime.rank", str(theirs.fileno())], pass_fds=[theirs.fileno()]
+                    [sys.executable, "-m", "eep.runtime", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                    start_new_session=True,
                 )
                 conn = Connection(os.dup(ours.fileno()))
             self._procs.append(proc)
@@ -112,6 +120,7 @@ class EPExecutor:
             self._conns.append(conn)
             send(conn, spec)
         self._gather("ready", self.ep.start_timeout_s)
+        self.view = MembershipView.initial(tuple(p.pid for p in self._procs))
         logger.info("%d ranks ready (%s, %d slots)", self.num_ranks, self.ep.backend, self.placement.num_physical)
 
     def _gather(self, kind: str, timeout_s: float) -> list[object]:
@@ -132,6 +141,10 @@ class EPExecutor:
                         raise RankFailed(r, "its pipe closed") from None
                     if got == "peer_timeout":
                         raise RankFailed(payload, f"silent on the data plane (reported by rank {r})")
+                    if got == "aborted":
+                        raise DataPlaneError(f"rank {r} abandoned the step: {payload}")
+                    if got == "error":
+                        raise ConfigError(f"rank {r} refused a {kind!r} request: {payload}")
                     if got != kind:
                         raise RankFailed(r, f"answered {got!r} instead of {kind!r}")
                     replies[r] = payload
@@ -141,11 +154,29 @@ class EPExecutor:
         return replies
 
     def execute(self, work: list[list[SeqWork]]) -> list[list[int]]:
-        for conn, rank_work in zip(self._conns, work, strict=True):
-            send(conn, ("step", rank_work))
+        active = self.view.active_ranks
+        for rank, (conn, rank_work) in enumerate(zip(self._conns, work, strict=True)):
+            try:
+                send(conn, ("step", StepOrder(self.view.epoch, active, rank_work)))
+            except OSError as e:  # its end of the pipe is gone: the process died between steps
+                raise RankFailed(rank, f"its pipe is closed ({e.__class__.__name__})") from None
         # The ranks' own data-plane waits name a silent peer after timeout_s; the executor waits
         # longer, so that their report (which names the right rank) arrives first.
-        return self._gather("tokens", 2 * self.ep.timeout_s + 5.0)  # type: ignore[return-value]
+        results: list[StepResult] = self._gather("tokens", 2 * self.ep.timeout_s + 5.0)  # type: ignore[assignment]
+        self.last_step = results
+        return [r.tokens for r in results]
+
+    def update_routing(self, placement: Placement) -> None:
+        """Switch every rank's routing tables to `placement`, in place, between two steps.
+
+        Each slot must be given the expert whose weights it holds, or nothing (-1): this moves
+        no weights.
+        """
+        check_tables_only(self.loaded, placement)  # refused here, before any rank applies it
+        for conn in self._conns:
+            send(conn, ("routing", placement))
+        self._gather("routing", self.ep.timeout_s)
+        self.placement = placement
 
     def storage_ptrs(self) -> list[list[int]]:
         """Per rank: data_ptr of its routing tables and expert slots (they must never move)."""
@@ -158,6 +189,8 @@ class EPExecutor:
 
     def close(self) -> None:
         """Stop every rank (politely, then by force), remove the buffers and temp files."""
+        if self._segment is not None:  # release any rank blocked on a dead peer, so it reads "stop"
+            self._segment.announce_epoch(self._segment.control_epoch + 1)
         for conn, proc in zip(self._conns, self._procs):
             if proc.poll() is None:
                 try:

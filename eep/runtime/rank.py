@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import sys
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -20,12 +20,35 @@ from typing import Any
 import torch
 
 from eep.dataplane.dispatch import EPDispatcher
-from eep.engine.worker import ModelWorker
-from eep.errors import PeerTimeout
+from eep.engine.worker import ModelWorker, SeqWork
+from eep.errors import ConfigError, DataPlaneError, PeerTimeout, RankFenced
 from eep.model.loader import SlotRange, load_model
-from eep.placement.routing import Placement
+from eep.placement.routing import Placement, check_tables_only
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StepOrder:
+    """The executor's order to run one step: under which view, and this rank's share of it."""
+
+    epoch: int
+    active: tuple[int, ...]  # ranks exchanging in this step, ascending
+    work: list[SeqWork]
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """A rank's answer to one step."""
+
+    tokens: list[int]  # one per chunk that samples, in the order of the step's work
+    compute_s: float  # wall time of the whole step on this rank
+    exchange_s: tuple[float, ...]  # of which each dispatch and combine call, in order (lockstep:
+    # the same sequence of calls on every rank)
+
+    @property
+    def exchange_total_s(self) -> float:
+        return sum(self.exchange_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,26 +84,57 @@ def _exchange(spec: RankSpec):  # type: ignore[no-untyped-def]
     return ShmExchange(endpoint, spec.num_ranks)
 
 
-def build_worker(spec: RankSpec) -> ModelWorker:
-    model = load_model(
-        spec.model_path, dtype=spec.dtype, max_len=spec.max_model_len, placement=spec.placement,
-        slots=spec.slots, progress=False,
-    )
-    exchange = _exchange(spec)
-    for layer in model.moe_layers():
-        layer.dispatcher = EPDispatcher(
-            exchange, spec.slots.count, model.cfg.hidden_size, model.cfg.top_k, model.dtype
+class RankState:
+    """What a rank process holds between steps: its model worker and its data-plane exchange."""
+
+    def __init__(self, spec: RankSpec) -> None:
+        self.spec = spec
+        model = load_model(
+            spec.model_path, dtype=spec.dtype, max_len=spec.max_model_len, placement=spec.placement,
+            slots=spec.slots, progress=False,
         )
-    return ModelWorker(model, spec.max_num_seqs, spec.max_model_len)
+        self.exchange = _exchange(spec)
+        self.exchange_timings: list[float] = []  # every dispatch/combine of the current step, in order
+        for layer in model.moe_layers():
+            layer.dispatcher = EPDispatcher(
+                self.exchange, spec.slots.count, model.cfg.hidden_size, model.cfg.top_k, model.dtype,
+                timings=self.exchange_timings,
+            )
+        self.worker = ModelWorker(model, spec.max_num_seqs, spec.max_model_len)
+        self._view: tuple[int, tuple[int, ...]] = (0, tuple(range(spec.num_ranks)))
 
+    def step(self, order: StepOrder) -> StepResult:
+        start = time.perf_counter()
+        if (order.epoch, order.active) != self._view:
+            self.exchange.set_view(order.epoch, order.active)
+            self._view = (order.epoch, order.active)
+        work = order.work
+        self.exchange_timings.clear()
+        tokens = self.worker.execute(work)
+        return StepResult(tokens, time.perf_counter() - start, tuple(self.exchange_timings))
 
-def storage_ptrs(worker: ModelWorker) -> list[int]:
-    """data_ptr of every tensor that must never be reallocated: routing tables and expert slots."""
-    model = worker.model
-    ptrs = list(model.tables.data_ptrs())
-    for layer in model.moe_layers():
-        ptrs += [layer.w13.data_ptr(), layer.w2.data_ptr()]
-    return ptrs
+    def update_routing(self, placement: Placement) -> None:
+        """Switch the routing tables in place. A slot of this rank may keep its expert or be
+        emptied (-1), never be given an expert it does not hold: moving weights is not a table
+        update."""
+        slots = range(self.spec.slots.offset, self.spec.slots.offset + self.spec.slots.count)
+        check_tables_only(self.spec.placement, placement, slots)  # against the weights loaded
+        self.worker.model.tables.update_(placement)
+
+    def storage_ptrs(self) -> list[int]:
+        """data_ptr of everything that must never be reallocated: routing tables, expert slots
+        and (shm) every data-plane buffer this rank reads or writes."""
+        model = self.worker.model
+        ptrs = list(model.tables.data_ptrs())
+        for layer in model.moe_layers():
+            ptrs += [layer.w13.data_ptr(), layer.w2.data_ptr()]
+        endpoint = getattr(self.exchange, "endpoint", None)
+        if endpoint is not None:
+            seg, me = endpoint.segment, self.spec.rank
+            for peer in range(self.spec.num_ranks):
+                for buf in (0, 1):
+                    ptrs += [seg.payload(me, peer, buf).data_ptr(), seg.payload(peer, me, buf).data_ptr()]
+        return ptrs
 
 
 def send(conn: Connection, message: object) -> None:
@@ -97,7 +151,7 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
     torch.set_num_threads(1)  # N ranks share the host's cores: one thread each, no oversubscription
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(levelname)s %(name)s: %(message)s")
     parent = os.getppid()
-    worker = build_worker(spec)
+    state = RankState(spec)
     send(conn, ("ready", os.getpid()))
     while True:
         if not conn.poll(spec.poll_s):
@@ -107,22 +161,31 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
         kind, payload = recv(conn)
         if kind == "step":
             try:
-                send(conn, ("tokens", worker.execute(payload)))
+                send(conn, ("tokens", state.step(payload)))
             except PeerTimeout as e:  # a silent peer: report it; the executor decides what follows
                 logger.warning("step aborted: %s", e)
                 send(conn, ("peer_timeout", e.peer))
+            except RankFenced as e:  # a newer process holds this rank: this one must go
+                logger.warning("fenced: %s", e)
+                return
+            except DataPlaneError as e:  # aborted by the controller, or out of step: nothing committed
+                logger.warning("step aborted: %s", e)
+                send(conn, ("aborted", str(e)))
+        elif kind == "routing":
+            try:
+                state.update_routing(payload)
+                send(conn, ("routing", None))
+            except ConfigError as e:
+                send(conn, ("error", str(e)))
         elif kind == "ptrs":
-            send(conn, ("ptrs", storage_ptrs(worker)))
+            send(conn, ("ptrs", state.storage_ptrs()))
         elif kind == "stop":
             return
 
 
 def main(argv: list[str]) -> None:
-    """`python -m eep.runtime.rank FD`: FD is this rank's end of the executor's socketpair."""
+    """`python -m eep.runtime FD`: FD is this rank's end of the executor's socketpair."""
     conn = Connection(int(argv[1]))
     spec = recv(conn)
     rank_main(spec, conn)
 
-
-if __name__ == "__main__":
-    main(sys.argv)

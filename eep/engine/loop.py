@@ -1,0 +1,203 @@
+"""`EngineLoop`: one `LLMEngine` driven by one background thread, fed from any thread.
+
+Guarantees:
+- The loop's thread is the only thread that touches the engine (which is not thread-safe);
+  `submit` only queues, and may be called from any number of threads at once.
+- Submissions are admitted at step boundaries, so requests from concurrent callers share
+  steps (continuous batching); a request's output does not depend on what it shared them with.
+- Every future resolves: with a `RequestOutput` (text decoded when the model has a
+  tokenizer), with the request's own validation error (`RequestError`, the loop goes on), with
+  the error of a failed step (every in-flight request gets it, and the loop becomes unhealthy:
+  later submissions fail at once with `EngineUnavailable`), or with `EngineUnavailable` when
+  the loop is closed. A future cancelled by its caller aborts its request at the next step
+  boundary and frees its KV slot.
+- Idle, the thread sleeps on a condition variable (woken by `submit`, re-checked every
+  `idle_wait_s`); it never spins.
+
+It knows nothing of sockets or wire formats: `eep.serving` (and later an HTTP frontend) sit
+on top of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+
+from eep.engine.engine import LLMEngine, Prompt
+from eep.engine.request import Request, RequestOutput
+from eep.engine.sampling import SamplingParams
+from eep.errors import EepError, EngineUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Submission:
+    prompt: Prompt
+    params: SamplingParams
+    future: Future[RequestOutput]
+
+
+class EngineLoop:
+    """Owns `engine` from construction on: `close()` closes it (stops ranks, removes shm)."""
+
+    def __init__(self, engine: LLMEngine, *, idle_wait_s: float = 1.0, name: str = "eep-engine-loop") -> None:
+        self.engine = engine
+        self._idle_wait_s = idle_wait_s
+        self._cond = threading.Condition()
+        self._queue: deque[_Submission] = deque()  # guarded by _cond
+        self._closing = False  # guarded by _cond
+        self._error: BaseException | None = None  # set once, by the loop thread
+        self._inflight: dict[str, tuple[Request, Future[RequestOutput]]] = {}  # loop thread only
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- any thread -------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        """False once a step failed or the loop was closed."""
+        return self._error is None and not self._closing
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error of the step that stopped the loop, if one did."""
+        return self._error
+
+    def submit(self, prompt: Prompt, params: SamplingParams) -> Future[RequestOutput]:
+        """Queue one request; the future resolves as the module docstring says. Never blocks."""
+        future: Future[RequestOutput] = Future()
+        with self._cond:
+            unavailable = self._unavailable()
+            if unavailable is None:
+                self._queue.append(_Submission(prompt, params, future))
+                self._cond.notify()
+        if unavailable is not None:
+            future.set_exception(unavailable)
+        return future
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the thread (after the step it is in), fail what is pending, close the engine.
+
+        If the thread does not stop within `timeout_s` (a step hung), the engine is closed
+        under it: its ranks are stopped, so the step fails and the thread fails its futures.
+        Idempotent.
+        """
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            logger.warning("engine loop did not stop within %.1f s; closing the engine under it", timeout_s)
+        try:
+            self.engine.close()
+        finally:
+            self._thread.join(timeout_s)
+            with self._cond:
+                queued = list(self._queue)
+                self._queue.clear()
+            stopped = EngineUnavailable("the engine loop was closed (the server is shutting down); retry on a running instance")
+            for sub in queued:
+                _fail(sub.future, stopped)
+
+    def __enter__(self) -> EngineLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _unavailable(self) -> EngineUnavailable | None:
+        if self._error is not None:
+            return EngineUnavailable(
+                f"the engine stopped after a failed step ({self._error}); restart the instance to serve again"
+            )
+        if self._closing:
+            return EngineUnavailable("the engine loop is closed (the server is shutting down)")
+        return None
+
+    # -- the loop thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._closing or self._queue or self._inflight):
+                        self._cond.wait(self._idle_wait_s)
+                    if self._closing:
+                        break
+                    admitted = list(self._queue)
+                    self._queue.clear()
+                for sub in admitted:
+                    self._admit(sub)
+                self._abort_cancelled()
+                if self.engine.has_work():
+                    self._resolve(self.engine.step())
+                elif self._inflight:  # would spin: every in-flight request must be scheduled
+                    raise RuntimeError(f"{len(self._inflight)} requests in flight but the engine has no work")
+            self._fail_inflight(EngineUnavailable("the engine loop was closed before this request finished"))
+        except BaseException as e:  # a failed step: a rank died or went silent, or a bug
+            logger.error("engine step failed; failing %d in-flight requests: %s", len(self._inflight), e, exc_info=e)
+            with self._cond:
+                self._error = e
+                queued = list(self._queue)
+                self._queue.clear()
+            self._fail_inflight(e)
+            for sub in queued:
+                _fail(sub.future, self._unavailable() or e)
+
+    def _admit(self, sub: _Submission) -> None:
+        if sub.future.cancelled():
+            return
+        try:
+            req = self.engine.add_request(sub.prompt, sub.params)
+        except EepError as e:  # the request's own fault: its caller learns why, the loop goes on
+            _fail(sub.future, e)
+            return
+        self._inflight[req.request_id] = (req, sub.future)
+
+    def _abort_cancelled(self) -> None:
+        for rid, (req, future) in list(self._inflight.items()):
+            if future.cancelled():
+                _abort(self.engine, req)
+                del self._inflight[rid]
+
+    def _resolve(self, finished: list[Request]) -> None:
+        for req in finished:
+            entry = self._inflight.pop(req.request_id, None)
+            if entry is None:
+                continue
+            out = RequestOutput(
+                req.request_id, req.prompt_ids, list(req.output_ids), req.finish_reason or "",
+                self.engine.decode(req.output_ids),
+            )
+            try:
+                entry[1].set_result(out)
+            except InvalidStateError:  # cancelled meanwhile: nobody waits for it
+                pass
+
+    def _fail_inflight(self, error: BaseException) -> None:
+        for _, future in self._inflight.values():
+            _fail(future, error)
+        self._inflight.clear()
+
+
+def _fail(future: Future[RequestOutput], error: BaseException) -> None:
+    try:
+        future.set_exception(error)
+    except InvalidStateError:  # cancelled (or already resolved): nobody waits for it
+        pass
+
+
+def _abort(engine: LLMEngine, req: Request) -> None:
+    """Drop `req` from its scheduler, freeing its KV slot (between steps only)."""
+    for scheduler in engine.schedulers:
+        if req in scheduler.waiting:
+            scheduler.waiting.remove(req)
+            return
+        if req in scheduler.running:
+            scheduler.finish(req)
+            return

@@ -1,0 +1,1 @@
+"""Membership: the committed view of which ranks serve (epoch, per-rank state, incarnations)."""

@@ -1,0 +1,150 @@
+"""The membership view: explicit, immutable runtime state that only the controller changes.
+
+What this module promises:
+- A `MembershipView` is a frozen value: `(epoch, per-rank state, incarnation ids)`. Every
+  transition returns a new view; none mutates one. The epoch only grows: every transition
+  that changes who exchanges data (a rank leaves the active set or enters it) bumps it, so
+  a data-plane message stamped with an older epoch can always be recognised and dropped.
+- States: ACTIVE (serves and exchanges), SUSPECT (observed silent, not yet confirmed; still
+  in the active set), FAILED (out of the active set; its slots are gone), JOINING (a new
+  incarnation is loading and warming up; not in the active set until `activate`).
+- The committed view is kept apart from observations: `suspect` records what a detector saw
+  without changing the epoch; only `fail` and `activate` change who takes part in a step.
+- `MembershipEvent` is the structured record of a change (epoch, rank, step, what, why) from
+  which a failure timeline is read back.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from eep.errors import MembershipError
+
+
+class RankState(enum.Enum):
+    ACTIVE = "active"
+    SUSPECT = "suspect"
+    FAILED = "failed"
+    JOINING = "joining"
+
+
+_IN_STEP = (RankState.ACTIVE, RankState.SUSPECT)
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipView:
+    epoch: int
+    states: tuple[RankState, ...]
+    incarnations: tuple[int, ...]  # id of the process that holds each rank (0 = none yet)
+
+    def __post_init__(self) -> None:
+        if self.epoch < 0:
+            raise MembershipError(f"epoch must be >= 0, got {self.epoch}")
+        if len(self.states) != len(self.incarnations) or not self.states:
+            raise MembershipError(
+                f"need one state and one incarnation per rank, got {len(self.states)} and {len(self.incarnations)}"
+            )
+
+    @classmethod
+    def initial(cls, incarnations: tuple[int, ...]) -> MembershipView:
+        """Epoch 0: every rank active, held by the given incarnations."""
+        return cls(0, (RankState.ACTIVE,) * len(incarnations), tuple(incarnations))
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.states)
+
+    @property
+    def active_ranks(self) -> tuple[int, ...]:
+        """Ranks that take part in every step of this epoch, ascending."""
+        return tuple(r for r, s in enumerate(self.states) if s in _IN_STEP)
+
+    @property
+    def active_mask(self) -> tuple[bool, ...]:
+        return tuple(s in _IN_STEP for s in self.states)
+
+    def ranks_in(self, state: RankState) -> tuple[int, ...]:
+        return tuple(r for r, s in enumerate(self.states) if s is state)
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.num_ranks:
+            raise MembershipError(f"rank {rank} outside 0..{self.num_ranks - 1}")
+
+    def _with(self, epoch: int, changes: dict[int, RankState], incarnations: dict[int, int] | None = None) -> MembershipView:
+        states = list(self.states)
+        incs = list(self.incarnations)
+        for r, s in changes.items():
+            states[r] = s
+        for r, i in (incarnations or {}).items():
+            incs[r] = i
+        return replace(self, epoch=epoch, states=tuple(states), incarnations=tuple(incs))
+
+    def suspect(self, rank: int) -> MembershipView:
+        """Record an unconfirmed observation: the rank stays in the step, the epoch stays."""
+        self._check_rank(rank)
+        if self.states[rank] is not RankState.ACTIVE:
+            return self
+        return self._with(self.epoch, {rank: RankState.SUSPECT})
+
+    def clear_suspicion(self, rank: int) -> MembershipView:
+        self._check_rank(rank)
+        if self.states[rank] is not RankState.SUSPECT:
+            return self
+        return self._with(self.epoch, {rank: RankState.ACTIVE})
+
+    def fail(self, ranks: frozenset[int] | set[int]) -> MembershipView:
+        """Commit the failure of `ranks` (active, suspect or joining): epoch + 1 if any of them
+        was in the step. Failing a rank that already failed changes nothing."""
+        for r in ranks:
+            self._check_rank(r)
+        changes = {r: RankState.FAILED for r in ranks if self.states[r] is not RankState.FAILED}
+        if not changes:
+            return self
+        leaves_step = any(self.states[r] in _IN_STEP for r in changes)
+        if leaves_step and len(self.active_ranks) == sum(self.states[r] in _IN_STEP for r in changes):
+            raise MembershipError("every active rank would fail: nothing is left to serve")
+        return self._with(self.epoch + 1 if leaves_step else self.epoch, changes)
+
+    def begin_join(self, rank: int, incarnation: int) -> MembershipView:
+        """A new process (`incarnation`) takes the failed `rank`'s place and starts loading.
+        Not yet in the step: the epoch stays."""
+        self._check_rank(rank)
+        if self.states[rank] is not RankState.FAILED:
+            raise MembershipError(f"rank {rank} is {self.states[rank].value}: only a failed rank can rejoin")
+        if incarnation in self.incarnations:
+            raise MembershipError(f"incarnation {incarnation} was already used; every process needs a fresh one")
+        return self._with(self.epoch, {rank: RankState.JOINING}, {rank: incarnation})
+
+    def activate(self, rank: int) -> MembershipView:
+        """Switch the joining `rank` into the step: epoch + 1."""
+        self._check_rank(rank)
+        if self.states[rank] is not RankState.JOINING:
+            raise MembershipError(f"rank {rank} is {self.states[rank].value}: only a joining rank can be activated")
+        return self._with(self.epoch + 1, {rank: RankState.ACTIVE})
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "epoch": self.epoch,
+            "ranks": [
+                {"rank": r, "state": s.value, "incarnation": i}
+                for r, (s, i) in enumerate(zip(self.states, self.incarnations))
+            ],
+            "active": list(self.active_ranks),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipEvent:
+    """One entry of the failure timeline."""
+
+    time: float  # time.time() when it happened
+    epoch: int  # the committed epoch after the event
+    step: int  # engine step counter when it happened
+    kind: str  # "fault_seen" | "view_committed" | "repair" | "resume" | "rejoin_started" | ...
+    rank: int | None = None
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {"time": self.time, "epoch": self.epoch, "step": self.step, "kind": self.kind,
+                "rank": self.rank, "detail": self.detail}

@@ -1,0 +1,102 @@
+"""Bandwidth model of the links that expert weights can be copied over during a repair.
+
+Three kinds of source can send one expert's weights to a rank:
+
+- "peer": another live rank on this host that holds the expert (shared memory);
+- "backup": the host-memory backup kept on another failure domain;
+- "disk": the checkpoint on disk, which always holds every expert.
+
+Each source serves at most `concurrency` copies at once; each copy runs at the kind's full
+bandwidth, so a source with concurrency c delivers up to c x bandwidth in all. Every peer
+rank is its own source; the backup is one source and the disk is one source.
+
+The defaults are rough figures for one host (peer and host backup 5 GB/s, disk 1 GB/s, one
+copy at a time per source). They are placeholders, to be replaced by a measurement of the
+machine (`Topology.from_dict` reads the measured figures from a small JSON/YAML mapping).
+
+Promise: `Topology` is immutable and checked when built; `transfer_s` is a pure function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Literal
+
+from eep.errors import ConfigError
+
+SourceKind = Literal["peer", "backup", "disk"]
+SOURCE_KINDS: tuple[SourceKind, ...] = ("peer", "backup", "disk")
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Per-link bandwidth (bytes/s) and per-source concurrency of the copy sources.
+
+    Bandwidths are finite numbers > 0 (stored as float); concurrencies are ints >= 1.
+    """
+
+    peer_bytes_per_s: float = 5e9
+    backup_bytes_per_s: float = 5e9
+    disk_bytes_per_s: float = 1e9
+    peer_concurrency: int = 1
+    backup_concurrency: int = 1
+    disk_concurrency: int = 1
+
+    def __post_init__(self) -> None:
+        for kind in SOURCE_KINDS:
+            _check_bandwidth(self, f"{kind}_bytes_per_s")
+            _check_concurrency(self, f"{kind}_concurrency")
+
+    def bandwidth(self, kind: SourceKind) -> float:
+        """Bytes per second of one copy from a source of `kind`."""
+        return float(getattr(self, f"{_checked_kind(kind)}_bytes_per_s"))
+
+    def concurrency(self, kind: SourceKind) -> int:
+        """How many copies one source of `kind` serves at once (>= 1)."""
+        return int(getattr(self, f"{_checked_kind(kind)}_concurrency"))
+
+    def transfer_s(self, kind: SourceKind, nbytes: int) -> float:
+        """Estimated seconds to copy `nbytes` (>= 0) from one source of `kind`, alone on its link."""
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise ConfigError(f"nbytes={nbytes!r} must be an int >= 0")
+        return nbytes / self.bandwidth(kind)
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The fields as a plain mapping (JSON/YAML friendly); `from_dict` reads it back."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> Topology:
+        """Build from a mapping of field names to values; missing fields keep their defaults.
+
+        Raises:
+            ConfigError: `data` is not a mapping, has an unknown key, or a value is invalid.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a topology must be a mapping of field names to numbers, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise ConfigError(f"unknown topology key(s) {unknown}; the known keys are {sorted(known)}")
+        return cls(**data)  # type: ignore[arg-type]
+
+
+def _checked_kind(kind: str) -> str:
+    if kind not in SOURCE_KINDS:
+        raise ConfigError(f"source kind {kind!r} is unknown; use one of {list(SOURCE_KINDS)}")
+    return kind
+
+
+def _check_bandwidth(topology: Topology, name: str) -> None:
+    value = getattr(topology, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a finite number of bytes per second > 0")
+    object.__setattr__(topology, name, float(value))
+
+
+def _check_concurrency(topology: Topology, name: str) -> None:
+    value = getattr(topology, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be an int >= 1 (copies one source serves at once)")

@@ -1,0 +1,1 @@
+"""`eep serve`: a running instance that answers requests on a Unix socket (see `server`)."""

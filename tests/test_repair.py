@@ -1,0 +1,517 @@
+"""Properties of the pure repair planner `eep.placement.repair.plan_repair` and its topology."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from eep.errors import ConfigError
+from eep.placement.eplb import plan_placement
+from eep.placement.repair import Relocation, RepairPlan, plan_repair, schedule_transfers
+from eep.placement.routing import Placement, check_tables_only, placement_from_phy2log, without_slots
+from eep.placement.topology import Topology
+
+GB = 10**9
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> dict:
+    """A valid planner input: an EPLB placement, some slots dropped or emptied, dead ranks, a backup."""
+    num_ranks = draw(st.integers(1, 6))
+    per_rank = draw(st.integers(1, 5))
+    slots = num_ranks * per_rank
+    num_experts = draw(st.integers(max(1, slots - 2 * num_ranks), slots))
+    num_layers = draw(st.integers(1, 3))
+    load = draw(st.none() | st.lists(st.integers(0, 9), min_size=num_experts, max_size=num_experts))
+    placement = plan_placement(
+        num_experts, num_ranks, num_layers=num_layers, num_redundant=slots - num_experts,
+        load=None if load is None else torch.tensor(load, dtype=torch.float64), max_replicas=slots,
+    )
+    # Per slot: k = keep, d = dropped from the tables (weights kept), o = dropped, holds another
+    # expert, f = free (tables and weights empty).
+    kinds = draw(st.sampled_from(["k", "kkkkkkdof"]))  # half the time straight from the planner
+    status = draw(st.lists(st.sampled_from(kinds), min_size=num_layers * slots, max_size=num_layers * slots))
+    status_grid = [status[i * slots:(i + 1) * slots] for i in range(num_layers)]
+    unlisted = torch.tensor([[s != "k" for s in row] for row in status_grid])
+    held = placement.physical_to_logical_map.clone()
+    for layer, row in enumerate(status_grid):
+        for slot, s in enumerate(row):
+            if s == "f":
+                held[layer, slot] = -1
+            elif s == "o":
+                held[layer, slot] = (slot + layer) % num_experts
+    backup = draw(st.none() | st.lists(st.booleans(), min_size=num_layers * num_experts, max_size=num_layers * num_experts))
+    rate = st.sampled_from([0.5 * GB, GB, 5 * GB])
+    topology = Topology(
+        peer_bytes_per_s=draw(rate), backup_bytes_per_s=draw(rate), disk_bytes_per_s=draw(rate),
+        peer_concurrency=draw(st.integers(1, 3)), backup_concurrency=draw(st.integers(1, 3)),
+        disk_concurrency=draw(st.integers(1, 3)),
+    )
+    return dict(
+        tables=without_slots(placement, unlisted),
+        held=held,
+        num_ranks=num_ranks,
+        dead=draw(st.frozensets(st.integers(0, num_ranks - 1), min_size=min(1, num_ranks - 1), max_size=num_ranks)),
+        expert_bytes=draw(st.sampled_from([1, 4096, 3 << 20, 2 * GB])),
+        topology=topology,
+        backup=None if backup is None else torch.tensor(backup).view(num_layers, num_experts),
+    )
+
+
+def run(sc: dict) -> RepairPlan:
+    return plan_repair(
+        sc["tables"], sc["held"], sc["num_ranks"], sc["dead"],
+        expert_bytes=sc["expert_bytes"], topology=sc["topology"], backup=sc["backup"],
+    )
+
+
+def live_mask(sc: dict) -> torch.Tensor:
+    """`[P]` bool: slot on a surviving rank."""
+    num_physical = sc["held"].shape[1]
+    per_rank = num_physical // sc["num_ranks"]
+    return torch.tensor([p // per_rank not in sc["dead"] for p in range(num_physical)])
+
+
+def expectations(sc: dict) -> list[dict]:
+    """Per layer, what any correct plan must do, computed independently of the planner."""
+    live = live_mask(sc)
+    phy = sc["tables"].physical_to_logical_map
+    out = []
+    for layer in range(phy.shape[0]):
+        row, held = phy[layer], sc["held"][layer]
+        listed = set(row[live & (row >= 0)].tolist())
+        spare = set(held[live & (row < 0) & (held >= 0)].tolist())
+        on_dead = set(row[~live & (row >= 0)].tolist())
+        touched = {e for e in range(sc["tables"].num_logical) if e in on_dead or e not in listed}
+        reusable = touched & (listed | spare)
+        out.append(dict(live_slots=int(live.sum()), listed=listed, touched=touched, reusable=reusable, lost=touched - reusable))
+    return out
+
+
+def all_fields(plan: RepairPlan) -> tuple:
+    tensors = [plan.held_after]
+    for p in (plan.placement, plan.interim):
+        tensors += [p.physical_to_logical_map, p.logical_to_physical_map, p.logical_replica_count]
+    return tuple(t.tolist() for t in tensors), plan.transfers, plan.tiers, plan.uncovered, plan.est_makespan_s
+
+
+def as_loaded(held: torch.Tensor) -> Placement:
+    """`held [L, P]` as a Placement, only to compare slot contents with `check_tables_only`."""
+    return placement_from_phy2log(held, int(held.max().clamp(min=0)) + 1, held.shape[1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_no_dead_slot_is_used(sc: dict) -> None:
+    plan = run(sc)
+    dead_slots = (~live_mask(sc)).nonzero().flatten().tolist()
+    for p in (plan.placement, plan.interim):
+        assert (p.physical_to_logical_map[:, dead_slots] == -1).all()
+        assert not set(dead_slots) & set(p.logical_to_physical_map.flatten().tolist())
+    assert (plan.held_after[:, dead_slots] == -1).all()
+    assert all(t.dst_slot not in dead_slots and t.dst_rank not in sc["dead"] for t in plan.transfers)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_coverage_and_uncovered(sc: dict) -> None:
+    plan = run(sc)
+    count = plan.placement.logical_replica_count
+    for layer, exp in enumerate(expectations(sc)):
+        uncovered = [e for (l, e) in plan.uncovered if l == layer]
+        relocated = [r.expert for r in plan.tiers if r.layer == layer and r.tier == 2]
+        missing = (count[layer] == 0).nonzero().flatten().tolist()
+        assert uncovered == missing  # exactly the experts without a replica, ascending
+        assert set(missing) <= exp["lost"]  # nothing covered was given up for them
+        assert set(relocated) | set(uncovered) == exp["lost"]
+        if exp["live_slots"] >= sc["tables"].num_logical:
+            assert not uncovered
+        if uncovered:
+            # Lost experts are relocated by ascending id until no slot can be had without
+            # dropping an expert's last replica: every live slot is then listed, once per expert.
+            assert max(relocated, default=-1) < min(uncovered)
+            live_row = plan.placement.physical_to_logical_map[layer, live_mask(sc)]
+            assert (live_row >= 0).all() and int(count[layer].max()) <= 1
+    assert plan.covered_fraction == pytest.approx(1 - len(plan.uncovered) / count.numel())
+
+
+@settings(max_examples=80, deadline=None)
+@given(scenarios())
+def test_deterministic(sc: dict) -> None:
+    first = run(sc)
+    again = dict(sc, tables=Placement(*(t.clone() for t in (
+        sc["tables"].physical_to_logical_map, sc["tables"].logical_to_physical_map, sc["tables"].logical_replica_count
+    ))), held=sc["held"].clone(), dead=frozenset(sorted(sc["dead"], reverse=True)))
+    assert all_fields(first) == all_fields(run(again))
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_tiers_match_what_could_be_reused(sc: dict) -> None:
+    plan = run(sc)
+    expected = [(layer, e) for layer, exp in enumerate(expectations(sc)) for e in sorted(exp["touched"])]
+    got = [(r.layer, r.expert) for r in plan.tiers]
+    assert sorted(got + list(plan.uncovered)) == expected
+    for layer, exp in enumerate(expectations(sc)):
+        assert {r.expert for r in plan.tiers if r.layer == layer and r.tier == 1} == exp["reusable"]
+    assert sorted((t.layer, t.expert) for t in plan.transfers) == [(r.layer, r.expert) for r in plan.tiers if r.tier == 2]
+    if all(not exp["lost"] for exp in expectations(sc)):
+        assert plan.transfers == () and plan.bytes_moved == 0 and plan.est_makespan_s == 0.0
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    num_experts=st.integers(1, 12),
+    num_ranks=st.integers(2, 6),
+    num_layers=st.integers(1, 3),
+    data=st.data(),
+)
+def test_enough_redundancy_is_tier_one_only(num_experts: int, num_ranks: int, num_layers: int, data: st.DataObject) -> None:
+    slots = -(-2 * num_experts // num_ranks) * num_ranks  # >= 2 replicas of every expert
+    tables = plan_placement(num_experts, num_ranks, num_layers=num_layers, num_redundant=slots - num_experts)
+    dead = frozenset({data.draw(st.integers(0, num_ranks - 1))})
+    dead_slots = torch.tensor([p // (slots // num_ranks) in dead for p in range(slots)]).expand(num_layers, slots)
+    survivors = without_slots(tables, dead_slots)
+    assume(bool((survivors.logical_replica_count > 0).all()))  # every expert has a replica elsewhere
+    plan = plan_repair(tables, tables.physical_to_logical_map, num_ranks, dead, expert_bytes=GB, topology=Topology())
+    assert plan.transfers == () and plan.bytes_moved == 0 and plan.uncovered == ()
+    assert plan.tiers and all(r.tier == 1 for r in plan.tiers)
+    expected = (survivors.physical_to_logical_map, survivors.logical_to_physical_map, survivors.logical_replica_count)
+    assert list(all_fields(plan)[0][1:4]) == [t.tolist() for t in expected]
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_transfers_are_sound_and_fast(sc: dict) -> None:
+    plan = run(sc)
+    live = live_mask(sc)
+    per_rank = sc["held"].shape[1] // sc["num_ranks"]
+    topo, nbytes = sc["topology"], sc["expert_bytes"]
+    targets = {(t.layer, t.dst_slot) for t in plan.transfers}
+    assert len(targets) == len(plan.transfers)  # distinct destinations
+    for t in plan.transfers:
+        assert live[t.dst_slot] and t.dst_rank == t.dst_slot // per_rank
+        assert int(plan.held_after[t.layer, t.dst_slot]) == t.expert
+        assert int(plan.placement.physical_to_logical_map[t.layer, t.dst_slot]) == t.expert
+        assert t.nbytes == nbytes and t.est_s == topo.transfer_s(t.source_kind, nbytes) and t.start_s >= 0
+        if t.source_kind == "peer":
+            sources = [p for p in range(t.source_rank * per_rank, (t.source_rank + 1) * per_rank)
+                       if int(sc["held"][t.layer, p]) == t.expert and (t.layer, p) not in targets]
+            assert t.source_rank not in sc["dead"] and sources
+        elif t.source_kind == "backup":
+            assert t.source_rank is None and bool(sc["backup"][t.layer, t.expert])
+        else:
+            assert t.source_kind == "disk" and t.source_rank is None
+        # A source serves at most `concurrency` copies at once.
+        same = [u for u in plan.transfers if (u.source_kind, u.source_rank) == (t.source_kind, t.source_rank)]
+        assert sum(u.start_s <= t.start_s < u.finish_s for u in same) <= topo.concurrency(t.source_kind)
+    # Only the copies change what a live slot holds.
+    before = torch.where(live, sc["held"], -1)
+    changed = {tuple(x) for x in (plan.held_after != before).nonzero().tolist()}
+    assert changed <= targets
+    n = len(plan.transfers)
+    assert plan.est_makespan_s == max((t.finish_s for t in plan.transfers), default=0.0)
+    assert plan.bytes_moved == n * nbytes
+    all_disk = math.ceil(n / topo.disk_concurrency) * topo.transfer_s("disk", nbytes)
+    assert plan.est_makespan_s <= all_disk * (1 + 1e-9)
+    if sc["backup"] is not None and all(bool(sc["backup"][t.layer, t.expert]) for t in plan.transfers):
+        all_backup = math.ceil(n / topo.backup_concurrency) * topo.transfer_s("backup", nbytes)
+        assert plan.est_makespan_s <= all_backup * (1 + 1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_tables_only_list_what_slots_hold(sc: dict) -> None:
+    plan = run(sc)
+    before = torch.where(live_mask(sc), sc["held"], -1)
+    check_tables_only(as_loaded(plan.held_after), plan.placement)
+    # The interim tables are valid both before and after the copies: serve with them meanwhile.
+    check_tables_only(as_loaded(before), plan.interim)
+    check_tables_only(as_loaded(plan.held_after), plan.interim)
+    interim, final = plan.interim.physical_to_logical_map, plan.placement.physical_to_logical_map
+    assert ((interim == final) | (interim == -1)).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_tables_consistent_and_reclaim_keeps_one_replica(sc: dict) -> None:
+    plan = run(sc)
+    new = plan.placement
+    tables = sc["tables"]
+    assert new.logical_to_physical_map.shape == tables.logical_to_physical_map.shape
+    assert new.physical_to_logical_map.shape == tables.physical_to_logical_map.shape
+    phy, log2phy, count = new.physical_to_logical_map, new.logical_to_physical_map, new.logical_replica_count
+    assert torch.equal(count.sum(dim=1), (phy >= 0).sum(dim=1))
+    for layer in range(phy.shape[0]):
+        assert torch.equal(torch.bincount(phy[layer][phy[layer] >= 0], minlength=tables.num_logical), count[layer])
+        for e in range(tables.num_logical):
+            assert (phy[layer, log2phy[layer, e, : int(count[layer, e])]] == e).all()
+    # Counts only fall by reclaim, never below one; a lost expert gains at most one replica.
+    dead_slots = (~live_mask(sc)).expand_as(phy)
+    survivors = without_slots(tables, dead_slots).logical_replica_count
+    assert (count <= survivors.clamp(min=1)).all()
+    assert (count >= survivors.clamp(max=1)).all()
+    for p in (plan.placement, plan.interim):
+        assert (p.logical_replica_count >= survivors.clamp(max=1)).all()
+
+
+# Hand-written examples. Uniform loads: 8 experts on 4 ranks without redundancy is the contiguous
+# layout [0 1 | 2 3 | 4 5 | 6 7]; with 4 redundant slots experts 0..3 get a second replica and
+# the layout is [0 2 4 | 0 2 5 | 1 3 6 | 1 3 7].
+
+def plan_for(tables: Placement, dead: set[int], num_ranks: int, **kw: object) -> RepairPlan:
+    kw.setdefault("held", tables.physical_to_logical_map)
+    held = kw.pop("held")
+    return plan_repair(tables, held, num_ranks, frozenset(dead), expert_bytes=GB, topology=Topology(), **kw)
+
+
+def rows(plan: RepairPlan) -> tuple[list[int], list[int], list[int]]:
+    return (plan.placement.physical_to_logical_map[0].tolist(), plan.interim.physical_to_logical_map[0].tolist(),
+            plan.held_after[0].tolist())
+
+
+def summary(plan: RepairPlan) -> list[tuple]:
+    return [(t.expert, t.dst_slot, t.dst_rank, t.source_kind, t.source_rank, t.start_s, t.est_s) for t in plan.transfers]
+
+
+def test_no_redundancy_one_dead_rank_cannot_repair() -> None:
+    tables = plan_placement(8, 4)
+    plan = plan_for(tables, {1}, 4)
+    assert rows(plan) == ([0, 1, -1, -1, 4, 5, 6, 7],) * 3
+    assert plan.uncovered == ((0, 2), (0, 3))
+    assert plan.transfers == () and plan.tiers == () and plan.covered_fraction == 0.75
+
+
+def test_redundancy_one_dead_rank_reuses_and_reclaims() -> None:
+    tables = plan_placement(8, 4, num_redundant=4)
+    assert tables.physical_to_logical_map[0].tolist() == [0, 2, 4, 0, 2, 5, 1, 3, 6, 1, 3, 7]
+    plan = plan_for(tables, {1}, 4)
+    # 0 and 2 keep a replica (tier 1); 5 is lost and goes to a reclaimed replica of expert 1 (the
+    # lowest id among the doubled 1 and 3), on slot 6 (rank 2, before slot 9 on rank 3), from disk.
+    assert rows(plan) == (
+        [0, 2, 4, -1, -1, -1, 5, 3, 6, 1, 3, 7],
+        [0, 2, 4, -1, -1, -1, -1, 3, 6, 1, 3, 7],
+        [0, 2, 4, -1, -1, -1, 5, 3, 6, 1, 3, 7],
+    )
+    assert [(r.expert, r.tier) for r in plan.tiers] == [(0, 1), (2, 1), (5, 2)]
+    assert summary(plan) == [(5, 6, 2, "disk", None, 0.0, 1.0)]
+    assert plan.uncovered == () and plan.bytes_moved == GB and plan.est_makespan_s == 1.0
+    # With a host backup of every expert, the copy comes from there, five times faster.
+    backed = plan_for(tables, {1}, 4, backup=torch.ones(1, 8, dtype=torch.bool))
+    assert summary(backed) == [(5, 6, 2, "backup", None, 0.0, 0.2)]
+
+
+def test_redundancy_one_dead_rank_is_free_when_all_survive() -> None:
+    tables = plan_placement(8, 4, num_redundant=4)
+    plan = plan_for(tables, {2}, 4)  # rank 2 holds 1, 3 and 6: 6 is lost
+    assert rows(plan)[0] == [6, 2, 4, 0, 2, 5, -1, -1, -1, 1, 3, 7]  # reclaims expert 0 on slot 0
+    tables_two = plan_placement(8, 4, num_redundant=8)  # every expert twice
+    assert (tables_two.logical_replica_count == 2).all()
+    for rank in range(4):
+        free = plan_for(tables_two, {rank}, 4)
+        assert free.transfers == () and {r.tier for r in free.tiers} == {1} and free.bytes_moved == 0
+
+
+def test_two_dead_ranks() -> None:
+    tables = plan_placement(8, 4, num_redundant=4)
+    plan = plan_for(tables, {1, 2}, 4)
+    # Six live slots for eight experts, none doubled any more: 5 and 6 stay uncovered.
+    assert rows(plan)[0] == [0, 2, 4, -1, -1, -1, -1, -1, -1, 1, 3, 7]
+    assert plan.uncovered == ((0, 5), (0, 6)) and plan.transfers == ()
+    assert [(r.expert, r.tier) for r in plan.tiers] == [(0, 1), (1, 1), (2, 1), (3, 1)]
+    # Every expert twice, [0 2 4 6 | 0 2 4 6 | 1 3 5 7 | 1 3 5 7], ranks 0 and 1 dead: the even
+    # experts are lost and each takes a reclaimed second replica (donors 1, 3, 5, 7 in turn),
+    # alternating between ranks 2 and 3. The backup holds 0..3 only, so 4 and 6 come from disk.
+    tables = plan_placement(8, 4, num_redundant=8)
+    assert tables.physical_to_logical_map[0].tolist() == [0, 2, 4, 6] * 2 + [1, 3, 5, 7] * 2
+    plan = plan_for(tables, {0, 1}, 4, backup=torch.tensor([[True] * 4 + [False] * 4]))
+    assert rows(plan)[0] == [-1] * 8 + [0, 3, 4, 7, 1, 2, 5, 6]
+    assert rows(plan)[1] == [-1] * 8 + [-1, 3, -1, 7, 1, -1, 5, -1]
+    assert summary(plan) == [
+        (0, 8, 2, "backup", None, 0.0, 0.2), (2, 13, 3, "backup", None, 0.2, 0.2),
+        (4, 10, 2, "disk", None, 0.0, 1.0), (6, 15, 3, "disk", None, 1.0, 1.0),
+    ]
+    assert plan.est_makespan_s == 2.0 and plan.uncovered == () and plan.bytes_moved == 4 * GB
+    assert [(r.expert, r.tier) for r in plan.tiers] == [(0, 2), (2, 2), (4, 2), (6, 2)]
+    # Ranks 0 and 2 dead: every expert keeps its replica on rank 1 or 3.
+    plan = plan_for(tables, {0, 2}, 4)
+    assert plan.transfers == () and [r.tier for r in plan.tiers] == [1] * 8
+
+
+def test_uncoverable() -> None:
+    tables = plan_placement(8, 2)  # [0 1 2 3 | 4 5 6 7]
+    plan = plan_for(tables, {1}, 2)
+    assert rows(plan)[0] == [0, 1, 2, 3, -1, -1, -1, -1]
+    assert plan.uncovered == ((0, 4), (0, 5), (0, 6), (0, 7)) and plan.covered_fraction == 0.5
+    # A doubled expert gives its second replica up to the lowest lost id; the rest stay uncovered.
+    tables = placement_from_phy2log(torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]]), 8, 2)
+    plan = plan_for(tables, {1}, 2)
+    assert rows(plan)[0] == [3, 0, 1, 2, -1, -1, -1, -1]
+    assert plan.uncovered == ((0, 4), (0, 5), (0, 6), (0, 7))  # 7 had no replica even before
+    assert [(r.expert, r.tier) for r in plan.tiers] == [(3, 2)]
+
+
+def test_dropped_copy_is_reused_and_free_slot_filled() -> None:
+    # Slot 6 still holds expert 2 (dropped from the tables earlier); slot 7 is free.
+    tables = placement_from_phy2log(torch.tensor([[0, 1, 2, 3, 4, 5, -1, -1]]), 6, 4)
+    held = torch.tensor([[0, 1, 2, 3, 4, 5, 2, -1]])
+    plan = plan_for(tables, {1}, 4, held=held, backup=torch.tensor([[False, False, False, True, False, False]]))
+    assert rows(plan) == ([0, 1, -1, -1, 4, 5, 2, 3], [0, 1, -1, -1, 4, 5, 2, -1], [0, 1, -1, -1, 4, 5, 2, 3])
+    assert [(r.expert, r.tier) for r in plan.tiers] == [(2, 1), (3, 2)]
+    assert plan.tier_of(0, 2) == 1 and plan.tier_of(0, 3) == 2 and plan.tier_of(0, 0) is None
+    assert summary(plan) == [(3, 7, 3, "backup", None, 0.0, 0.2)]
+
+
+def test_copies_spread_over_ranks_and_layers() -> None:
+    # Two layers, rank 3 dead, one free slot on each of ranks 0..2 per layer. Layer 0 loses 3 and 4,
+    # layer 1 loses 3 (and never had 4). Each copy goes to the rank with the fewest copies in its
+    # layer, then in all layers: ranks 0, 1 | 2, 0.
+    phy = torch.tensor([[0, -1, 1, -1, 2, -1, 3, 4], [0, -1, 1, -1, 2, -1, 3, -1]])
+    tables = placement_from_phy2log(phy, 5, 2)
+    plan = plan_for(tables, {3}, 4)
+    assert plan.placement.physical_to_logical_map.tolist() == [[0, 3, 1, 4, 2, -1, -1, -1], [0, 4, 1, -1, 2, 3, -1, -1]]
+    assert [(t.layer, t.expert, t.dst_rank, t.start_s) for t in plan.transfers] == [
+        (0, 3, 0, 0.0), (0, 4, 1, 1.0), (1, 3, 2, 2.0), (1, 4, 0, 3.0),
+    ]  # one disk, one copy at a time
+    assert [(r.layer, r.expert, r.tier) for r in plan.tiers] == [(0, 3, 2), (0, 4, 2), (1, 3, 2), (1, 4, 2)]
+
+
+def test_schedule_splits_between_backup_and_disk() -> None:
+    # Backup 4x faster than disk: four copies from the backup finish at 1.0 s like one from disk;
+    # the fifth goes to the disk because the backup would only free up at 1.25 s.
+    topo = Topology(backup_bytes_per_s=2.0**32, disk_bytes_per_s=2.0**30)
+    moves = [Relocation(0, e, e, e, (), True) for e in range(6)]
+    out = schedule_transfers(moves, expert_bytes=2**30, topology=topo)
+    assert [(t.source_kind, t.start_s, t.finish_s) for t in out] == [
+        ("backup", 0.0, 0.25), ("backup", 0.25, 0.5), ("backup", 0.5, 0.75), ("backup", 0.75, 1.0),
+        ("disk", 0.0, 1.0), ("backup", 1.0, 1.25),
+    ]
+    # Two lanes on the disk: copies start in pairs.
+    disk2 = schedule_transfers([Relocation(0, e, e, e) for e in range(3)], expert_bytes=GB, topology=Topology(disk_concurrency=2))
+    assert [(t.source_kind, t.start_s) for t in disk2] == [("disk", 0.0), ("disk", 0.0), ("disk", 1.0)]
+
+
+def test_schedule_prefers_peers_and_spreads_over_them() -> None:
+    # Peer and backup equally fast: a tie goes to the peer (lowest rank first), and copies spread
+    # over the peer queues; a copy with no peer may use the backup.
+    topo = Topology(peer_bytes_per_s=2.0**32, backup_bytes_per_s=2.0**32, disk_bytes_per_s=2.0**30)
+    moves = [
+        Relocation(0, 0, 0, 0, (3, 2), True),
+        Relocation(0, 1, 1, 0, (2, 3), True),
+        Relocation(0, 2, 4, 1, (2,), True),
+        Relocation(0, 3, 5, 1, (), False),
+    ]
+    out = schedule_transfers(moves, expert_bytes=2**30, topology=topo)
+    assert [(t.source_kind, t.source_rank, t.start_s) for t in out] == [
+        ("peer", 2, 0.0), ("peer", 3, 0.0), ("backup", None, 0.0), ("disk", None, 0.0),
+    ]
+
+
+def test_deterministic_across_processes() -> None:
+    script = (
+        "import torch\n"
+        "from eep.placement.eplb import plan_placement\n"
+        "from eep.placement.repair import plan_repair\n"
+        "from eep.placement.topology import Topology\n"
+        "t = plan_placement(24, 6, num_layers=3, num_redundant=6, load=torch.linspace(0.0, 3.0, 24).pow(3).roll(5))\n"
+        "b = torch.arange(72).view(3, 24) % 3 == 0\n"
+        "p = plan_repair(t, t.physical_to_logical_map, 6, frozenset({4, 1}), expert_bytes=3 << 20,\n"
+        "                topology=Topology(disk_concurrency=2), backup=b)\n"
+        "print(p.placement.physical_to_logical_map.tolist(), p.held_after.tolist(), p.transfers, p.tiers,\n"
+        "      p.uncovered, repr(p.est_makespan_s))\n"
+    )
+    here: dict = {}
+    exec(script.replace("print(", "here['out'] = ("), {"here": here})  # noqa: S102 - same code, this process
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True, cwd=root)
+    assert out.stdout.strip() == " ".join(str(x) for x in here["out"])
+    assert "Transfer(" in out.stdout  # the example does relocate
+
+
+def _bad(kw: dict) -> dict:
+    tables = plan_placement(8, 4, num_redundant=4)
+    base = dict(tables=tables, held=tables.physical_to_logical_map, num_ranks=4, dead=frozenset({1}),
+                expert_bytes=GB, topology=Topology(), backup=None)
+    return {**base, **kw}
+
+
+@pytest.mark.parametrize(
+    ("kw", "names"),
+    [
+        (dict(num_ranks=5), "num_ranks=5"),
+        (dict(num_ranks=0), "num_ranks=0"),
+        (dict(dead=frozenset({4})), "dead rank 4"),
+        (dict(dead=frozenset({-1})), "dead rank -1"),
+        (dict(dead=3), "int"),
+        (dict(expert_bytes=0), "expert_bytes=0"),
+        (dict(expert_bytes=1.5), "expert_bytes=1.5"),
+        (dict(held=torch.zeros(1, 8, dtype=torch.int64)), "[1, 8]"),
+        (dict(held=torch.zeros(1, 12)), "float32"),
+        (dict(held=torch.full((1, 12), 8)), "= 8"),
+        (dict(held=torch.full((1, 12), -2)), "= -2"),
+        (dict(held=torch.zeros(1, 12, dtype=torch.int64)), "slot 1"),  # slot 1 is listed with expert 2
+        (dict(backup=torch.ones(1, 7, dtype=torch.bool)), "[1, 7]"),
+        (dict(backup=torch.ones(1, 8)), "float32"),
+        (dict(topology={"disk_bytes_per_s": 1e9}), "dict"),
+        (dict(tables=torch.zeros(1, 12)), "Tensor"),
+    ],
+)
+def test_bad_input_raises_config_error(kw: dict, names: str) -> None:
+    args = _bad(kw)
+    with pytest.raises(ConfigError) as info:
+        plan_repair(args.pop("tables"), args.pop("held"), args.pop("num_ranks"), args.pop("dead"), **args)
+    assert names in str(info.value)
+
+
+def test_dead_slot_contents_are_ignored() -> None:
+    tables = plan_placement(8, 4, num_redundant=4)
+    held = tables.physical_to_logical_map.clone()
+    held[0, 3:6] = -1  # a caller may already mark the dead rank's slots as holding nothing
+    assert all_fields(plan_for(tables, {1}, 4, held=held)) == all_fields(plan_for(tables, {1}, 4))
+    nothing = plan_for(tables, set(), 4)
+    assert nothing.tiers == () and nothing.transfers == ()
+    assert torch.equal(nothing.placement.physical_to_logical_map, tables.physical_to_logical_map)
+    everyone = plan_for(tables, {0, 1, 2, 3}, 4)
+    assert len(everyone.uncovered) == 8 and everyone.covered_fraction == 0.0
+
+
+def test_topology_defaults_and_round_trip() -> None:
+    topo = Topology()
+    assert topo.transfer_s("peer", 5 * GB) == 1.0 and topo.transfer_s("disk", GB) == 1.0
+    assert topo.concurrency("backup") == 1
+    custom = Topology.from_dict(json.loads(json.dumps(dict(disk_bytes_per_s=2 * GB, disk_concurrency=4))))
+    assert custom.disk_bytes_per_s == 2e9 and isinstance(custom.disk_bytes_per_s, float)
+    assert custom.peer_bytes_per_s == topo.peer_bytes_per_s
+    assert Topology.from_dict(json.loads(json.dumps(custom.to_dict()))) == custom
+    assert Topology(peer_bytes_per_s=5 * GB) == topo  # ints are stored as floats
+
+
+@pytest.mark.parametrize(
+    ("make", "names"),
+    [
+        (lambda: Topology(disk_bytes_per_s=0), "disk_bytes_per_s=0"),
+        (lambda: Topology(peer_bytes_per_s=-1.0), "peer_bytes_per_s=-1.0"),
+        (lambda: Topology(backup_bytes_per_s=float("inf")), "backup_bytes_per_s=inf"),
+        (lambda: Topology(backup_bytes_per_s=float("nan")), "backup_bytes_per_s=nan"),
+        (lambda: Topology(disk_bytes_per_s="1e9"), "disk_bytes_per_s='1e9'"),
+        (lambda: Topology(disk_bytes_per_s=True), "disk_bytes_per_s=True"),
+        (lambda: Topology(peer_concurrency=0), "peer_concurrency=0"),
+        (lambda: Topology(disk_concurrency=1.5), "disk_concurrency=1.5"),
+        (lambda: Topology.from_dict({"disk_bw": 1}), "disk_bw"),
+        (lambda: Topology.from_dict([1, 2]), "list"),
+        (lambda: Topology().transfer_s("nfs", 1), "nfs"),
+        (lambda: Topology().transfer_s("disk", -1), "nbytes=-1"),
+    ],
+)
+def test_bad_topology_raises_config_error(make, names: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert names in str(info.value)
