@@ -121,3 +121,17 @@ class RequestTimeout(ServerError):
 class ClientError(EepError):
     """`eep.Client` cannot talk to the server (none listening, connection lost, no reply in
     time), or the server reported an error that has no eep exception type of its own."""
+
+
+class RanksFailed(EepError):
+    """Ranks failed during a step; the executor has committed a new view and repaired coverage.
+    Nothing of the step was committed: re-admit the dead ranks' requests and run it again."""
+
+    def __init__(self, ranks: frozenset[int], epoch: int) -> None:
+        self.ranks, self.epoch = ranks, epoch
+        super().__init__(f"ranks {sorted(ranks)} failed; serving on under epoch {epoch}")
+
+
+class StepRetry(EepError):
+    """A step was abandoned without a membership change (a rank reported it could not finish
+    it); nothing was committed, run it again."""

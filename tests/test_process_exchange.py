@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eep.dataplane.dispatch import EPDispatcher
+from eep.dataplane.dispatch import EPDispatcher, combine_pairs
 from eep.model.moe import run_experts
 
 N, T, H, K, S, I = 4, 5, 32, 4, 16, 8  # ranks, tokens per rank, hidden, top-k, slots, expert size
@@ -88,5 +88,6 @@ def test_exchange_and_ep_dispatch(tmp_path: Path, backend: str) -> None:
             segment.unlink()
     xs, slots, weights, w13, w2 = _problem()
     for r in range(N):
-        ref = run_experts(xs[r], slots[r], weights[r], w13, w2)
-        torch.testing.assert_close(torch.load(tmp_path / f"rank{r}.pt"), ref, atol=1e-4, rtol=1e-5)
+        ref = combine_pairs(run_experts(xs[r], slots[r], weights[r], w13, w2), slots[r] >= 0, torch.float32)
+        # fp32: exact up to MKL's gemv path for 1-3 rows per expert (bf16 is bitwise: test_dispatch)
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{r}.pt"), ref, atol=1e-5, rtol=1e-5)

@@ -2,8 +2,11 @@
 
 `EPDispatcher.dispatch` sends each of this rank's tokens once to every rank that holds at
 least one of its top-k physical slots, together with its top-k ids rewritten to *local* slot
-ids (-1 where the slot lives elsewhere) and its top-k weights; `combine` returns each rank's
-per-token partial outputs to the token's owner, which sums them in rank order (deterministic).
+ids (-1 where the slot lives elsewhere) and its top-k weights; `combine` returns the output of
+every (token, k) pair to the token's owner, which sums a token's pairs in k order
+(`combine_pairs`). Unlike DeepEP, a rank does not pre-sum its pairs per token: that sum would
+depend on which experts share a rank, and a token's output would change when a repair moves an
+expert. Here it is bitwise the same for every placement.
 The transport is any `Exchange` (an all-to-all of byte tensors): shared memory, gloo, or the
 in-process loopback used by tests. Each direction is one exchange: rows, ids and weights of a
 destination travel packed in one payload.
@@ -40,8 +43,10 @@ class DispatchHandle:
     """What `combine` needs: which local tokens went where, and how many rows came from whom."""
 
     send_tokens: tuple[torch.Tensor, ...]  # per destination rank: int64 [n_d] indices into x
+    send_present: tuple[torch.Tensor, ...]  # per destination rank: bool [n_d, K], pairs computed there
     recv_counts: tuple[int, ...]  # per source rank: rows received from it
-    num_tokens: int  # T
+    recv_pairs: tuple[int, ...]  # per source rank: local pairs in those rows
+    present: torch.Tensor  # bool [T, K]: pairs with a slot (False only for masked experts)
 
 
 def plan_dispatch(
@@ -107,8 +112,10 @@ class EPDispatcher:
         counts = tuple(r.numel() // self._row_bytes for r in recv)
         recv_x, recv_ids, recv_w = self._unpack(recv, counts)
         per_expert = torch.bincount(recv_ids[recv_ids >= 0], minlength=self.slots_per_rank)
+        pairs = tuple(int(block.sum()) for block in (recv_ids >= 0).split(list(counts)))
+        handle = DispatchHandle(tuple(tokens), tuple(ids >= 0 for ids in local), counts, pairs, topk_idx >= 0)
         self.timings.append(time.perf_counter() - start)
-        return recv_x, recv_ids, recv_w, per_expert, DispatchHandle(tuple(tokens), counts, x.shape[0])
+        return recv_x, recv_ids, recv_w, per_expert, handle
 
     def _unpack(self, recv: list[torch.Tensor], counts: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
         rows = sum(counts)
@@ -126,20 +133,42 @@ class EPDispatcher:
         return out_x, out_ids, out_w
 
     def combine(self, expert_out: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """Return partial outputs to their tokens' owners and sum them in rank order.
+        """Return pair outputs to their tokens' owners and sum each token's pairs in k order.
 
         Args:
-            expert_out: `[R, H]` this rank's weighted expert output for each received row.
+            expert_out: `[P, H]` this rank's weighted output of each local (row, k) pair of the
+                received rows, in row-major order (what `run_experts` returns).
             handle: from the matching `dispatch`.
         Returns:
             `[T, H]` the combined MoE output of this rank's tokens.
         """
         start = time.perf_counter()
-        send = [_pack([part]) for part in expert_out.to(self.dtype).split(list(handle.recv_counts))]
+        send = [_pack([part]) for part in expert_out.to(self.dtype).split(list(handle.recv_pairs))]
         recv = self.exchange.all_to_all(send)
-        out = torch.zeros(handle.num_tokens, self.hidden, dtype=self.dtype)
-        for tokens, payload in zip(handle.send_tokens, recv):
+        t, k = handle.present.shape
+        flat = torch.empty(t * k, self.hidden, dtype=self.dtype)  # pair (t, k) at row t*K + k
+        for tokens, present, payload in zip(handle.send_tokens, handle.send_present, recv):
             if tokens.numel():
-                out.index_add_(0, tokens, payload.view(self.dtype).view(-1, self.hidden))
+                at = (tokens.unsqueeze(1) * k + torch.arange(k))[present]  # row-major, as sent
+                flat[at] = payload.view(self.dtype).view(-1, self.hidden)
+        out = combine_pairs(flat[handle.present.flatten()], handle.present, self.dtype)
         self.timings.append(time.perf_counter() - start)
         return out
+
+
+def combine_pairs(pairs: torch.Tensor, present: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum each token's top-k pair outputs: `pairs [P, H]` in row-major order of the True
+    entries of `present [T, K]` -> `[T, H]` in `dtype`.
+
+    The one reduction of every MoE output, in one fixed order (k = 0, 1, ... in fp32, then
+    rounded once): a token's output is bitwise the same whichever ranks computed its pairs, so
+    moving experts between ranks (repair, rejoin, rebalancing) never changes a token. Absent
+    pairs (experts masked in degraded mode) add nothing.
+    """
+    t, k = present.shape
+    full = torch.zeros(t, k, pairs.shape[-1], dtype=pairs.dtype)
+    full[present] = pairs
+    acc = full[:, 0].float()
+    for j in range(1, k):
+        acc += full[:, j]
+    return acc.to(dtype)

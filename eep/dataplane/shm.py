@@ -486,6 +486,22 @@ class Endpoint:
         futex_wake(self._ack_addr_in[src])
         self.dropped += 1
 
+    def discard_older(self, src: int, epoch: int) -> int:
+        """Drop every published message from `src` older than `epoch` without waiting; returns
+        how many. Called when a new epoch starts: an aborted step can leave messages that were
+        never read in both buffers of a region, and their writer must not wait for a release
+        that a lockstep reader would only give after receiving from someone else (a cycle)."""
+        self._check_owner()
+        self.release(src)
+        seq, n = self.segment._seq[src][self.rank], 0
+        while seq.value != self._cursor[src]:
+            c = self._cursor[src]
+            if self.segment._headers[src][self.rank][c & 1].epoch >= epoch:
+                break
+            self._drop(src, c)
+            n += 1
+        return n
+
     def recv(
         self, src: int, *, epoch: int, step: int, timeout_s: float | None = None
     ) -> torch.Tensor:
@@ -569,6 +585,9 @@ class ShmExchange:
             raise RankFenced(f"rank {self.rank} is not in the view of epoch {epoch}: it must rejoin")
         if epoch != self.epoch:
             self.epoch, self.step = epoch, 0
+            for src in range(self.num_ranks):  # leftovers of an aborted step, from anyone
+                if src != self.rank:
+                    self.endpoint.discard_older(src, epoch)
         self._peers = self._order(active)
 
     def all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]:

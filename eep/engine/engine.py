@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -21,7 +22,7 @@ from eep.engine.request import Prompt, Request, RequestOutput, as_batch
 from eep.engine.sampling import SamplingParams
 from eep.engine.scheduler import ScheduledSeq, Scheduler
 from eep.engine.worker import ModelWorker, SampleSpec, SeqWork
-from eep.errors import ConfigError, RequestError
+from eep.errors import ConfigError, RanksFailed, RequestError, StepRetry
 from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
 from eep.model.loader import load_model
@@ -33,7 +34,12 @@ logger = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
-    """Runs each rank's share of a step and returns, per rank, the tokens its chunks sampled."""
+    """Runs each rank's share of a step and returns, per rank, the tokens its chunks sampled.
+
+    An elastic executor (EPExecutor) also has `active_ranks`, `paused_reason` and
+    `at_step_boundary()`, and raises `RanksFailed` / `StepRetry` from `execute` when a step
+    could not finish; the engine then re-admits requests and runs the step again.
+    """
 
     num_ranks: int
 
@@ -117,9 +123,20 @@ class LLMEngine:
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**31)
         req = Request(request_id or f"req-{next(self._ids)}", list(ids), params, seed)
-        # the rank with the fewest requests takes it (data-parallel attention)
-        min(self.schedulers, key=lambda s: len(s.running) + len(s.waiting)).add(req)
+        # the active rank with the fewest requests takes it (data-parallel attention)
+        self._least_loaded().add(req)
         return req
+
+    def _active(self) -> tuple[int, ...]:
+        return getattr(self.executor, "active_ranks", tuple(range(self.executor.num_ranks)))
+
+    def _least_loaded(self) -> Scheduler:
+        return min((self.schedulers[r] for r in self._active()), key=lambda s: len(s.running) + len(s.waiting))
+
+    @property
+    def paused_reason(self) -> str | None:
+        """Why the engine admits no step now (e.g. experts without a replica), or None."""
+        return getattr(self.executor, "paused_reason", None)
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -136,11 +153,29 @@ class LLMEngine:
 
     # -- stepping ---------------------------------------------------------------------------
     def step(self) -> list[Request]:
-        """Run one step on every rank; return the requests that finished in it."""
-        plans = [s.schedule() for s in self.schedulers]
+        """Run one step on every active rank; return the requests that finished in it.
+
+        If ranks fail during the step, nothing of it is committed: the executor repairs, their
+        requests move to survivors (re-prefilled from their committed tokens), and the next
+        call runs the step again.
+        """
+        boundary = getattr(self.executor, "at_step_boundary", None)
+        if boundary is not None and (joined := boundary()):
+            self._rebalance(joined)
+        if self.paused_reason is not None:
+            time.sleep(0.01)  # nothing can run until a rank rejoins; do not spin the caller
+            return []
+        active = self._active()
+        plans = [s.schedule() if r in active else [] for r, s in enumerate(self.schedulers)]
         if not any(plans):
             return []
-        tokens = self.executor.execute([[self._work(s) for s in plan] for plan in plans])
+        try:
+            tokens = self.executor.execute([[self._work(s) for s in plan] for plan in plans])
+        except RanksFailed:
+            self._readmit_orphans()
+            return []
+        except StepRetry:
+            return []
         # Commit only now that the whole step succeeded on every rank: a failure above leaves
         # every request as it was before the step, so the step can simply be run again.
         finished = []
@@ -155,6 +190,39 @@ class LLMEngine:
                     finished.append(req)
         self.steps += 1
         return finished
+
+    def _readmit_orphans(self) -> None:
+        """Move every request of a rank outside the view to the least-loaded survivors, ahead of
+        their own waiting requests (they arrived earlier). Each keeps its committed tokens and
+        is prefilled again from them: the KV cache died with its rank."""
+        active = self._active()
+        orphans: list[Request] = []
+        for r, scheduler in enumerate(self.schedulers):
+            if r not in active:
+                orphans += scheduler.evict_all()
+        by_target: dict[int, list[Request]] = {}
+        for req in orphans:
+            target = self._least_loaded()
+            target.waiting.append(req)  # counted for the next choice; reordered below
+            by_target.setdefault(id(target), []).append(req)
+        for scheduler in (self.schedulers[r] for r in active):
+            moved = by_target.get(id(scheduler), [])
+            for req in moved:
+                scheduler.waiting.remove(req)
+            scheduler.waiting.extendleft(reversed(moved))
+        if orphans:
+            logger.info("re-admitted %d requests of failed ranks on %s", len(orphans), list(active))
+
+    def _rebalance(self, joined: tuple[int, ...]) -> None:
+        """New ranks take waiting requests from the busiest ones until the queues are even."""
+        active = self._active()
+        for r in joined:
+            new = self.schedulers[r]
+            while True:
+                busiest = max((self.schedulers[a] for a in active), key=lambda s: len(s.running) + len(s.waiting))
+                if not busiest.waiting or len(busiest.running) + len(busiest.waiting) <= len(new.waiting) + 1:
+                    break
+                new.waiting.append(busiest.waiting.pop())
 
     @staticmethod
     def _work(s: ScheduledSeq) -> SeqWork:

@@ -30,6 +30,7 @@ class Scheduler:
     def __init__(self, num_slots: int, max_batched_tokens: int) -> None:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_slots = num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.max_batched_tokens = max_batched_tokens
 
@@ -58,6 +59,16 @@ class Scheduler:
             plan.append(ScheduledSeq(req, q_len))
             budget -= q_len
         return plan
+
+    def evict_all(self) -> list[Request]:
+        """Take every request out (its rank is gone): running ones first, in admission order.
+        Each loses its slot and its cached tokens, and keeps its committed output."""
+        evicted = self.running + list(self.waiting)
+        for req in evicted:
+            req.slot, req.num_computed = None, 0
+        self.running, self.waiting = [], deque()
+        self.free_slots = list(range(self.num_slots - 1, -1, -1))
+        return evicted
 
     def finish(self, request: Request) -> None:
         self.running.remove(request)

@@ -123,6 +123,10 @@ class MembershipView:
             raise MembershipError(f"rank {rank} is {self.states[rank].value}: only a joining rank can be activated")
         return self._with(self.epoch + 1, {rank: RankState.ACTIVE})
 
+    def bump(self) -> MembershipView:
+        """The same membership under epoch + 1: abandons a broken step on every rank."""
+        return replace(self, epoch=self.epoch + 1)
+
     def to_dict(self) -> dict[str, object]:
         return {
             "epoch": self.epoch,

@@ -167,9 +167,32 @@ def _attention_jobs(attn: torch.nn.Module, cfg: ModelConfig, p: str) -> list[Job
     ]
 
 
-def _moe_jobs(moe: torch.nn.Module, cfg: ModelConfig, p: str, phy2log: torch.Tensor, slots: SlotRange) -> list[Job]:
+def _expert_job(w13: torch.Tensor, w2: torch.Tensor, cfg: ModelConfig, moe_prefix: str, expert: int) -> Job:
     h, inter = cfg.hidden_size, cfg.moe_intermediate_size
     gate, up, down = _EXPERT_NAMES.get(cfg.model_type, ("gate_proj", "up_proj", "down_proj"))
+    e = f"{moe_prefix}experts.{expert}."
+    # experts are stored pre-transposed ([H, 2I], [I, H]): write through transposed views
+    fill_w13 = _concat(w13.t(), [f"{e}{gate}.weight", f"{e}{up}.weight"], [(inter, h), (inter, h)])
+    fill_w2 = _copy(w2.t(), f"{e}{down}.weight")
+
+    def run(reader: CheckpointReader) -> None:
+        fill_w13(reader)
+        fill_w2(reader)
+
+    return run
+
+
+def load_expert(w13: torch.Tensor, w2: torch.Tensor, reader: CheckpointReader, moe_row: int, expert: int) -> None:
+    """Read `expert` of the `moe_row`-th MoE layer from the checkpoint into `w13 [H, 2I]` and
+    `w2 [I, H]` (a slot of a live model, or the host backup): the repair's disk source."""
+    cfg = ModelConfig.from_hf(reader.config)
+    layer = cfg.moe_layers[moe_row]
+    with torch.no_grad():
+        _expert_job(w13, w2, cfg, _moe_prefix(cfg, reader, f"model.layers.{layer}."), expert)(reader)
+
+
+def _moe_jobs(moe: torch.nn.Module, cfg: ModelConfig, p: str, phy2log: torch.Tensor, slots: SlotRange) -> list[Job]:
+    h, inter = cfg.hidden_size, cfg.moe_intermediate_size
     jobs = [_copy(moe.router.weight, p + "gate.weight")]
     if moe.router.bias is not None:
         jobs.append(_copy(moe.router.bias, p + "gate.e_score_correction_bias"))
@@ -179,10 +202,5 @@ def _moe_jobs(moe: torch.nn.Module, cfg: ModelConfig, p: str, phy2log: torch.Ten
         expert = int(phy2log[slots.offset + local])
         if expert < 0:
             continue  # an empty slot keeps whatever it holds; no routing entry points at it
-        e = f"{p}experts.{expert}."
-        # experts are stored pre-transposed ([H, 2I], [I, H]): write through transposed views
-        jobs += [
-            _concat(moe.w13[local].t(), [f"{e}{gate}.weight", f"{e}{up}.weight"], [(inter, h), (inter, h)]),
-            _copy(moe.w2[local].t(), f"{e}{down}.weight"),
-        ]
+        jobs.append(_expert_job(moe.w13[local], moe.w2[local], cfg, p, expert))
     return jobs

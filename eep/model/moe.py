@@ -18,7 +18,7 @@ from torch import nn
 
 from eep.model.config import ModelConfig
 from eep.model.layers import GatedMLP
-from eep.dataplane.dispatch import EPDispatcher
+from eep.dataplane.dispatch import EPDispatcher, combine_pairs
 from eep.placement.routing import RoutingTables
 
 
@@ -87,7 +87,8 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         slots, weights = self.route(x)
         if self.dispatcher is None:
-            out = self.local_experts(x, slots - self.slot_offset if self.slot_offset else slots, weights)
+            local = slots - self.slot_offset if self.slot_offset else slots
+            out = combine_pairs(self.local_experts(x, local, weights), local >= 0, x.dtype)
         else:  # tokens travel to the ranks holding their slots, and the outputs come back
             recv_x, recv_slots, recv_weights, _, handle = self.dispatcher.dispatch(x, slots, weights)
             out = self.dispatcher.combine(self.local_experts(recv_x, recv_slots, recv_weights), handle)
@@ -106,7 +107,7 @@ class MoELayer(nn.Module):
 def run_experts(
     x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
-    """Weighted sum over each row's local experts.
+    """Weighted output of every (row, k) pair whose slot is local.
 
     Args:
         x: `[T, H]` rows (tokens, or rows received by dispatch).
@@ -114,19 +115,17 @@ def run_experts(
         weights: `[T, K]` float32 router weights.
         w13, w2: `[S, H, 2I]`, `[S, I, H]` stacked, pre-transposed slot weights.
     Returns:
-        `[T, H]`; a row with no local slot is zero.
+        `[P, H]`, one row per local pair (`slots >= 0`), in row-major (row, k) order: not summed
+        per row. `combine_pairs` sums a token's pairs in k order wherever they were computed, so
+        the result does not depend on which rank holds which expert (see `combine_pairs`).
     """
     k = slots.shape[1]
-    flat = slots.flatten()  # [T*K]
-    pair = torch.argsort(flat, stable=True)  # pairs grouped by slot; skipped (<0) pairs first
-    slot_of_pair = flat[pair]
-    skipped = int((flat < 0).sum())
-    if skipped:
-        pair, slot_of_pair = pair[skipped:], slot_of_pair[skipped:]
-    token_of_pair = pair // k
-    expert_out = _packed_experts(x[token_of_pair], slot_of_pair, w13, w2)  # [P, H]
-    expert_out = expert_out * weights.flatten()[pair].unsqueeze(1).to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of_pair, expert_out)
+    local = torch.nonzero(slots.flatten() >= 0).squeeze(1)  # [P] pair ids, row-major
+    slot_of_pair = slots.flatten()[local]
+    order = torch.argsort(slot_of_pair, stable=True)  # grouped by slot for the packed matmuls
+    out = torch.empty(local.numel(), x.shape[1], dtype=x.dtype)
+    out[order] = _packed_experts(x[local[order] // k], slot_of_pair[order], w13, w2)
+    return out * weights.flatten()[local].unsqueeze(1).to(x.dtype)
 
 
 def _packed_experts(xs: torch.Tensor, slot_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

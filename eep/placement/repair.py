@@ -425,3 +425,33 @@ def _check_held_matches(phy2log: torch.Tensor, held: torch.Tensor, per_rank: int
             f"layer {layer} slot {slot}: the tables route expert {int(phy2log[layer, slot])} to it but held "
             f"says it holds {int(held[layer, slot])}; pass in held the weights each slot really holds"
         )
+
+
+def plan_rejoin(
+    tables: Placement, held: torch.Tensor, num_ranks: int, rank: int, target: torch.Tensor
+) -> tuple[Placement, torch.Tensor]:
+    """Tables and held weights once `rank` is back, loaded with its slots of `target [L, P]`
+    (the balanced placement it started with). Pure: no weights of a live rank move.
+
+    Every slot that holds an expert afterwards is listed, in slot order, up to the tables'
+    `max_replicas` per expert (the rest stay loaded but unlisted spares). Slots of other ranks
+    that hold nothing (failed ranks) stay empty.
+
+    Returns `(placement, held_after)`.
+    """
+    num_layers, num_physical = tables.physical_to_logical_map.shape
+    if num_physical % num_ranks or not 0 <= rank < num_ranks:
+        raise ConfigError(f"rank {rank} of {num_ranks} does not fit {num_physical} slots")
+    if tuple(target.shape) != (num_layers, num_physical) or tuple(held.shape) != (num_layers, num_physical):
+        raise ConfigError(f"held and target must be [L, P] = {[num_layers, num_physical]}")
+    per_rank = num_physical // num_ranks
+    held_after = held.to(torch.int64).clone()
+    held_after[:, rank * per_rank : (rank + 1) * per_rank] = target[:, rank * per_rank : (rank + 1) * per_rank]
+    phy2log = torch.full_like(held_after, -1)
+    for layer, row in enumerate(held_after.tolist()):
+        count = [0] * tables.num_logical
+        for slot, expert in enumerate(row):
+            if expert >= 0 and count[expert] < tables.max_replicas:
+                phy2log[layer, slot] = expert
+                count[expert] += 1
+    return placement_from_phy2log(phy2log, tables.num_logical, tables.max_replicas), held_after

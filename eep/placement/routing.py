@@ -160,3 +160,20 @@ class RoutingTables:
         replica = spread % count.clamp(min=1)
         slots = self.logical_to_physical_map[layer][ids, replica]  # [T, K]
         return torch.where(valid & (count > 0), slots, torch.full_like(slots, -1))
+
+
+def with_spare_slots(placement: Placement, num_ranks: int, spare: int, max_replicas: int | None = None) -> Placement:
+    """`placement` with `spare` empty slots appended to each rank's block (rank r's slots stay
+    contiguous), and replica lists `max_replicas` wide (default: unchanged). Empty slots cost
+    expert memory and buy repair capacity: a lost expert can be copied into one without giving
+    up a replica of another."""
+    phy2log = placement.physical_to_logical_map
+    num_layers, num_physical = phy2log.shape
+    if num_physical % num_ranks:
+        raise ConfigError(f"{num_physical} slots do not divide over {num_ranks} ranks")
+    if spare < 0:
+        raise ConfigError(f"spare slots must be >= 0, got {spare}")
+    blocks = phy2log.view(num_layers, num_ranks, num_physical // num_ranks)
+    empty = torch.full((num_layers, num_ranks, spare), -1, dtype=torch.int64)
+    wide = torch.cat([blocks, empty], dim=2).reshape(num_layers, -1)
+    return placement_from_phy2log(wide, placement.num_logical, max_replicas or placement.max_replicas)

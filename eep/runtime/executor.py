@@ -1,23 +1,41 @@
-"""The expert-parallel executor: starts N rank processes and runs every step on all of them.
+"""The expert-parallel executor: controller and supervisor of N rank processes.
 
-The executor is the ranks' supervisor: it owns the data-plane buffers (the shared-memory
-segment is created here, never by a rank, so a rank's death leaves it intact), starts the
-ranks, hands each its share of a step over a pipe, and collects the sampled tokens. Every
-wait has a timeout, and a rank that exits is seen at once through its process sentinel and
-reported as `RankFailed` (recovery from it is the failure-handling layer's job).
+The executor owns everything that must outlive a rank: the data-plane buffers (the
+shared-memory segment is created here, never by a rank), the heartbeat board, the host expert
+backup, the membership view and the routing tables. It starts the ranks, hands each its share
+of a step over a pipe, and collects the sampled tokens.
+
+Failure handling (fault_policy "repair", the default; see docs/failure-handling.md):
+- detect: a rank's exit is seen at once through its pidfd; a stopped or wedged rank by its
+  heartbeat going silent for `failure_timeout_s`; a live rank silent on the data plane for
+  `timeout_s` by its peers' reports. Nothing else changes the view.
+- decide: the failed ranks leave the view (epoch + 1), the new epoch is announced in the
+  segment so every survivor blocked on the dead abandons the step at once; every survivor's
+  answer to the aborted step is drained and thrown away (nothing is committed).
+- repair (`plan_repair`, pure): tier 1 drops the dead slots from the tables; tier 2 copies
+  experts that lost every replica into free or reclaimed slots on survivors from the backup or
+  the disk; the new tables are switched on in place on every survivor.
+- resume: `execute` raises `RanksFailed`; the engine re-admits the dead ranks' requests on
+  survivors and runs the step again under the new epoch.
+- reintegrate: `rejoin(rank)` starts a new process for the rank, which loads its experts while
+  the others serve; at the next step boundary after it is ready it is switched in (epoch + 1)
+  with one in-place table update on every rank.
+fault_policy "none" keeps the fixed membership: any failure raises `RankFailed`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 import torch
@@ -25,21 +43,27 @@ import torch
 from eep.config import EngineConfig, resolve_dtype
 from eep.dataplane.shm import ShmLayout, ShmSegment, sweep_orphans
 from eep.engine.worker import SeqWork
-from eep.errors import ConfigError, DataPlaneError, EepError
+from eep.errors import ConfigError, DataPlaneError, EepError, RanksFailed, StepRetry
+from eep.membership.view import MembershipEvent, MembershipView, RankState
 from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
 from eep.placement.eplb import plan_placement
-from eep.placement.routing import Placement, check_tables_only
-from eep.membership.view import MembershipView
-from eep.runtime.rank import RankSpec, StepOrder, StepResult, recv, send
+from eep.placement.repair import plan_rejoin, plan_repair
+from eep.placement.routing import Placement, check_tables_only, with_spare_slots
+from eep.placement.topology import Topology
+from eep.runtime.heartbeat import HeartbeatBoard
+from eep.runtime.rank import ExpertCopy, RankSpec, StepOrder, StepResult, recv, send
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("shm", "gloo")
+FAULT_POLICIES = ("repair", "none")
+REJOIN_POLICIES = ("manual", "auto")
+UNCOVERABLE_POLICIES = ("pause", "degrade")
 
 
 class RankFailed(EepError):
-    """A rank process exited or stopped answering during a step."""
+    """A rank process exited or stopped answering (fixed membership: the instance is lost)."""
 
     def __init__(self, rank: int, why: str) -> None:
         self.rank = rank
@@ -51,16 +75,60 @@ class EPConfig:
     ep_size: int = 4
     num_redundant_experts: int = 0
     backend: str = "shm"
-    timeout_s: float = 30.0  # a data-plane wait or a step that takes longer means a failed rank
+    timeout_s: float = 30.0  # a data-plane wait this long on a live (heartbeating) peer fails it
+    failure_timeout_s: float = 1.0  # heartbeat silence that confirms a stopped or hung rank
     start_timeout_s: float = 120.0  # rank start-up: import torch, load weights
+    fault_policy: str = "repair"
+    rejoin: str = "manual"
+    on_uncoverable: str = "pause"
+    num_spare_slots: int | None = None  # empty slots per rank for tier-2 repair; None: enough for one rank's experts
+    expert_backup: bool = True  # keep a host-memory copy of every expert (a fast tier-2 source)
+    topology: Topology = field(default_factory=Topology)
 
     def __post_init__(self) -> None:
         if self.ep_size < 1:
             raise ConfigError(f"ep_size must be >= 1, got {self.ep_size}")
         if self.num_redundant_experts < 0:
             raise ConfigError(f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"ep backend must be one of {BACKENDS}, got {self.backend!r}")
+        for name, value, allowed in (
+            ("ep backend", self.backend, BACKENDS), ("fault policy", self.fault_policy, FAULT_POLICIES),
+            ("rejoin policy", self.rejoin, REJOIN_POLICIES), ("on_uncoverable", self.on_uncoverable, UNCOVERABLE_POLICIES),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.fault_policy == "repair" and self.backend != "shm":
+            raise ConfigError("fault_policy 'repair' needs the shm backend; gloo's membership is fixed (use 'none')")
+        if self.failure_timeout_s <= 0 or self.timeout_s <= 0:
+            raise ConfigError("failure_timeout_s and timeout_s must be > 0")
+        if self.num_spare_slots is not None and self.num_spare_slots < 0:
+            raise ConfigError(f"num_spare_slots must be >= 0, got {self.num_spare_slots}")
+
+    @property
+    def elastic(self) -> bool:
+        return self.fault_policy == "repair"
+
+
+@dataclass(slots=True)
+class _Proc:
+    """One rank process as the supervisor sees it."""
+
+    rank: int
+    proc: subprocess.Popen[bytes]
+    pidfd: int
+    conn: Connection
+    ready: bool = False
+
+    def close(self, kill: bool) -> int | None:
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(timeout=5)
+        self.conn.close()
+        os.close(self.pidfd)
+        return code
 
 
 class EPExecutor:
@@ -69,23 +137,51 @@ class EPExecutor:
         with CheckpointReader(config.model_path) as reader:
             cfg = ModelConfig.from_hf(reader.config)
             dtype = resolve_dtype(config.dtype, reader.config)
-        self.placement = plan_placement(
+        self.model_config = cfg
+        balanced = plan_placement(
             cfg.num_experts, ep.ep_size, num_layers=len(cfg.moe_layers), num_redundant=ep.num_redundant_experts
         )
-        self.loaded = self.placement  # which expert each slot's weights are (tables may differ)
+        spare = ep.num_spare_slots
+        if spare is None:  # room to re-home one rank's experts on the others
+            spare = math.ceil(balanced.num_physical // ep.ep_size / (ep.ep_size - 1)) if ep.elastic and ep.ep_size > 1 else 0
+        self.target = with_spare_slots(balanced, ep.ep_size, spare, balanced.max_replicas + (1 if ep.elastic else 0))
+        self.placement = self.target  # the routing tables in use
+        self.held = self.target.physical_to_logical_map.clone()  # the expert each slot's weights are
+        self.expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * torch.empty(0, dtype=dtype).element_size()
+        self.view = MembershipView.initial((0,) * ep.ep_size)
+        self.events: list[MembershipEvent] = []
+        self.repairs: list[dict[str, object]] = []  # one record per repair: tiers, bytes, times
+        self.uncovered: tuple[tuple[int, int], ...] = ()
+        self.paused_reason: str | None = None
+        self.steps = 0
         self._segment: ShmSegment | None = None
+        self._board: HeartbeatBoard | None = None
+        self._backup = None
         self._tmpdir = tempfile.mkdtemp(prefix="eep-ep-")
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._pidfds: list[int] = []
-        self._conns: list[Connection] = []
-        self.last_step: list[StepResult] = []  # per rank: the timings of the last step
+        self._procs: list[_Proc | None] = [None] * ep.ep_size
+        self._fenced: list[_Proc] = []  # failed processes that may still be alive (stopped)
+        self._pending_rejoin: set[int] = set()
+        self._join_plan: dict[int, tuple[Placement, torch.Tensor]] = {}
+        self.last_step: list[StepResult] = []  # per active rank: the timings of the last step
         try:
-            rendezvous = self._make_rendezvous(cfg, dtype)
-            self._start(rendezvous)
+            self._rendezvous = self._make_rendezvous(cfg, dtype)
+            if ep.elastic:
+                self._board = HeartbeatBoard(ep.ep_size)
+                if ep.expert_backup:
+                    from eep.runtime.expert_backup import ExpertBackup
+
+                    self._backup = ExpertBackup.build(config.model_path, config.dtype)
+            for rank in range(self.num_ranks):
+                self._spawn(rank, self.placement, None)
+            self._await_ready(range(self.num_ranks), self.ep.start_timeout_s)
+            self.view = MembershipView.initial(tuple(self._procs[r].proc.pid for r in range(self.num_ranks)))  # type: ignore[union-attr]
         except BaseException:
             self.close()
             raise
+        logger.info("%d ranks ready (%s, %d slots, policy %s)", self.num_ranks, ep.backend,
+                    self.placement.num_physical, ep.fault_policy)
 
+    # -- processes ----------------------------------------------------------------------------
     def _make_rendezvous(self, cfg: ModelConfig, dtype: torch.dtype) -> str:
         if self.ep.backend == "gloo":
             return f"file://{self._tmpdir}/gloo-store"
@@ -96,120 +192,434 @@ class EPExecutor:
         self._segment = ShmSegment.create(layout)
         return self._segment.name
 
-    def _start(self, rendezvous: str) -> None:
+    def _spawn(self, rank: int, placement: Placement, held: torch.Tensor | None) -> _Proc:
         # Ranks are fresh interpreters (`python -m eep.runtime`), not multiprocessing
-        # children: nothing of the caller's __main__ is re-imported, and a replacement rank can
-        # be started the same way at any time. Control travels over a socketpair; exits are
-        # seen through a pidfd, at once.
-        for rank in range(self.num_ranks):
-            spec = RankSpec(
-                rank, self.num_ranks, self.config.model_path, self.config.dtype, self.config.max_num_seqs,
-                self.config.max_model_len, self.placement, self.ep.backend, rendezvous, self.ep.timeout_s,
+        # children: nothing of the caller's __main__ is re-imported, and a replacement rank is
+        # started the same way at any time. Control travels over a socketpair; exits are seen
+        # through a pidfd, at once.
+        spec = RankSpec(
+            rank, self.num_ranks, self.config.model_path, self.config.dtype, self.config.max_num_seqs,
+            self.config.max_model_len, placement, self.ep.backend, self._rendezvous, self.ep.timeout_s,
+            heartbeat=self._board.name if self._board else None,
+            heartbeat_interval_s=min(0.1, self.ep.failure_timeout_s / 5),
+            backup=self._backup.name if self._backup is not None else None, held=held,
+        )
+        if self._board is not None:
+            self._board.reset(rank)
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            # A session of its own: a terminal's Ctrl-C reaches the controller, which stops the
+            # ranks in order, and not every rank at once.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "eep.runtime", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                start_new_session=True,
             )
-            ours, theirs = socket.socketpair()
-            with ours, theirs:
-                # A session of its own: a terminal's Ctrl-C reaches the controller, which stops
-                # the ranks in order, and not every rank at once.
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "eep.runtime", str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                    start_new_session=True,
-                )
-                conn = Connection(os.dup(ours.fileno()))
-            self._procs.append(proc)
-            self._pidfds.append(os.pidfd_open(proc.pid))
-            self._conns.append(conn)
-            send(conn, spec)
-        self._gather("ready", self.ep.start_timeout_s)
-        self.view = MembershipView.initial(tuple(p.pid for p in self._procs))
-        logger.info("%d ranks ready (%s, %d slots)", self.num_ranks, self.ep.backend, self.placement.num_physical)
+            conn = Connection(os.dup(ours.fileno()))
+        p = _Proc(rank, proc, os.pidfd_open(proc.pid), conn)
+        self._procs[rank] = p
+        send(conn, spec)
+        return p
 
-    def _gather(self, kind: str, timeout_s: float) -> list[object]:
-        """One reply of `kind` from every rank; RankFailed if one exits or the timeout passes."""
-        replies: list[object] = [None] * self.num_ranks
-        pending = set(range(self.num_ranks))
+    def _await_ready(self, ranks: range | list[int], timeout_s: float) -> None:
+        for rank, payload in self._gather(list(ranks), "ready", timeout_s).items():
+            self._procs[rank].ready = True  # type: ignore[union-attr]
+
+    def _gather(self, ranks: list[int], kind: str, timeout_s: float) -> dict[int, object]:
+        """One reply of `kind` from each of `ranks`, outside a step: any failure is fatal here
+        (RankFailed); steps have their own, recovering gather."""
+        replies: dict[int, object] = {}
+        pending = set(ranks)
         deadline = time.monotonic() + timeout_s
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RankFailed(min(pending), f"no {kind!r} reply within {timeout_s:.1f} s")
-            ready = wait([self._conns[r] for r in pending] + [self._pidfds[r] for r in pending], left)
-            for r in sorted(pending):
-                if self._conns[r] in ready:
+            procs = {r: self._procs[r] for r in pending}
+            ready = wait([p.conn for p in procs.values()] + [p.pidfd for p in procs.values()], left)  # type: ignore[union-attr]
+            for r, p in sorted(procs.items()):
+                if p.conn in ready:  # type: ignore[union-attr]
                     try:
-                        got, payload = recv(self._conns[r])
-                    except EOFError:
+                        got, payload = recv(p.conn)  # type: ignore[union-attr]
+                    except (EOFError, OSError):
                         raise RankFailed(r, "its pipe closed") from None
-                    if got == "peer_timeout":
-                        raise RankFailed(payload, f"silent on the data plane (reported by rank {r})")
-                    if got == "aborted":
-                        raise DataPlaneError(f"rank {r} abandoned the step: {payload}")
                     if got == "error":
                         raise ConfigError(f"rank {r} refused a {kind!r} request: {payload}")
                     if got != kind:
                         raise RankFailed(r, f"answered {got!r} instead of {kind!r}")
                     replies[r] = payload
                     pending.discard(r)
-                elif self._pidfds[r] in ready:
-                    raise RankFailed(r, f"process exited with code {self._procs[r].wait(timeout=5)}")
+                elif p.pidfd in ready:  # type: ignore[union-attr]
+                    raise RankFailed(r, f"process exited with code {p.proc.wait(timeout=5)}")  # type: ignore[union-attr]
         return replies
 
-    def execute(self, work: list[list[SeqWork]]) -> list[list[int]]:
-        active = self.view.active_ranks
-        for rank, (conn, rank_work) in enumerate(zip(self._conns, work, strict=True)):
-            try:
-                send(conn, ("step", StepOrder(self.view.epoch, active, rank_work)))
-            except OSError as e:  # its end of the pipe is gone: the process died between steps
-                raise RankFailed(rank, f"its pipe is closed ({e.__class__.__name__})") from None
-        # The ranks' own data-plane waits name a silent peer after timeout_s; the executor waits
-        # longer, so that their report (which names the right rank) arrives first.
-        results: list[StepResult] = self._gather("tokens", 2 * self.ep.timeout_s + 5.0)  # type: ignore[assignment]
-        self.last_step = results
-        return [r.tokens for r in results]
+    def _event(self, kind: str, rank: int | None = None, detail: str = "") -> None:
+        ev = MembershipEvent(time.time(), self.view.epoch, self.steps, kind, rank, detail)
+        self.events.append(ev)
+        logger.info("membership %s epoch=%d step=%d rank=%s %s", kind, ev.epoch, ev.step, rank, detail)
 
+    # -- steps ---------------------------------------------------------------------------------
+    @property
+    def active_ranks(self) -> tuple[int, ...]:
+        return self.view.active_ranks
+
+    def at_step_boundary(self) -> tuple[int, ...]:
+        """Between two steps: start replacements (rejoin auto) and switch in every joiner that
+        has finished loading. Returns the ranks switched in."""
+        if not self.ep.elastic:
+            return ()
+        for rank in sorted(self._pending_rejoin):
+            self._pending_rejoin.discard(rank)
+            self.rejoin(rank)
+        switched = []
+        for rank in self.view.ranks_in(RankState.JOINING):
+            p = self._procs[rank]
+            assert p is not None
+            if not p.ready and (p.conn.poll(0) or p.proc.poll() is not None):
+                try:
+                    self._await_ready([rank], 5.0)
+                except (RankFailed, ConfigError) as e:
+                    self._joiner_failed(rank, str(e))
+                    continue
+            if p.ready:
+                self._activate(rank)
+                switched.append(rank)
+        return tuple(switched)
+
+    def execute(self, work: list[list[SeqWork]]) -> list[list[int]]:
+        """Run one step: `work[r]` on each active rank r (inactive ranks must get no work).
+        Raises `RanksFailed` / `StepRetry` (elastic) or `RankFailed` (fixed) if it cannot finish."""
+        active = self.view.active_ranks
+        if any(work[r] for r in range(self.num_ranks) if r not in active):
+            raise ConfigError("work was given to a rank outside the view")
+        order_epoch = self.view.epoch
+        failed: set[int] = set()
+        for rank in active:
+            p = self._procs[rank]
+            try:
+                send(p.conn, ("step", StepOrder(order_epoch, active, work[rank])))  # type: ignore[union-attr]
+            except OSError as e:  # its end of the pipe is gone: the process died between steps
+                if not self.ep.elastic:
+                    raise RankFailed(rank, f"its pipe is closed ({e.__class__.__name__})") from None
+                failed.add(rank)
+        sent = [r for r in active if r not in failed]
+        results, failed, retry = self._gather_step(sent, failed)
+        self.steps += 1
+        unfinished = [r for r in sent if r not in failed and r not in results]
+        if failed:
+            self._handle_failure(frozenset(failed), unfinished)
+        if retry:  # no one failed, but the step is broken: abort it everywhere, run it again
+            self.view = self.view.bump()
+            assert self._segment is not None
+            self._segment.announce_epoch(self.view.epoch)
+            self._event("step_aborted", None, retry)
+            _, more, _ = self._drain(unfinished)
+            if more:
+                self._handle_failure(frozenset(more), [])
+            raise StepRetry(retry)
+        self.last_step = [results[r] for r in active]
+        return [results[r].tokens if r in results else [] for r in range(self.num_ranks)]
+
+    def _gather_step(self, ranks: list[int], failed: set[int]) -> tuple[dict[int, StepResult], set[int], str]:
+        """Collect each rank's step result until all answered or a failure is confirmed."""
+        results: dict[int, StepResult] = {}
+        pending = set(ranks)
+        hard_deadline = time.monotonic() + 2 * self.ep.timeout_s + 5.0
+        check_s = self.ep.failure_timeout_s / 4
+        retry = ""
+        while pending and not failed and not retry:
+            if time.monotonic() > hard_deadline:
+                r = min(pending)
+                if not self.ep.elastic:
+                    raise RankFailed(r, f"no step reply within {2 * self.ep.timeout_s + 5.0:.1f} s")
+                failed.add(r)
+                break
+            procs = {r: self._procs[r] for r in pending}
+            ready = wait([p.conn for p in procs.values()] + [p.pidfd for p in procs.values()], check_s)  # type: ignore[union-attr]
+            for r, p in sorted(procs.items()):
+                assert p is not None
+                if p.conn in ready:
+                    try:
+                        got, payload = recv(p.conn)
+                    except (EOFError, OSError):
+                        got, payload = "exited", None
+                    if got == "tokens":
+                        results[r] = payload
+                        pending.discard(r)
+                    elif got == "peer_timeout":  # a live peer silent for timeout_s: it is broken
+                        if not self.ep.elastic:
+                            raise RankFailed(payload, f"silent on the data plane (reported by rank {r})")
+                        failed.add(int(payload))
+                        self._event("fault_seen", int(payload), f"silent on the data plane for {self.ep.timeout_s:g} s (rank {r})")
+                        pending.discard(r)
+                    elif got == "aborted":
+                        if not self.ep.elastic:
+                            raise DataPlaneError(f"rank {r} abandoned the step: {payload}")
+                        retry = f"rank {r} abandoned the step: {payload}"
+                        pending.discard(r)
+                    else:
+                        if not self.ep.elastic:
+                            raise RankFailed(r, "its pipe closed" if got == "exited" else f"answered {got!r}")
+                        failed.add(r)
+                        self._event("fault_seen", r, "pipe closed")
+                elif p.pidfd in ready:
+                    code = p.proc.wait(timeout=5)
+                    if not self.ep.elastic:
+                        raise RankFailed(r, f"process exited with code {code}")
+                    failed.add(r)
+                    self._event("fault_seen", r, f"process exited with code {code}")
+            if self.ep.elastic and not failed:
+                failed |= self._silent(pending)
+        return results, failed, retry
+
+    def _silent(self, ranks: set[int]) -> set[int]:
+        """Ranks whose heartbeat has been silent for failure_timeout_s (stopped, hung)."""
+        assert self._board is not None
+        silent = {r for r in ranks if self._board.age_s(r) > self.ep.failure_timeout_s}
+        for r in sorted(silent):
+            self._event("fault_seen", r, f"no heartbeat for {self._board.age_s(r):.2f} s")
+        return silent
+
+    def _drain(self, ranks: list[int]) -> tuple[dict[int, object], set[int], str]:
+        results: dict[int, object] = {}
+        failed: set[int] = set()
+        pending = set(ranks)
+        deadline = time.monotonic() + self.ep.timeout_s
+        while pending and time.monotonic() < deadline:
+            procs = {r: self._procs[r] for r in pending}
+            ready = wait([p.conn for p in procs.values()] + [p.pidfd for p in procs.values()], self.ep.failure_timeout_s / 4)  # type: ignore[union-attr]
+            for r, p in sorted(procs.items()):
+                assert p is not None
+                if p.conn in ready:
+                    try:
+                        got, payload = recv(p.conn)
+                    except (EOFError, OSError):
+                        failed.add(r)
+                        pending.discard(r)
+                        continue
+                    if got == "peer_timeout":
+                        failed.add(int(payload))
+                    results[r] = payload
+                    pending.discard(r)
+                elif p.pidfd in ready:
+                    failed.add(r)
+                    pending.discard(r)
+            newly = self._silent(pending)
+            failed |= newly
+            pending -= newly
+        failed |= pending  # no answer within timeout_s: it is not serving
+        return results, failed, ""
+
+    # -- failure -------------------------------------------------------------------------------
+    def _handle_failure(self, failed: frozenset[int], in_step: list[int]) -> None:
+        """Commit a view without `failed`, abort the step on every survivor, repair coverage and
+        raise RanksFailed. A failure seen while this runs joins the same view change."""
+        t0 = time.perf_counter()
+        dead, all_dead = set(failed), set(failed)
+        while dead:
+            self.view = self.view.fail(dead)
+            self._fence(dead)
+            self._event("view_committed", None, f"failed {sorted(dead)}; active {list(self.view.active_ranks)}")
+            in_step = [r for r in in_step if r not in dead]
+            assert self._segment is not None
+            self._segment.announce_epoch(self.view.epoch)  # survivors blocked on the dead abandon the step now
+            _, more, _ = self._drain(in_step)
+            dead = more - all_dead
+            all_dead |= dead
+            in_step = [r for r in in_step if r not in dead]
+        self._repair(t0)
+        raise RanksFailed(frozenset(all_dead), self.view.epoch)
+
+    def _fence(self, ranks: set[int]) -> None:
+        """Cut the failed processes off: close their pipes (a stopped one finds it closed when
+        it wakes, and exits as fenced) and keep them to reap; auto rejoin replaces them."""
+        for r in sorted(ranks):
+            p = self._procs[r]
+            if p is None:
+                continue
+            self._procs[r] = None
+            if p.proc.poll() is None:
+                try:
+                    send(p.conn, ("fenced", f"epoch {self.view.epoch}"))
+                except OSError:
+                    pass
+            self._fenced.append(p)
+            if self.ep.rejoin == "auto":
+                self._pending_rejoin.add(r)
+
+    def _repair(self, t0: float) -> None:
+        active = self.view.active_ranks
+        dead_all = frozenset(r for r in range(self.num_ranks) if r not in active)
+        plan = plan_repair(
+            self.placement, self.held, self.num_ranks, dead_all, expert_bytes=self.expert_bytes,
+            topology=self.ep.topology,
+            backup=torch.ones(self.placement.num_layers, self.placement.num_logical, dtype=torch.bool)
+            if self._backup is not None else None,
+        )
+        copies: dict[int, list[ExpertCopy]] = {}
+        for t in plan.transfers:
+            if t.source_kind == "peer":
+                raise EepError(f"repair chose a peer copy for layer {t.layer} expert {t.expert}: not supported")
+            copies.setdefault(t.dst_rank, []).append(ExpertCopy(t.layer, t.dst_slot, t.expert, t.source_kind))
+        t_plan = time.perf_counter()
+        if copies:
+            # the targets are unlisted in the tables in use: switch to the interim tables first
+            # (they never list a reclaimed slot), then write the weights, then list them
+            self._update_routing_on(active, plan.interim)
+            for rank, payload in self._exchange_all(list(copies), "copy_experts", "copied", copies).items():
+                for c in copies[rank]:
+                    self.held[c.layer, c.slot] = c.expert
+        self.held[:, [s for s in range(self.placement.num_physical) if s // self._per_rank in dead_all]] = -1
+        self._update_routing_on(active, plan.placement)
+        self.placement = plan.placement
+        self.uncovered = plan.uncovered
+        t_done = time.perf_counter()
+        tiers = {1: sum(r.tier == 1 for r in plan.tiers), 2: sum(r.tier == 2 for r in plan.tiers)}
+        record = {
+            "epoch": self.view.epoch, "dead": sorted(dead_all), "tier1_experts": tiers[1], "tier2_experts": tiers[2],
+            "bytes_moved": plan.bytes_moved, "uncovered": len(plan.uncovered), "plan_s": t_plan - t0,
+            "copy_s": t_done - t_plan, "total_s": t_done - t0,
+            "sources": sorted({t.source_kind for t in plan.transfers}),
+        }
+        self.repairs.append(record)
+        self._event("repair", None, f"tier1={tiers[1]} tier2={tiers[2]} bytes={plan.bytes_moved} "
+                    f"uncovered={len(plan.uncovered)} in {t_done - t0:.3f} s")
+        if plan.uncovered and self.ep.on_uncoverable == "pause":
+            self.paused_reason = (f"{len(plan.uncovered)} (layer, expert) pairs have no live replica and the "
+                                  f"survivors have no slot left for them; waiting for a rank to rejoin")
+            self._event("paused", None, self.paused_reason)
+        elif not plan.uncovered and self.paused_reason:
+            self.paused_reason = None
+            self._event("resumed", None, "full coverage")
+
+    @property
+    def _per_rank(self) -> int:
+        return self.placement.num_physical // self.num_ranks
+
+    def _exchange_all(self, ranks: list[int], kind: str, reply: str, payloads: dict[int, object] | None,
+                      message: object = None) -> dict[int, object]:
+        """Send each rank a control message and collect the replies; a rank that fails here is
+        handled like a failure in a step (repair again) by the caller's next step."""
+        for r in ranks:
+            send(self._procs[r].conn, (kind, payloads[r] if payloads is not None else message))  # type: ignore[union-attr]
+        return self._gather(ranks, reply, self.ep.timeout_s)
+
+    def _update_routing_on(self, ranks: tuple[int, ...] | list[int], placement: Placement) -> None:
+        check_tables_only(self._held_placement(placement), placement)
+        self._exchange_all(list(ranks), "routing", "routing", None, placement)
+
+    def _held_placement(self, like: Placement) -> Placement:
+        """`held` as a Placement (for `check_tables_only`); replica lists may overflow, so only
+        the slot map is meaningful."""
+        return Placement(self.held.clone(), like.logical_to_physical_map, like.logical_replica_count)
+
+    # -- reintegration -------------------------------------------------------------------------
+    def rejoin(self, rank: int) -> None:
+        """Start a new process for failed `rank`; it loads while the others serve and is switched
+        in at the first step boundary after it is ready (`at_step_boundary`)."""
+        if not self.ep.elastic:
+            raise ConfigError("rejoin needs fault_policy 'repair'")
+        if self.view.states[rank] is not RankState.FAILED:
+            raise ConfigError(f"rank {rank} is {self.view.states[rank].value}: only a failed rank can rejoin")
+        for p in [p for p in self._fenced if p.rank == rank]:  # the old process must be gone first
+            code = p.close(kill=True)
+            self._fenced.remove(p)
+            self._event("reaped", rank, f"old process exited with code {code}")
+        placement, held_after = plan_rejoin(self.placement, self.held, self.num_ranks, rank,
+                                            self.target.physical_to_logical_map)
+        # the joiner starts with the tables in use (its own slots unlisted) and loads its experts
+        p = self._spawn(rank, self.placement, held_after)
+        self.view = self.view.begin_join(rank, p.proc.pid)
+        self._join_plan[rank] = (placement, held_after)
+        self._event("rejoin_started", rank, f"pid {p.proc.pid}")
+
+    def _joiner_failed(self, rank: int, why: str) -> None:
+        self.view = self.view.fail({rank})
+        self._event("rejoin_failed", rank, why)
+        self._fence({rank})
+
+    def _activate(self, rank: int) -> None:
+        t0 = time.perf_counter()
+        placement, held_after = self._join_plan.pop(rank)
+        rank_cols = slice(rank * self._per_rank, (rank + 1) * self._per_rank)
+        self.held[:, rank_cols] = held_after[:, rank_cols]
+        self.view = self.view.activate(rank)
+        assert self._segment is not None
+        self._segment.announce_epoch(self.view.epoch)
+        self._update_routing_on(self.view.active_ranks, placement)
+        self.placement = placement
+        self.uncovered = ()
+        pause = time.perf_counter() - t0
+        self.repairs.append({"epoch": self.view.epoch, "rejoined": rank, "pause_s": pause})
+        self._event("rejoined", rank, f"switched in, tables updated in {pause * 1e3:.1f} ms")
+        if self.paused_reason:
+            self.paused_reason = None
+            self._event("resumed", None, "full coverage")
+
+    # -- status --------------------------------------------------------------------------------
+    def coverage(self) -> dict[str, int]:
+        """(layer, expert) pairs with 0, 1 and >= 2 live replicas in the tables in use."""
+        counts = self.placement.logical_replica_count
+        return {"none": int((counts == 0).sum()), "one": int((counts == 1).sum()), "two_or_more": int((counts >= 2).sum())}
+
+    def status(self) -> dict[str, object]:
+        return {
+            "view": self.view.to_dict(),
+            "coverage": self.coverage(),
+            "paused": self.paused_reason,
+            "repairs": list(self.repairs),
+            "events": [e.to_dict() for e in self.events],
+        }
+
+    # -- tables and introspection --------------------------------------------------------------
     def update_routing(self, placement: Placement) -> None:
-        """Switch every rank's routing tables to `placement`, in place, between two steps.
+        """Switch every active rank's routing tables to `placement`, in place, between two steps.
 
         Each slot must be given the expert whose weights it holds, or nothing (-1): this moves
         no weights.
         """
-        check_tables_only(self.loaded, placement)  # refused here, before any rank applies it
-        for conn in self._conns:
-            send(conn, ("routing", placement))
-        self._gather("routing", self.ep.timeout_s)
+        check_tables_only(self._held_placement(placement), placement)  # refused here, before any rank applies it
+        self._exchange_all(list(self.view.active_ranks), "routing", "routing", None, placement)
         self.placement = placement
 
+    @property
+    def loaded(self) -> Placement:
+        return self._held_placement(self.placement)
+
     def storage_ptrs(self) -> list[list[int]]:
-        """Per rank: data_ptr of its routing tables and expert slots (they must never move)."""
-        for conn in self._conns:
-            send(conn, ("ptrs", None))
-        return self._gather("ptrs", self.ep.timeout_s)  # type: ignore[return-value]
+        """Per active rank: data_ptr of its routing tables, expert slots and buffers."""
+        replies = self._exchange_all(list(self.view.active_ranks), "ptrs", "ptrs", None)
+        return [replies[r] for r in self.view.active_ranks]  # type: ignore[misc]
 
     def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
+        """The pid of each rank's current process (0 where there is none)."""
+        return [p.proc.pid if p is not None else 0 for p in self._procs]
 
     def close(self) -> None:
         """Stop every rank (politely, then by force), remove the buffers and temp files."""
         if self._segment is not None:  # release any rank blocked on a dead peer, so it reads "stop"
             self._segment.announce_epoch(self._segment.control_epoch + 1)
-        for conn, proc in zip(self._conns, self._procs):
-            if proc.poll() is None:
+        live = [p for p in self._procs if p is not None]
+        for p in live:
+            if p.proc.poll() is None:
                 try:
-                    send(conn, ("stop", None))
+                    send(p.conn, ("stop", None))
                 except OSError:
                     pass
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        for conn in self._conns:
-            conn.close()
-        for fd in self._pidfds:
-            os.close(fd)
-        self._procs, self._conns, self._pidfds = [], [], []
+        for p in live:
+            p.close(kill=False)
+        for p in self._fenced:
+            if p.proc.poll() is None:
+                os.kill(p.proc.pid, signal.SIGKILL)  # also wakes and kills a stopped process
+            p.close(kill=True)
+        self._procs, self._fenced = [None] * self.num_ranks, []
         if self._segment is not None:
             self._segment.close()
             self._segment.unlink()
             self._segment = None
+        if self._board is not None:
+            self._board.close()
+            self._board = None
+        if self._backup is not None:
+            self._backup.close()
+            self._backup = None
         shutil.rmtree(self._tmpdir, ignore_errors=True)

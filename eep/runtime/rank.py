@@ -9,8 +9,10 @@ every exchange.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import pickle
 import time
 from dataclasses import dataclass
@@ -22,10 +24,14 @@ import torch
 from eep.dataplane.dispatch import EPDispatcher
 from eep.engine.worker import ModelWorker, SeqWork
 from eep.errors import ConfigError, DataPlaneError, PeerTimeout, RankFenced
-from eep.model.loader import SlotRange, load_model
-from eep.placement.routing import Placement, check_tables_only
+from eep.runtime.heartbeat import Heartbeat
+from eep.model.checkpoint import CheckpointReader
+from eep.model.loader import SlotRange, load_expert, load_model
+from eep.placement.routing import Placement, check_tables_only, placement_from_phy2log
 
 logger = logging.getLogger(__name__)
+
+EXIT_FENCED = 3  # the exit code of a rank that found itself out of the view (it must rejoin)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,10 @@ class RankSpec:
     rendezvous: str  # shm: segment name; gloo: init_method (file://...)
     timeout_s: float  # every data-plane wait
     poll_s: float = 1.0  # how often an idle rank checks that its parent is alive
+    heartbeat: str | None = None  # the controller's heartbeat board (shm file name)
+    heartbeat_interval_s: float = 0.1
+    backup: str | None = None  # the host expert backup (shm file name), a repair source
+    held: torch.Tensor | None = None  # [L, P] experts to load into the slots (default: placement's)
 
     @property
     def slots(self) -> SlotRange:
@@ -84,15 +94,30 @@ def _exchange(spec: RankSpec):  # type: ignore[no-untyped-def]
     return ShmExchange(endpoint, spec.num_ranks)
 
 
+@dataclass(frozen=True, slots=True)
+class ExpertCopy:
+    """A repair's order to a rank: write `expert` of MoE layer `layer` into global slot `slot`,
+    reading it from `source` ("backup" or "disk")."""
+
+    layer: int
+    slot: int
+    expert: int
+    source: str
+
+
 class RankState:
     """What a rank process holds between steps: its model worker and its data-plane exchange."""
 
     def __init__(self, spec: RankSpec) -> None:
         self.spec = spec
+        held = spec.held if spec.held is not None else spec.placement.physical_to_logical_map
+        self.held = held.clone()  # the expert whose weights each of this rank's slots holds
+        loading = placement_from_phy2log(held, spec.placement.num_logical, spec.placement.max_replicas)
         model = load_model(
-            spec.model_path, dtype=spec.dtype, max_len=spec.max_model_len, placement=spec.placement,
+            spec.model_path, dtype=spec.dtype, max_len=spec.max_model_len, placement=loading,
             slots=spec.slots, progress=False,
         )
+        model.tables.update_(spec.placement)
         self.exchange = _exchange(spec)
         self.exchange_timings: list[float] = []  # every dispatch/combine of the current step, in order
         for layer in model.moe_layers():
@@ -118,8 +143,49 @@ class RankState:
         emptied (-1), never be given an expert it does not hold: moving weights is not a table
         update."""
         slots = range(self.spec.slots.offset, self.spec.slots.offset + self.spec.slots.count)
-        check_tables_only(self.spec.placement, placement, slots)  # against the weights loaded
+        held = placement_from_phy2log(self.held, placement.num_logical, self.held.shape[1])
+        check_tables_only(held, placement, slots)  # against the weights loaded
         self.worker.model.tables.update_(placement)
+
+    def copy_experts(self, copies: list[ExpertCopy]) -> list[float]:
+        """Write each copy's expert into its slot (the slot must be one of this rank's and not
+        be listed in the tables in use); returns each copy's seconds."""
+        spec, model = self.spec, self.worker.model
+        layers = model.moe_layers()
+        tables = model.tables.physical_to_logical_map
+        backup = reader = None
+        times = []
+        try:
+            for c in copies:
+                local = c.slot - spec.slots.offset
+                if not 0 <= local < spec.slots.count:
+                    raise ConfigError(f"slot {c.slot} is not on rank {spec.rank}")
+                if int(tables[c.layer, c.slot]) not in (-1, c.expert):
+                    raise ConfigError(f"layer {c.layer} slot {c.slot} is in use by expert {int(tables[c.layer, c.slot])}")
+                start = time.perf_counter()
+                w13, w2 = layers[c.layer].w13[local], layers[c.layer].w2[local]
+                if c.source == "backup" and spec.backup is not None:
+                    if backup is None:
+                        from eep.runtime.expert_backup import ExpertBackup
+
+                        backup = ExpertBackup.attach(spec.backup, model.cfg, model.dtype)
+                    src13, src2 = backup.get(c.layer, c.expert)
+                    w13.copy_(src13)
+                    w2.copy_(src2)
+                elif c.source in ("backup", "disk"):
+                    if reader is None:
+                        reader = CheckpointReader(spec.model_path)
+                    load_expert(w13, w2, reader, c.layer, c.expert)
+                else:
+                    raise ConfigError(f"unknown expert source {c.source!r}")
+                self.held[c.layer, c.slot] = c.expert
+                times.append(time.perf_counter() - start)
+        finally:
+            if backup is not None:
+                backup.close()
+            if reader is not None:
+                reader.close()
+        return times
 
     def storage_ptrs(self) -> list[int]:
         """data_ptr of everything that must never be reallocated: routing tables, expert slots
@@ -149,25 +215,40 @@ def recv(conn: Connection) -> Any:
 def rank_main(spec: RankSpec, conn: Connection) -> None:
     """Entry point of a rank process: serve steps from `conn` until told to stop."""
     torch.set_num_threads(1)  # N ranks share the host's cores: one thread each, no oversubscription
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack (debugging)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(levelname)s %(name)s: %(message)s")
     parent = os.getppid()
-    state = RankState(spec)
+    heartbeat = Heartbeat(spec.heartbeat, spec.rank, spec.heartbeat_interval_s) if spec.heartbeat else None
+    try:
+        _serve(spec, conn, RankState(spec), parent)
+    except (BrokenPipeError, ConnectionResetError):  # the controller dropped this process: fenced
+        logger.warning("rank %d: the controller closed the pipe; exiting as fenced", spec.rank)
+        raise SystemExit(EXIT_FENCED) from None
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
+
+
+def _serve(spec: RankSpec, conn: Connection, state: RankState, parent: int) -> None:
     send(conn, ("ready", os.getpid()))
     while True:
         if not conn.poll(spec.poll_s):
             if os.getppid() != parent:  # the executor is gone: nobody will ever send a step
                 return
             continue
-        kind, payload = recv(conn)
+        try:
+            kind, payload = recv(conn)
+        except EOFError:  # the executor closed our pipe: it is gone or has replaced us
+            return
         if kind == "step":
             try:
                 send(conn, ("tokens", state.step(payload)))
             except PeerTimeout as e:  # a silent peer: report it; the executor decides what follows
                 logger.warning("step aborted: %s", e)
                 send(conn, ("peer_timeout", e.peer))
-            except RankFenced as e:  # a newer process holds this rank: this one must go
+            except RankFenced as e:  # a newer view or process excludes this one: it must go
                 logger.warning("fenced: %s", e)
-                return
+                raise SystemExit(EXIT_FENCED) from None
             except DataPlaneError as e:  # aborted by the controller, or out of step: nothing committed
                 logger.warning("step aborted: %s", e)
                 send(conn, ("aborted", str(e)))
@@ -177,10 +258,18 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
                 send(conn, ("routing", None))
             except ConfigError as e:
                 send(conn, ("error", str(e)))
+        elif kind == "copy_experts":
+            try:
+                send(conn, ("copied", state.copy_experts(payload)))
+            except ConfigError as e:
+                send(conn, ("error", str(e)))
         elif kind == "ptrs":
             send(conn, ("ptrs", state.storage_ptrs()))
         elif kind == "stop":
             return
+        elif kind == "fenced":  # the view moved on without this process
+            logger.warning("rank %d fenced by the controller: %s", spec.rank, payload)
+            raise SystemExit(EXIT_FENCED)
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,65 @@
+"""Plain controller-owned shared-memory files (heartbeats, the host expert backup, KV-free state).
+
+Same rules as the data-plane segment (see `eep.dataplane.shm`): created by the controller,
+mode 0600, fully allocated up front, named `eep-{creator pid}-{kind}-{token}` so that
+`sweep_orphans` removes the files of a SIGKILLed creator, removed by the creator on close
+or exit. A rank attaches by name; its death leaves the file intact.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import weakref
+
+from eep.dataplane.shm import NAME_PREFIX, SHM_DIR, _unlink_if_creator
+from eep.errors import SegmentError
+
+
+class ShmFile:
+    """One mapped file in /dev/shm: `create` in the controller, `attach` in a rank."""
+
+    def __init__(self, name: str, mm: mmap.mmap, *, created: bool) -> None:
+        self.name, self.mm, self.created = name, mm, created
+        self._finalizer = weakref.finalize(self, _unlink_if_creator, self.path, os.getpid()) if created else None
+
+    @property
+    def path(self) -> str:
+        return str(SHM_DIR / self.name)
+
+    @classmethod
+    def create(cls, kind: str, nbytes: int) -> ShmFile:
+        name = f"{NAME_PREFIX}{os.getpid()}-{kind}-{secrets.token_hex(4)}"
+        fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.posix_fallocate(fd, 0, max(nbytes, 1))  # a full /dev/shm fails here, not with SIGBUS later
+            mm = mmap.mmap(fd, max(nbytes, 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(SHM_DIR / name)
+            raise
+        os.close(fd)
+        return cls(name, mm, created=True)
+
+    @classmethod
+    def attach(cls, name: str) -> ShmFile:
+        try:
+            fd = os.open(SHM_DIR / name, os.O_RDWR)
+        except FileNotFoundError:
+            raise SegmentError(f"no shm file {name} in {SHM_DIR}: is the controller up?") from None
+        try:
+            mm = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return cls(name, mm, created=False)
+
+    def close(self) -> None:
+        """Unmap (views still alive keep the memory until freed) and, in the creator, remove."""
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+        if self._finalizer is not None:
+            self._finalizer()  # unlinks once, in the creator only
