@@ -82,7 +82,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             _model_path(args), dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs
         ),
         socket_path=args.socket,
-        ep=EPConfig(ep_size=args.ep_size, num_redundant_experts=args.ep_num_redundant_experts, backend=args.ep_backend),
+        ep=EPConfig(
+            ep_size=args.ep_size, num_redundant_experts=args.ep_num_redundant_experts, backend=args.ep_backend,
+            fault_policy=args.fault_policy, failure_timeout_s=args.failure_timeout, rejoin=args.rejoin,
+            on_uncoverable=args.on_uncoverable, num_spare_slots=args.ep_spare_slots,
+            expert_backup=not args.no_expert_backup,
+        ),
         request_timeout_s=args.request_timeout,
     )
 
@@ -137,6 +142,24 @@ def _cmd_bench_steady(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_recovery(args: argparse.Namespace) -> int:
+    from eep.bench.recovery import run_recovery_bench
+
+    result = run_recovery_bench(
+        _model_path(args), ep_size=args.ep_size, victim=args.victim, concurrency=args.concurrency,
+        prompt_len=args.prompt_len, output_len=args.output_len, fault_at_s=args.fault_at,
+        rejoin_after_s=args.rejoin_after, num_redundant_experts=args.ep_num_redundant_experts,
+        failure_timeout_s=args.failure_timeout, dtype=args.dtype, seed=args.seed,
+    )
+    summary = {k: result[k] for k in ("recovery_pause_s", "reintegration_pause_s", "time_to_95_s",
+                                       "requests_lost", "outputs_differing")}
+    if args.json:  # the whole record (series, events); the summary goes to stdout
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _write_json(result: dict[str, object], path: str | None) -> None:
     text = json.dumps(result, indent=2)
     if path:
@@ -175,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ep-size", type=int, default=_default(EPConfig, "ep_size"), help="expert-parallel rank processes")
     srv.add_argument("--ep-num-redundant-experts", type=int, default=_default(EPConfig, "num_redundant_experts"))
     srv.add_argument("--ep-backend", choices=["shm", "gloo"], default=_default(EPConfig, "backend"))
+    srv.add_argument("--fault-policy", choices=["repair", "none"], default=None,
+                     help="repair: survive rank failures (shm default); none: fixed membership (gloo default)")
+    srv.add_argument("--failure-timeout", type=float, default=_default(EPConfig, "failure_timeout_s"),
+                     help="seconds of heartbeat silence that confirm a failed rank")
+    srv.add_argument("--rejoin", choices=["manual", "auto"], default=_default(EPConfig, "rejoin"),
+                     help="auto: restart a failed rank at once; manual: only when asked")
+    srv.add_argument("--on-uncoverable", choices=["pause", "degrade"], default=_default(EPConfig, "on_uncoverable"),
+                     help="when survivors cannot hold every expert: pause admission, or serve degraded")
+    srv.add_argument("--ep-spare-slots", type=int, default=None,
+                     help="empty expert slots per rank kept for repairs (default: enough for one rank's experts)")
+    srv.add_argument("--no-expert-backup", action="store_true", help="no host-memory expert copy (repairs read the disk)")
     srv.add_argument("--max-model-len", type=int, default=_default(EngineConfig, "max_model_len"))
     srv.add_argument("--max-num-seqs", type=int, default=_default(EngineConfig, "max_num_seqs"))
     srv.add_argument("--socket", default=default_socket(), help="Unix socket path (default: %(default)s)")
@@ -215,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     steady.add_argument("--seed", type=int, default=0)
     steady.add_argument("--json", help="write the result here")
     steady.set_defaults(func=_cmd_bench_steady)
+    rec = bench_sub.add_parser("recovery", help="recovery and reintegration pauses after one SIGKILLed rank, under load")
+    _add_model_args(rec)
+    rec.add_argument("--ep-size", type=int, default=4)
+    rec.add_argument("--victim", type=int, default=1, help="the rank to kill")
+    rec.add_argument("--concurrency", type=int, default=32, help="requests kept running (closed loop)")
+    rec.add_argument("--prompt-len", type=int, default=32)
+    rec.add_argument("--output-len", type=int, default=48)
+    rec.add_argument("--fault-at", type=float, default=4.0, help="seconds of steady serving before the kill")
+    rec.add_argument("--rejoin-after", type=float, default=3.0, help="seconds from the kill to the rejoin request")
+    rec.add_argument("--ep-num-redundant-experts", type=int, default=0)
+    rec.add_argument("--failure-timeout", type=float, default=1.0)
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--json", help="write the result here")
+    rec.set_defaults(func=_cmd_bench_recovery)
     return parser
 
 

@@ -132,7 +132,8 @@ def test_storage_never_moves_across_steps_and_table_updates(
 
 
 def test_stopped_rank_is_named_within_the_timeout(instance, prompts: list[list[int]]) -> None:  # type: ignore[no-untyped-def]
-    engine = instance(ep_size=4, timeout_s=1.5)
+    """Fixed membership (fault_policy none): the data-plane wait itself names the silent peer."""
+    engine = instance(ep_size=4, timeout_s=1.5, fault_policy="none")
     victim = 2
     os.kill(engine.executor.pids()[victim], signal.SIGSTOP)
     start = time.monotonic()

@@ -262,8 +262,10 @@ def test_engine_loop_close_fails_pending_requests(model_dir: Path) -> None:
 
 
 def test_engine_loop_after_a_rank_dies(model_dir: Path, reference: dict) -> None:  # type: ignore[type-arg]
+    """With fault_policy none (fixed membership) a dead rank ends the instance: the loop turns
+    unhealthy and says why; with the default (repair) the loop serves on, exactly."""
     config = EngineConfig(str(model_dir), dtype="float32", max_model_len=MAX_MODEL_LEN, progress=False)
-    loop = EngineLoop(build_engine(config, EPConfig(ep_size=2, timeout_s=1.5)))
+    loop = EngineLoop(build_engine(config, EPConfig(ep_size=2, timeout_s=1.5, fault_policy="none")))
     pids = loop.engine.executor.pids()  # type: ignore[attr-defined]
     try:
         assert loop.submit(PROMPTS[0], PARAMS[0]).result(timeout=60).output_ids == reference[tuple(PROMPTS[0])]
@@ -272,6 +274,17 @@ def test_engine_loop_after_a_rank_dies(model_dir: Path, reference: dict) -> None
         assert error is not None and error is loop.error and not loop.healthy
         later = loop.submit(PROMPTS[1], PARAMS[1]).exception(timeout=1)
         assert isinstance(later, EngineUnavailable) and "restart" in str(later)
+    finally:
+        loop.close(timeout_s=30)
+    assert not any(_alive(p) for p in pids)
+
+    loop = EngineLoop(build_engine(config, EPConfig(ep_size=2, timeout_s=5.0)))
+    pids = loop.engine.executor.pids()  # type: ignore[attr-defined]
+    try:
+        os.kill(pids[1], signal.SIGKILL)
+        for prompt, params in zip(PROMPTS, PARAMS):
+            assert loop.submit(prompt, params).result(timeout=60).output_ids == reference[tuple(prompt)]
+        assert loop.healthy
     finally:
         loop.close(timeout_s=30)
     assert not any(_alive(p) for p in pids)

@@ -60,6 +60,7 @@ BACKENDS = ("shm", "gloo")
 FAULT_POLICIES = ("repair", "none")
 REJOIN_POLICIES = ("manual", "auto")
 UNCOVERABLE_POLICIES = ("pause", "degrade")
+_MAX_RETRIES = 3
 
 
 class RankFailed(EepError):
@@ -78,7 +79,7 @@ class EPConfig:
     timeout_s: float = 30.0  # a data-plane wait this long on a live (heartbeating) peer fails it
     failure_timeout_s: float = 1.0  # heartbeat silence that confirms a stopped or hung rank
     start_timeout_s: float = 120.0  # rank start-up: import torch, load weights
-    fault_policy: str = "repair"
+    fault_policy: str | None = None  # "repair" | "none"; default: repair on shm, none on gloo (fixed)
     rejoin: str = "manual"
     on_uncoverable: str = "pause"
     num_spare_slots: int | None = None  # empty slots per rank for tier-2 repair; None: enough for one rank's experts
@@ -86,6 +87,8 @@ class EPConfig:
     topology: Topology = field(default_factory=Topology)
 
     def __post_init__(self) -> None:
+        if self.fault_policy is None:
+            object.__setattr__(self, "fault_policy", "repair" if self.backend == "shm" else "none")
         if self.ep_size < 1:
             raise ConfigError(f"ep_size must be >= 1, got {self.ep_size}")
         if self.num_redundant_experts < 0:
@@ -161,6 +164,7 @@ class EPExecutor:
         self._procs: list[_Proc | None] = [None] * ep.ep_size
         self._fenced: list[_Proc] = []  # failed processes that may still be alive (stopped)
         self._pending_rejoin: set[int] = set()
+        self._retries = 0  # consecutive steps abandoned without a failure
         self._join_plan: dict[int, tuple[Placement, torch.Tensor]] = {}
         self.last_step: list[StepResult] = []  # per active rank: the timings of the last step
         try:
@@ -185,8 +189,11 @@ class EPExecutor:
     def _make_rendezvous(self, cfg: ModelConfig, dtype: torch.dtype) -> str:
         if self.ep.backend == "gloo":
             return f"file://{self._tmpdir}/gloo-store"
-        # a region carries at most one step's tokens of one rank: ids + weights + hidden row each
-        row = cfg.top_k * 12 + cfg.hidden_size * torch.empty(0, dtype=dtype).element_size()
+        # A region carries at most one step's tokens of one rank: dispatch sends ids + weights +
+        # hidden row per token, combine one hidden row per (token, k) pair (not pre-summed, see
+        # eep.dataplane.dispatch), so up to top_k rows per token.
+        hidden_bytes = cfg.hidden_size * torch.empty(0, dtype=dtype).element_size()
+        row = max(cfg.top_k * 12 + hidden_bytes, cfg.top_k * hidden_bytes)
         layout = ShmLayout(num_ranks=self.num_ranks, region_bytes=self.config.max_num_batched_tokens * row)
         sweep_orphans()  # segments of controllers that were SIGKILLed (they could not remove them)
         self._segment = ShmSegment.create(layout)
@@ -308,6 +315,9 @@ class EPExecutor:
         if failed:
             self._handle_failure(frozenset(failed), unfinished)
         if retry:  # no one failed, but the step is broken: abort it everywhere, run it again
+            self._retries += 1
+            if self._retries > _MAX_RETRIES:
+                raise DataPlaneError(f"the same step failed {self._retries} times without a rank failure: {retry}")
             self.view = self.view.bump()
             assert self._segment is not None
             self._segment.announce_epoch(self.view.epoch)
@@ -316,6 +326,7 @@ class EPExecutor:
             if more:
                 self._handle_failure(frozenset(more), [])
             raise StepRetry(retry)
+        self._retries = 0
         self.last_step = [results[r] for r in active]
         return [results[r].tokens if r in results else [] for r in range(self.num_ranks)]
 
@@ -422,10 +433,10 @@ class EPExecutor:
             in_step = [r for r in in_step if r not in dead]
             assert self._segment is not None
             self._segment.announce_epoch(self.view.epoch)  # survivors blocked on the dead abandon the step now
-            _, more, _ = self._drain(in_step)
+            answered, more, _ = self._drain(in_step)
             dead = more - all_dead
             all_dead |= dead
-            in_step = [r for r in in_step if r not in dead]
+            in_step = [r for r in in_step if r not in dead and r not in answered]
         self._repair(t0)
         raise RanksFailed(frozenset(all_dead), self.view.epoch)
 
