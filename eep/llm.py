@@ -18,6 +18,7 @@ from eep.config import EngineConfig
 from eep.engine.engine import Executor, LLMEngine, Prompt
 from eep.engine.request import RequestOutput
 from eep.engine.sampling import SamplingParams
+from eep.errors import ConfigError
 
 if TYPE_CHECKING:
     from eep.runtime.executor import EPConfig
@@ -76,6 +77,24 @@ class LLM:
         if isinstance(prompts, str):
             prompts = [prompts]
         return self.engine.generate(prompts, sampling_params or SamplingParams())
+
+    def status(self) -> dict[str, object]:
+        """Membership view, expert coverage (experts with 0 / 1 / >= 2 live replicas), whether
+        admission is paused and why, the repairs and the event timeline (expert-parallel
+        instances; a single-process instance has one rank and no events)."""
+        status = getattr(self.engine.executor, "status", None)
+        if status is None:
+            return {"view": {"epoch": 0, "ranks": [{"rank": 0, "state": "active"}], "active": [0]},
+                    "coverage": None, "paused": None, "degraded": False, "repairs": [], "events": []}
+        return status()
+
+    def rejoin(self, rank: int) -> None:
+        """Start a replacement for failed `rank`; it is switched in by a later `generate` step
+        once it has loaded (rejoin "manual"; with "auto" the instance does this itself)."""
+        rejoin = getattr(self.engine.executor, "rejoin", None)
+        if rejoin is None:
+            raise ConfigError("rejoin needs an expert-parallel instance (ep_size > 1)")
+        rejoin(rank)
 
     def close(self) -> None:
         self.engine.close()

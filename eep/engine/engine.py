@@ -160,8 +160,13 @@ class LLMEngine:
         call runs the step again.
         """
         boundary = getattr(self.executor, "at_step_boundary", None)
-        if boundary is not None and (joined := boundary()):
-            self._rebalance(joined)
+        if boundary is not None:
+            try:
+                if joined := boundary():
+                    self._rebalance(joined)
+            except RanksFailed:  # a rank died while another was being switched in
+                self._readmit_orphans()
+                return []
         if self.paused_reason is not None:
             time.sleep(0.01)  # nothing can run until a rank rejoins; do not spin the caller
             return []

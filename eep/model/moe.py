@@ -97,7 +97,14 @@ class MoELayer(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`x [T, H]` -> physical slots `[T, K]` int64 and weights `[T, K]` float32."""
         topk_ids, topk_weights = self.router(x)
-        return self.tables.to_physical(self.moe_index, topk_ids), topk_weights
+        slots = self.tables.to_physical(self.moe_index, topk_ids)
+        missing = slots < 0  # experts without a live replica: only in degraded mode
+        if bool(missing.any()):
+            # mask them and renormalise the rest to the original total (1, or DeepSeek's scaling)
+            kept = topk_weights.masked_fill(missing, 0.0)
+            total, left = topk_weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
+            topk_weights = torch.where(left > 0, kept * (total / left.clamp(min=1e-30)), kept)
+        return slots, topk_weights
 
     def local_experts(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This process's expert compute (between dispatch and combine); see `run_experts`."""

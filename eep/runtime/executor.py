@@ -165,7 +165,6 @@ class EPExecutor:
         self._fenced: list[_Proc] = []  # failed processes that may still be alive (stopped)
         self._pending_rejoin: set[int] = set()
         self._retries = 0  # consecutive steps abandoned without a failure
-        self._join_plan: dict[int, tuple[Placement, torch.Tensor]] = {}
         self.last_step: list[StepResult] = []  # per active rank: the timings of the last step
         try:
             self._rendezvous = self._make_rendezvous(cfg, dtype)
@@ -232,31 +231,43 @@ class EPExecutor:
             self._procs[rank].ready = True  # type: ignore[union-attr]
 
     def _gather(self, ranks: list[int], kind: str, timeout_s: float) -> dict[int, object]:
-        """One reply of `kind` from each of `ranks`, outside a step: any failure is fatal here
-        (RankFailed); steps have their own, recovering gather."""
+        """One reply of `kind` from each of `ranks`, outside a step. A rank that exits, closes
+        its pipe, answers out of turn or not within `timeout_s` raises RankFailed, but only
+        after every other rank's reply was read, so that no stale reply is left in a pipe."""
         replies: dict[int, object] = {}
+        failures: list[RankFailed] = []
+        refused: list[str] = []
         pending = set(ranks)
         deadline = time.monotonic() + timeout_s
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RankFailed(min(pending), f"no {kind!r} reply within {timeout_s:.1f} s")
+                failures += [RankFailed(r, f"no {kind!r} reply within {timeout_s:.1f} s") for r in sorted(pending)]
+                break
             procs = {r: self._procs[r] for r in pending}
             ready = wait([p.conn for p in procs.values()] + [p.pidfd for p in procs.values()], left)  # type: ignore[union-attr]
             for r, p in sorted(procs.items()):
-                if p.conn in ready:  # type: ignore[union-attr]
-                    try:
-                        got, payload = recv(p.conn)  # type: ignore[union-attr]
-                    except (EOFError, OSError):
-                        raise RankFailed(r, "its pipe closed") from None
-                    if got == "error":
-                        raise ConfigError(f"rank {r} refused a {kind!r} request: {payload}")
-                    if got != kind:
-                        raise RankFailed(r, f"answered {got!r} instead of {kind!r}")
-                    replies[r] = payload
+                assert p is not None
+                if p.conn in ready:
                     pending.discard(r)
-                elif p.pidfd in ready:  # type: ignore[union-attr]
-                    raise RankFailed(r, f"process exited with code {p.proc.wait(timeout=5)}")  # type: ignore[union-attr]
+                    try:
+                        got, payload = recv(p.conn)
+                    except (EOFError, OSError):
+                        failures.append(RankFailed(r, "its pipe closed"))
+                        continue
+                    if got == "error":
+                        refused.append(f"rank {r} refused a {kind!r} request: {payload}")
+                    elif got != kind:
+                        failures.append(RankFailed(r, f"answered {got!r} instead of {kind!r}"))
+                    else:
+                        replies[r] = payload
+                elif p.pidfd in ready:
+                    pending.discard(r)
+                    failures.append(RankFailed(r, f"process exited with code {p.proc.wait(timeout=5)}"))
+        if failures:
+            raise failures[0]
+        if refused:
+            raise ConfigError("; ".join(refused))
         return replies
 
     def _event(self, kind: str, rank: int | None = None, detail: str = "") -> None:
@@ -458,8 +469,24 @@ class EPExecutor:
                 self._pending_rejoin.add(r)
 
     def _repair(self, t0: float) -> None:
+        """Plan and carry out the repair of the current view; a rank that fails meanwhile leaves
+        the view too and the repair is planned again from what is known to be held."""
+        while True:
+            try:
+                self._repair_once(t0)
+                return
+            except RankFailed as e:
+                self._event("fault_seen", e.rank, f"during repair: {e}")
+                self.view = self.view.fail({e.rank})
+                self._fence({e.rank})
+                assert self._segment is not None
+                self._segment.announce_epoch(self.view.epoch)
+                self._event("view_committed", None, f"failed [{e.rank}]; active {list(self.view.active_ranks)}")
+
+    def _repair_once(self, t0: float) -> None:
         active = self.view.active_ranks
         dead_all = frozenset(r for r in range(self.num_ranks) if r not in active)
+        self.held[:, [s for s in range(self.placement.num_physical) if s // self._per_rank in dead_all]] = -1
         plan = plan_repair(
             self.placement, self.held, self.num_ranks, dead_all, expert_bytes=self.expert_bytes,
             topology=self.ep.topology,
@@ -472,14 +499,23 @@ class EPExecutor:
                 raise EepError(f"repair chose a peer copy for layer {t.layer} expert {t.expert}: not supported")
             copies.setdefault(t.dst_rank, []).append(ExpertCopy(t.layer, t.dst_slot, t.expert, t.source_kind))
         t_plan = time.perf_counter()
+        experts: list[dict[str, object]] = [
+            {"layer": r.layer, "expert": r.expert, "tier": 1, "source": None, "seconds": 0.0}
+            for r in plan.tiers if r.tier == 1
+        ]
         if copies:
-            # the targets are unlisted in the tables in use: switch to the interim tables first
-            # (they never list a reclaimed slot), then write the weights, then list them
+            # The targets are unlisted in the interim tables (they never list a reclaimed slot):
+            # switch to them, forget what the targets held (a copy cut short leaves a slot
+            # with no known content), write the weights, then list them.
             self._update_routing_on(active, plan.interim)
-            for rank, payload in self._exchange_all(list(copies), "copy_experts", "copied", copies).items():
-                for c in copies[rank]:
+            for rank_copies in copies.values():
+                for c in rank_copies:
+                    self.held[c.layer, c.slot] = -1
+            for rank, seconds in self._exchange_all(list(copies), "copy_experts", "copied", copies).items():
+                for c, sec in zip(copies[rank], seconds):  # type: ignore[call-overload]
                     self.held[c.layer, c.slot] = c.expert
-        self.held[:, [s for s in range(self.placement.num_physical) if s // self._per_rank in dead_all]] = -1
+                    experts.append({"layer": c.layer, "expert": c.expert, "tier": 2, "source": c.source,
+                                    "rank": rank, "seconds": sec})
         self._update_routing_on(active, plan.placement)
         self.placement = plan.placement
         self.uncovered = plan.uncovered
@@ -490,6 +526,7 @@ class EPExecutor:
             "bytes_moved": plan.bytes_moved, "uncovered": len(plan.uncovered), "plan_s": t_plan - t0,
             "copy_s": t_done - t_plan, "total_s": t_done - t0,
             "sources": sorted({t.source_kind for t in plan.transfers}),
+            "experts": experts,  # per repaired (layer, expert): tier, source, seconds
         }
         self.repairs.append(record)
         self._event("repair", None, f"tier1={tiers[1]} tier2={tiers[2]} bytes={plan.bytes_moved} "
@@ -498,6 +535,10 @@ class EPExecutor:
             self.paused_reason = (f"{len(plan.uncovered)} (layer, expert) pairs have no live replica and the "
                                   f"survivors have no slot left for them; waiting for a rank to rejoin")
             self._event("paused", None, self.paused_reason)
+        elif plan.uncovered:
+            logger.warning("DEGRADED: %d (layer, expert) pairs have no live replica; serving with them masked "
+                           "and the remaining top-k weights renormalised", len(plan.uncovered))
+            self._event("degraded", None, f"{len(plan.uncovered)} (layer, expert) pairs masked")
         elif not plan.uncovered and self.paused_reason:
             self.paused_reason = None
             self._event("resumed", None, "full coverage")
@@ -510,9 +551,17 @@ class EPExecutor:
                       message: object = None) -> dict[int, object]:
         """Send each rank a control message and collect the replies; a rank that fails here is
         handled like a failure in a step (repair again) by the caller's next step."""
+        sent, broken = [], []
         for r in ranks:
-            send(self._procs[r].conn, (kind, payloads[r] if payloads is not None else message))  # type: ignore[union-attr]
-        return self._gather(ranks, reply, self.ep.timeout_s)
+            try:
+                send(self._procs[r].conn, (kind, payloads[r] if payloads is not None else message))  # type: ignore[union-attr]
+                sent.append(r)
+            except OSError as e:
+                broken.append(RankFailed(r, f"its pipe is closed ({e.__class__.__name__})"))
+        replies = self._gather(sent, reply, self.ep.timeout_s)  # read every reply before raising
+        if broken:
+            raise broken[0]
+        return replies
 
     def _update_routing_on(self, ranks: tuple[int, ...] | list[int], placement: Placement) -> None:
         check_tables_only(self._held_placement(placement), placement)
@@ -535,12 +584,11 @@ class EPExecutor:
             code = p.close(kill=True)
             self._fenced.remove(p)
             self._event("reaped", rank, f"old process exited with code {code}")
-        placement, held_after = plan_rejoin(self.placement, self.held, self.num_ranks, rank,
-                                            self.target.physical_to_logical_map)
-        # the joiner starts with the tables in use (its own slots unlisted) and loads its experts
+        # The joiner loads its slots of the balanced target placement and starts with the tables
+        # in use (its own slots unlisted); the tables that list them are made when it is ready.
+        _, held_after = plan_rejoin(self.placement, self.held, self.num_ranks, rank, self.target.physical_to_logical_map)
         p = self._spawn(rank, self.placement, held_after)
         self.view = self.view.begin_join(rank, p.proc.pid)
-        self._join_plan[rank] = (placement, held_after)
         self._event("rejoin_started", rank, f"pid {p.proc.pid}")
 
     def _joiner_failed(self, rank: int, why: str) -> None:
@@ -549,20 +597,32 @@ class EPExecutor:
         self._fence({rank})
 
     def _activate(self, rank: int) -> None:
+        """Switch the ready joiner in at this step boundary: epoch + 1, tables listing its
+        slots written in place on every active rank (healthy ranks do nothing else)."""
         t0 = time.perf_counter()
-        placement, held_after = self._join_plan.pop(rank)
-        rank_cols = slice(rank * self._per_rank, (rank + 1) * self._per_rank)
-        self.held[:, rank_cols] = held_after[:, rank_cols]
+        loaded = self.target.physical_to_logical_map  # the joiner loaded its slots of the target
+        placement, self.held = plan_rejoin(self.placement, self.held, self.num_ranks, rank, loaded)
         self.view = self.view.activate(rank)
         assert self._segment is not None
         self._segment.announce_epoch(self.view.epoch)
-        self._update_routing_on(self.view.active_ranks, placement)
+        try:
+            self._update_routing_on(self.view.active_ranks, placement)
+        except RankFailed as e:  # the joiner or a survivor died while switching: a failure like any other
+            self._event("fault_seen", e.rank, f"during reintegration: {e}")
+            self.view = self.view.fail({e.rank})
+            self._fence({e.rank})
+            self._segment.announce_epoch(self.view.epoch)
+            self._event("view_committed", None, f"failed [{e.rank}]; active {list(self.view.active_ranks)}")
+            self._repair(t0)
+            raise RanksFailed(frozenset({e.rank}), self.view.epoch) from None
         self.placement = placement
-        self.uncovered = ()
+        self.uncovered = tuple(
+            (int(layer), int(expert)) for layer, expert in torch.nonzero(placement.logical_replica_count == 0).tolist()
+        )
         pause = time.perf_counter() - t0
         self.repairs.append({"epoch": self.view.epoch, "rejoined": rank, "pause_s": pause})
         self._event("rejoined", rank, f"switched in, tables updated in {pause * 1e3:.1f} ms")
-        if self.paused_reason:
+        if self.paused_reason and not self.uncovered:
             self.paused_reason = None
             self._event("resumed", None, "full coverage")
 
@@ -577,6 +637,7 @@ class EPExecutor:
             "view": self.view.to_dict(),
             "coverage": self.coverage(),
             "paused": self.paused_reason,
+            "degraded": bool(self.uncovered) and self.paused_reason is None,
             "repairs": list(self.repairs),
             "events": [e.to_dict() for e in self.events],
         }
