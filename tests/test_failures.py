@@ -258,6 +258,22 @@ def test_kill_during_repair_and_during_reintegration(
     assert _outputs(_run(engine, PROMPTS)) == reference
 
 
+def test_rejoin_auto_brings_the_rank_back_by_itself(model_dir: Path, reference: list[list[int]]) -> None:
+    engine = _instance(model_dir, rejoin="auto")
+    try:
+        ex = _executor(engine)
+        reqs = _run(engine, PROMPTS, at_step=3, victims=(1,))
+        assert _outputs(reqs) == reference
+        deadline = time.monotonic() + 60
+        while ex.view.states[1] is not RankState.ACTIVE:
+            assert time.monotonic() < deadline, ex.status()["events"]
+            engine.step()
+            time.sleep(0.05)
+        assert _outputs(_run(engine, PROMPTS)) == reference
+    finally:
+        engine.close()
+
+
 def test_redundant_replicas_make_repair_tier1_only(model_dir: Path, reference: list[list[int]]) -> None:
     engine = _instance(model_dir, num_redundant_experts=64)
     try:

@@ -15,11 +15,13 @@ from hypothesis import strategies as st
 
 from eep.errors import ConfigError
 from eep.placement.eplb import plan_placement
-from eep.placement.repair import Relocation, RepairPlan, plan_repair, schedule_transfers
+from eep.placement.repair import Relocation, RepairPlan, plan_rejoin, plan_repair, schedule_transfers
 from eep.placement.routing import Placement, check_tables_only, placement_from_phy2log, without_slots
 from eep.placement.topology import Topology
 
 GB = 10**9
+# the hand-computed examples below use round figures, not the measured defaults
+HAND = Topology(peer_bytes_per_s=5 * GB, backup_bytes_per_s=5 * GB, disk_bytes_per_s=GB)
 
 
 @st.composite
@@ -181,7 +183,7 @@ def test_enough_redundancy_is_tier_one_only(num_experts: int, num_ranks: int, nu
     dead_slots = torch.tensor([p // (slots // num_ranks) in dead for p in range(slots)]).expand(num_layers, slots)
     survivors = without_slots(tables, dead_slots)
     assume(bool((survivors.logical_replica_count > 0).all()))  # every expert has a replica elsewhere
-    plan = plan_repair(tables, tables.physical_to_logical_map, num_ranks, dead, expert_bytes=GB, topology=Topology())
+    plan = plan_repair(tables, tables.physical_to_logical_map, num_ranks, dead, expert_bytes=GB, topology=HAND)
     assert plan.transfers == () and plan.bytes_moved == 0 and plan.uncovered == ()
     assert plan.tiers and all(r.tier == 1 for r in plan.tiers)
     expected = (survivors.physical_to_logical_map, survivors.logical_to_physical_map, survivors.logical_replica_count)
@@ -270,7 +272,7 @@ def test_tables_consistent_and_reclaim_keeps_one_replica(sc: dict) -> None:
 def plan_for(tables: Placement, dead: set[int], num_ranks: int, **kw: object) -> RepairPlan:
     kw.setdefault("held", tables.physical_to_logical_map)
     held = kw.pop("held")
-    return plan_repair(tables, held, num_ranks, frozenset(dead), expert_bytes=GB, topology=Topology(), **kw)
+    return plan_repair(tables, held, num_ranks, frozenset(dead), expert_bytes=GB, topology=HAND, **kw)
 
 
 def rows(plan: RepairPlan) -> tuple[list[int], list[int], list[int]]:
@@ -395,7 +397,7 @@ def test_schedule_splits_between_backup_and_disk() -> None:
         ("disk", 0.0, 1.0), ("backup", 1.0, 1.25),
     ]
     # Two lanes on the disk: copies start in pairs.
-    disk2 = schedule_transfers([Relocation(0, e, e, e) for e in range(3)], expert_bytes=GB, topology=Topology(disk_concurrency=2))
+    disk2 = schedule_transfers([Relocation(0, e, e, e) for e in range(3)], expert_bytes=GB, topology=Topology(disk_bytes_per_s=GB, disk_concurrency=2))
     assert [(t.source_kind, t.start_s) for t in disk2] == [("disk", 0.0), ("disk", 0.0), ("disk", 1.0)]
 
 
@@ -439,7 +441,7 @@ def test_deterministic_across_processes() -> None:
 def _bad(kw: dict) -> dict:
     tables = plan_placement(8, 4, num_redundant=4)
     base = dict(tables=tables, held=tables.physical_to_logical_map, num_ranks=4, dead=frozenset({1}),
-                expert_bytes=GB, topology=Topology(), backup=None)
+                expert_bytes=GB, topology=HAND, backup=None)
     return {**base, **kw}
 
 
@@ -485,7 +487,7 @@ def test_dead_slot_contents_are_ignored() -> None:
 
 def test_topology_defaults_and_round_trip() -> None:
     topo = Topology()
-    assert topo.transfer_s("peer", 5 * GB) == 1.0 and topo.transfer_s("disk", GB) == 1.0
+    assert topo.transfer_s("peer", 5 * GB) == 1.0 and topo.transfer_s("disk", 6 * GB // 10) == 1.0
     assert topo.concurrency("backup") == 1
     custom = Topology.from_dict(json.loads(json.dumps(dict(disk_bytes_per_s=2 * GB, disk_concurrency=4))))
     assert custom.disk_bytes_per_s == 2e9 and isinstance(custom.disk_bytes_per_s, float)
@@ -515,3 +517,31 @@ def test_bad_topology_raises_config_error(make, names: str) -> None:
     with pytest.raises(ConfigError) as info:
         make()
     assert names in str(info.value)
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenarios())
+def test_rejoin_after_repair_lists_only_held_weights_and_restores_the_rank(sc: dict) -> None:
+    """After a repair, each dead rank comes back with its slots of the original placement: the
+    tables list only what slots hold, within the replica width, and the rank's slots again."""
+    plan = run(sc)
+    tables, held = plan.placement, plan.held_after
+    target = sc["held"]  # what the ranks held before the failure
+    per_rank = tables.num_physical // sc["num_ranks"]
+    for rank in sorted(sc["dead"]):
+        again, again_held = plan_rejoin(tables, held, sc["num_ranks"], rank, target)
+        assert torch.equal(  # pure: the same input gives the same tables
+            again.physical_to_logical_map, plan_rejoin(tables, held, sc["num_ranks"], rank, target)[0].physical_to_logical_map
+        )
+        cols = slice(rank * per_rank, (rank + 1) * per_rank)
+        assert torch.equal(again_held[:, cols], target[:, cols].to(torch.int64))
+        listed = again.physical_to_logical_map
+        assert bool(((listed == again_held) | (listed == -1)).all())  # a slot lists what it holds, or nothing
+        assert int(again.logical_replica_count.max()) <= again.max_replicas
+        held_any = torch.zeros_like(again.logical_replica_count, dtype=torch.bool)
+        for layer in range(listed.shape[0]):
+            for expert in again_held[layer].tolist():
+                if expert >= 0:
+                    held_any[layer, expert] = True
+        assert bool(((again.logical_replica_count > 0) == held_any).all())  # every held expert is served
+        tables, held = again, again_held

@@ -139,7 +139,7 @@ def run_recovery_bench(
         "pre_fault_tokens_per_s": rate_before,
         "post_fault_tokens_per_s": _rate(series, t_kill + max(time_to_95, 0.0), t_kill + max(time_to_95, 0.0) + 2.0),
         "median_step_s": typical,
-        "repairs": ex.repairs,
+        "repairs": list(ex.repairs),
         "events": [e.to_dict() for e in ex.events],
         "series": {"t": [round(t, 4) for t, _ in series], "tokens": [n for _, n in series]},
         "times": {"kill": t_kill, "rejoin_requested": t_rejoin, "rejoined": t_back,

@@ -10,9 +10,12 @@ Each source serves at most `concurrency` copies at once; each copy runs at the k
 bandwidth, so a source with concurrency c delivers up to c x bandwidth in all. Every peer
 rank is its own source; the backup is one source and the disk is one source.
 
-The defaults are rough figures for one host (peer and host backup 5 GB/s, disk 1 GB/s, one
-copy at a time per source). They are placeholders, to be replaced by a measurement of the
-machine (`Topology.from_dict` reads the measured figures from a small JSON/YAML mapping).
+Defaults, measured on the development machine (2 cores, 2026-11-25) as the median per-expert
+copy time of the tier-2 copies in `eep bench recovery --json out/recovery.json`
+(`repairs[0].experts[*].seconds`, 96 KiB experts of the default model): host backup -> slot
+2.9 GB/s, checkpoint (page-cached safetensors) -> slot 0.6 GB/s. Peer copies are not executed
+yet; 5 GB/s is an estimate. One copy at a time per source. Another machine passes its own
+figures (`Topology.from_dict` reads them from a small JSON/YAML mapping).
 
 Promise: `Topology` is immutable and checked when built; `transfer_s` is a pure function.
 """
@@ -37,9 +40,9 @@ class Topology:
     Bandwidths are finite numbers > 0 (stored as float); concurrencies are ints >= 1.
     """
 
-    peer_bytes_per_s: float = 5e9
-    backup_bytes_per_s: float = 5e9
-    disk_bytes_per_s: float = 1e9
+    peer_bytes_per_s: float = 5e9  # estimate (peer copies are not executed yet)
+    backup_bytes_per_s: float = 2.9e9  # measured, see the module docstring
+    disk_bytes_per_s: float = 0.6e9  # measured
     peer_concurrency: int = 1
     backup_concurrency: int = 1
     disk_concurrency: int = 1

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
@@ -61,6 +62,7 @@ FAULT_POLICIES = ("repair", "none")
 REJOIN_POLICIES = ("manual", "auto")
 UNCOVERABLE_POLICIES = ("pause", "degrade")
 _MAX_RETRIES = 3
+_HISTORY = 1000  # events and repair records kept for status()
 
 
 class RankFailed(EepError):
@@ -152,8 +154,9 @@ class EPExecutor:
         self.held = self.target.physical_to_logical_map.clone()  # the expert each slot's weights are
         self.expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * torch.empty(0, dtype=dtype).element_size()
         self.view = MembershipView.initial((0,) * ep.ep_size)
-        self.events: list[MembershipEvent] = []
-        self.repairs: list[dict[str, object]] = []  # one record per repair: tiers, bytes, times
+        # the most recent history only: a long-lived server must not grow without bound
+        self.events: deque[MembershipEvent] = deque(maxlen=_HISTORY)
+        self.repairs: deque[dict[str, object]] = deque(maxlen=_HISTORY)  # per repair / rejoin: tiers, bytes, times
         self.uncovered: tuple[tuple[int, int], ...] = ()
         self.paused_reason: str | None = None
         self.steps = 0
