@@ -162,12 +162,13 @@ def test_sigstop_is_detected_fenced_on_sigcont_and_rejoins(engine: LLMEngine, re
         engine.step()
     os.kill(proc.proc.pid, signal.SIGSTOP)
     try:
-        stopped = time.monotonic()
+        stopped = time.time()
         while ex.view.states[victim] is not RankState.FAILED:
             engine.step()
-            assert time.monotonic() - stopped < 10
-        detected_s = time.monotonic() - stopped
-        assert detected_s <= 2 * ex.ep.failure_timeout_s + 0.5, detected_s  # 0.5 s: one step in flight
+            assert time.time() - stopped < 10
+        seen = next(e for e in ex.events if e.kind == "fault_seen" and e.rank == victim)
+        assert "heartbeat" in seen.detail
+        assert seen.time - stopped <= 2 * ex.ep.failure_timeout_s, seen.time - stopped
     finally:
         os.kill(proc.proc.pid, signal.SIGCONT)
     assert proc.proc.wait(timeout=30) == EXIT_FENCED  # it woke up, saw it was out of the view, and left

@@ -336,7 +336,7 @@ class EPExecutor:
             assert self._segment is not None
             self._segment.announce_epoch(self.view.epoch)
             self._event("step_aborted", None, retry)
-            _, more, _ = self._drain(unfinished)
+            _, more = self._drain(unfinished)
             if more:
                 self._handle_failure(frozenset(more), [])
             raise StepRetry(retry)
@@ -385,7 +385,7 @@ class EPExecutor:
                         if not self.ep.elastic:
                             raise RankFailed(r, "its pipe closed" if got == "exited" else f"answered {got!r}")
                         failed.add(r)
-                        self._event("fault_seen", r, "pipe closed")
+                        self._event("fault_seen", r, "pipe closed" if got == "exited" else f"answered {got!r}")
                 elif p.pidfd in ready:
                     code = p.proc.wait(timeout=5)
                     if not self.ep.elastic:
@@ -404,7 +404,9 @@ class EPExecutor:
             self._event("fault_seen", r, f"no heartbeat for {self._board.age_s(r):.2f} s")
         return silent
 
-    def _drain(self, ranks: list[int]) -> tuple[dict[int, object], set[int], str]:
+    def _drain(self, ranks: list[int]) -> tuple[dict[int, object], set[int]]:
+        """Read each of `ranks`' answer to an abandoned step (thrown away); returns the answers
+        and the ranks that failed meanwhile (or named a silent peer, or never answered)."""
         results: dict[int, object] = {}
         failed: set[int] = set()
         pending = set(ranks)
@@ -432,7 +434,7 @@ class EPExecutor:
             failed |= newly
             pending -= newly
         failed |= pending  # no answer within timeout_s: it is not serving
-        return results, failed, ""
+        return results, failed
 
     # -- failure -------------------------------------------------------------------------------
     def _handle_failure(self, failed: frozenset[int], in_step: list[int]) -> None:
@@ -447,7 +449,7 @@ class EPExecutor:
             in_step = [r for r in in_step if r not in dead]
             assert self._segment is not None
             self._segment.announce_epoch(self.view.epoch)  # survivors blocked on the dead abandon the step now
-            answered, more, _ = self._drain(in_step)
+            answered, more = self._drain(in_step)
             dead = more - all_dead
             all_dead |= dead
             in_step = [r for r in in_step if r not in dead and r not in answered]
