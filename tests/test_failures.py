@@ -131,6 +131,8 @@ def test_sigkill_of_each_rank_position_is_repaired_exactly_and_the_rank_rejoins(
         for r in survivors:  # survivors never reallocate tables, slots or data-plane buffers
             assert after_failure[r] == before[r] and after_rejoin[r] == before[r]
         assert _outputs(_run(engine, PROMPTS)) == reference, f"outputs changed after rank {victim} rejoined"
+    rejoins = [r for r in ex.repairs if "rejoined" in r]
+    assert len(rejoins) == 4 and all(r["warmup_s"] > 0 for r in rejoins)  # each warmed up alone first
     kinds = [e.kind for e in ex.events]
     for kind in ("fault_seen", "view_committed", "repair", "rejoin_started", "rejoined"):
         assert kinds.count(kind) >= 4, kinds

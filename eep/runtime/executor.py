@@ -122,6 +122,7 @@ class _Proc:
     pidfd: int
     conn: Connection
     ready: bool = False
+    warmup_s: float | None = None  # a replacement's isolated warm-up before it reported ready
 
     def close(self, kill: bool) -> int | None:
         if kill and self.proc.poll() is None:
@@ -231,7 +232,9 @@ class EPExecutor:
 
     def _await_ready(self, ranks: range | list[int], timeout_s: float) -> None:
         for rank, payload in self._gather(list(ranks), "ready", timeout_s).items():
-            self._procs[rank].ready = True  # type: ignore[union-attr]
+            p = self._procs[rank]
+            assert p is not None
+            p.ready, p.warmup_s = True, payload["warmup_s"]  # type: ignore[index]
 
     def _gather(self, ranks: list[int], kind: str, timeout_s: float) -> dict[int, object]:
         """One reply of `kind` from each of `ranks`, outside a step. A rank that exits, closes
@@ -625,8 +628,10 @@ class EPExecutor:
             (int(layer), int(expert)) for layer, expert in torch.nonzero(placement.logical_replica_count == 0).tolist()
         )
         pause = time.perf_counter() - t0
-        self.repairs.append({"epoch": self.view.epoch, "rejoined": rank, "pause_s": pause})
-        self._event("rejoined", rank, f"switched in, tables updated in {pause * 1e3:.1f} ms")
+        warmup_s = self._procs[rank].warmup_s  # type: ignore[union-attr]
+        self.repairs.append({"epoch": self.view.epoch, "rejoined": rank, "pause_s": pause, "warmup_s": warmup_s})
+        self._event("rejoined", rank, f"warmed up in {warmup_s or 0:.3f} s alone; switched in, tables updated "
+                                      f"in {pause * 1e3:.1f} ms")
         if self.paused_reason and not self.uncovered:
             self.paused_reason = None
             self._event("resumed", None, "full coverage")

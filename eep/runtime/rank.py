@@ -105,6 +105,18 @@ class ExpertCopy:
     source: str
 
 
+class _Isolated:
+    """An `Exchange` that reaches nobody: every part comes straight back, as if each peer had
+    sent exactly what this rank sends it. The shapes stay consistent through dispatch and
+    combine, and this rank's slots compute every part (the values are meaningless)."""
+
+    def __init__(self, rank: int, num_ranks: int) -> None:
+        self.rank, self.num_ranks = rank, num_ranks
+
+    def all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(send)
+
+
 class RankState:
     """What a rank process holds between steps: its model worker and its data-plane exchange."""
 
@@ -137,6 +149,27 @@ class RankState:
         self.exchange_timings.clear()
         tokens = self.worker.execute(work)
         return StepResult(tokens, time.perf_counter() - start, tuple(self.exchange_timings))
+
+    def warm_up(self, num_tokens: int = 8) -> None:
+        """A replacement rank's warm-up, in isolation: one forward pass through every layer and
+        every local expert slot with the exchange cut off (nothing is sent to any peer), before
+        it reports ready; the results and KV writes are discarded."""
+        model = self.worker.model
+        layers = model.moe_layers()
+        saved = [layer.dispatcher.exchange for layer in layers if layer.dispatcher is not None]
+        alone = _Isolated(self.spec.rank, self.spec.num_ranks)
+        try:
+            for layer in layers:
+                if layer.dispatcher is not None:
+                    layer.dispatcher.exchange = alone
+            with torch.no_grad():
+                self.worker.forward_logits(
+                    [SeqWork(0, 0, tuple(range(3, 3 + num_tokens)), None), SeqWork(1, 0, (3,), None)]
+                )
+        finally:
+            for layer, exchange in zip([x for x in layers if x.dispatcher is not None], saved):
+                layer.dispatcher.exchange = exchange  # type: ignore[union-attr]
+            self.exchange_timings.clear()
 
     def update_routing(self, placement: Placement) -> None:
         """Switch the routing tables in place. A slot of this rank may keep its expert or be
@@ -230,7 +263,12 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
 
 
 def _serve(spec: RankSpec, conn: Connection, state: RankState, parent: int) -> None:
-    send(conn, ("ready", os.getpid()))
+    warmup_s = None
+    if spec.held is not None:  # a replacement: warm up before the controller switches it in
+        start = time.perf_counter()
+        state.warm_up()
+        warmup_s = time.perf_counter() - start
+    send(conn, ("ready", {"pid": os.getpid(), "warmup_s": warmup_s}))
     while True:
         if not conn.poll(spec.poll_s):
             if os.getppid() != parent:  # the executor is gone: nobody will ever send a step
