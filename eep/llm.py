@@ -56,6 +56,7 @@ class LLM:
         max_model_len: int = 1024,
         max_num_batched_tokens: int = 2048,
         cache_dir: str | Path | None = None,
+        ep_config: EPConfig | None = None,
     ) -> None:
         if model_path is None:
             from eep.model.default_model import ensure_default_model
@@ -67,7 +68,8 @@ class LLM:
         )
         from eep.runtime.executor import EPConfig
 
-        ep = EPConfig(ep_size=ep_size, num_redundant_experts=ep_num_redundant_experts, backend=ep_backend)
+        # ep_config sets everything at once (failure timeout, rejoin policy, ...); else the shorthands
+        ep = ep_config or EPConfig(ep_size=ep_size, num_redundant_experts=ep_num_redundant_experts, backend=ep_backend)
         self.engine = build_engine(self.config, ep)
 
     def generate(

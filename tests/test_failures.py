@@ -356,3 +356,26 @@ def test_degraded_mode_masks_lost_experts_and_renormalises(model_dir: Path) -> N
         assert any(e["kind"] == "degraded" for e in status["events"])  # type: ignore[union-attr]
     finally:
         engine.close()
+
+
+def test_llm_api_reports_membership_coverage_and_events_and_rejoins(model_dir: Path, reference: list[list[int]]) -> None:
+    import eep
+
+    with eep.LLM(str(model_dir), dtype="bfloat16", ep_size=2, max_num_seqs=32, max_model_len=96) as llm:
+        status = llm.status()
+        assert status["view"]["active"] == [0, 1] and status["coverage"]["none"] == 0  # type: ignore[index]
+        os.kill(llm.engine.executor.pids()[1], signal.SIGKILL)  # type: ignore[attr-defined]
+        outs = llm.generate(PROMPTS, PARAMS)
+        assert [o.output_ids for o in outs] == reference
+        status = llm.status()
+        assert status["view"]["active"] == [0]  # type: ignore[index]
+        assert status["view"]["ranks"][1]["state"] == "failed"  # type: ignore[index]
+        kinds = [e["kind"] for e in status["events"]]  # type: ignore[union-attr]
+        assert kinds[:4] == ["fault_seen", "view_committed", "repair", "resume"]
+        assert all(isinstance(e["time"], float) for e in status["events"])  # type: ignore[union-attr]
+        llm.rejoin(1)
+        deadline = time.monotonic() + 60
+        while llm.status()["view"]["active"] != [0, 1]:  # type: ignore[index]
+            assert time.monotonic() < deadline
+            llm.generate(PROMPTS[:1], PARAMS[:1])  # steps switch the joiner in once it is ready
+        assert [o.output_ids for o in llm.generate(PROMPTS, PARAMS)] == reference

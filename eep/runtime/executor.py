@@ -169,6 +169,7 @@ class EPExecutor:
         self._fenced: list[_Proc] = []  # failed processes that may still be alive (stopped)
         self._pending_rejoin: set[int] = set()
         self._retries = 0  # consecutive steps abandoned without a failure
+        self._fault_time: float | None = None  # when the last failure was seen, until a step completes
         self.last_step: list[StepResult] = []  # per active rank: the timings of the last step
         try:
             self._rendezvous = self._make_rendezvous(cfg, dtype)
@@ -344,6 +345,9 @@ class EPExecutor:
                 self._handle_failure(frozenset(more), [])
             raise StepRetry(retry)
         self._retries = 0
+        if self._fault_time is not None:  # the first step that completed since a failure
+            self._event("resume", None, f"serving again {time.time() - self._fault_time:.3f} s after the fault was seen")
+            self._fault_time = None
         self.last_step = [results[r] for r in active]
         return [results[r].tokens if r in results else [] for r in range(self.num_ranks)]
 
@@ -444,6 +448,7 @@ class EPExecutor:
         """Commit a view without `failed`, abort the step on every survivor, repair coverage and
         raise RanksFailed. A failure seen while this runs joins the same view change."""
         t0 = time.perf_counter()
+        self._fault_time = self._fault_time or time.time()
         dead, all_dead = set(failed), set(failed)
         while dead:
             self.view = self.view.fail(dead)
