@@ -78,9 +78,15 @@ class Client:
         return protocol.outputs_from(reply)
 
     def status(self) -> dict[str, Any]:
-        """The server's status: ep_size, backend, rank_pids, model_path, healthy."""
+        """The server's status: ep_size, backend, rank_pids, model_path, healthy, and for an
+        expert-parallel instance its membership (view, coverage, paused, repairs, events)."""
         reply = self._call({"op": "status"})
         return {k: v for k, v in reply.items() if k != "ok"}
+
+    def rejoin(self, rank: int) -> None:
+        """Ask the server to start a replacement for failed `rank` (rejoin "manual"); it is
+        switched in once it has loaded. Raises RequestError if the rank is not failed."""
+        self._call({"op": "rejoin", "rank": rank})
 
     def _call(self, message: dict[str, Any]) -> dict[str, Any]:
         with self._lock:

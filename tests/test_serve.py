@@ -166,6 +166,31 @@ def test_generate_matches_single_process_engine(server: Server, reference: dict)
         assert len(client.generate("a bare string is one prompt", SamplingParams(max_tokens=3))) == 1
 
 
+def test_served_instance_survives_a_killed_rank_and_takes_it_back(
+    model_dir: Path, short_tmp: Path, reference: dict  # type: ignore[type-arg]
+) -> None:
+    srv = _start(model_dir, short_tmp)
+    try:
+        with eep.Client(f"unix:{srv.socket}", timeout_s=60) as client:
+            status = client.status()
+            assert status["membership"]["view"]["active"] == [0, 1]
+            os.kill(status["rank_pids"][1], signal.SIGKILL)
+            _check(client.generate(PROMPTS, PARAMS), PROMPTS, reference)
+            status = client.status()
+            assert status["healthy"] and status["membership"]["view"]["active"] == [0]
+            assert [e["kind"] for e in status["membership"]["events"]][:3] == ["fault_seen", "view_committed", "repair"]
+            with pytest.raises(RequestError, match="only a failed rank"):
+                client.rejoin(0)
+            client.rejoin(1)
+            deadline = time.monotonic() + 60
+            while client.status()["membership"]["view"]["active"] != [0, 1]:  # switched in while idle
+                assert time.monotonic() < deadline, srv.log_tail()
+                time.sleep(0.2)
+            _check(client.generate(PROMPTS, PARAMS), PROMPTS, reference)
+    finally:
+        _stop(srv)
+
+
 def test_two_concurrent_clients_get_their_exact_outputs(server: Server, reference: dict) -> None:  # type: ignore[type-arg]
     halves = [(PROMPTS[:3], PARAMS[:3]), (PROMPTS[3:], PARAMS[3:])]
     results: list[object] = [None, None]

@@ -148,6 +148,11 @@ class LLMEngine:
     def decode(self, ids: Sequence[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(ids)
 
+    def membership_pending(self) -> bool:
+        """A rank is loading to rejoin: `step()` must be called (even with no work) to switch it in."""
+        pending = getattr(self.executor, "membership_pending", None)
+        return bool(pending is not None and pending())
+
     def has_work(self) -> bool:
         return any(s.has_work() for s in self.schedulers)
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from typing import Any
 
 from eep.engine.engine import LLMEngine, Prompt
 from eep.engine.request import Request, RequestOutput
@@ -32,6 +34,14 @@ from eep.engine.sampling import SamplingParams
 from eep.errors import EepError, EngineUnavailable
 
 logger = logging.getLogger(__name__)
+
+_JOIN_POLL_S = 0.05  # idle, with a rank loading to rejoin: how often a step boundary is offered
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: Future[Any]
 
 
 @dataclass(slots=True)
@@ -49,6 +59,7 @@ class EngineLoop:
         self._idle_wait_s = idle_wait_s
         self._cond = threading.Condition()
         self._queue: deque[_Submission] = deque()  # guarded by _cond
+        self._calls: deque[_Call] = deque()  # guarded by _cond
         self._closing = False  # guarded by _cond
         self._error: BaseException | None = None  # set once, by the loop thread
         self._inflight: dict[str, tuple[Request, Future[RequestOutput]]] = {}  # loop thread only
@@ -74,6 +85,20 @@ class EngineLoop:
             unavailable = self._unavailable()
             if unavailable is None:
                 self._queue.append(_Submission(prompt, params, future))
+                self._cond.notify()
+        if unavailable is not None:
+            future.set_exception(unavailable)
+        return future
+
+    def call(self, fn: Callable[[LLMEngine], Any]) -> Future[Any]:
+        """Run `fn(engine)` on the loop's thread between two steps (the engine is not
+        thread-safe: status reads and membership changes go through here); the future gets its
+        result or exception. Never blocks."""
+        future: Future[Any] = Future()
+        with self._cond:
+            unavailable = None if not self._closing else EngineUnavailable("the engine loop is closed")
+            if unavailable is None:
+                self._calls.append(_Call(fn, future))
                 self._cond.notify()
         if unavailable is not None:
             future.set_exception(unavailable)
@@ -125,20 +150,28 @@ class EngineLoop:
         try:
             while True:
                 with self._cond:
-                    while not (self._closing or self._queue or self._inflight):
+                    while not (self._closing or self._queue or self._inflight or self._calls):
+                        if self.engine.membership_pending():  # a joiner to switch in: look again soon
+                            self._cond.wait(_JOIN_POLL_S)
+                            break
                         self._cond.wait(self._idle_wait_s)
                     if self._closing:
                         break
                     admitted = list(self._queue)
                     self._queue.clear()
+                    calls = list(self._calls)
+                    self._calls.clear()
+                for c in calls:
+                    self._run_call(c)
                 for sub in admitted:
                     self._admit(sub)
                 self._abort_cancelled()
-                if self.engine.has_work():
+                if self.engine.has_work() or self.engine.membership_pending():
                     self._resolve(self.engine.step())
                 elif self._inflight:  # would spin: every in-flight request must be scheduled
                     raise RuntimeError(f"{len(self._inflight)} requests in flight but the engine has no work")
             self._fail_inflight(EngineUnavailable("the engine loop was closed before this request finished"))
+            self._fail_calls(EngineUnavailable("the engine loop was closed"))
         except BaseException as e:  # a failed step: a rank died or went silent, or a bug
             logger.error("engine step failed; failing %d in-flight requests: %s", len(self._inflight), e, exc_info=e)
             with self._cond:
@@ -146,8 +179,17 @@ class EngineLoop:
                 queued = list(self._queue)
                 self._queue.clear()
             self._fail_inflight(e)
+            self._fail_calls(self._unavailable() or EngineUnavailable(str(e)))
             for sub in queued:
                 _fail(sub.future, self._unavailable() or e)
+
+    def _run_call(self, c: _Call) -> None:
+        if not c.future.set_running_or_notify_cancel():
+            return
+        try:
+            c.future.set_result(c.fn(self.engine))
+        except Exception as e:  # the call's own failure; the loop goes on
+            c.future.set_exception(e)
 
     def _admit(self, sub: _Submission) -> None:
         if sub.future.cancelled():
@@ -178,6 +220,13 @@ class EngineLoop:
                 entry[1].set_result(out)
             except InvalidStateError:  # cancelled meanwhile: nobody waits for it
                 pass
+
+    def _fail_calls(self, error: BaseException) -> None:
+        with self._cond:
+            calls = list(self._calls)
+            self._calls.clear()
+        for c in calls:
+            _fail(c.future, error)
 
     def _fail_inflight(self, error: BaseException) -> None:
         for _, future in self._inflight.values():

@@ -310,6 +310,10 @@ class EPExecutor:
                 switched.append(rank)
         return tuple(switched)
 
+    def membership_pending(self) -> bool:
+        """A rank is to be restarted or is loading: `at_step_boundary` has work to do."""
+        return bool(self._pending_rejoin or self.view.ranks_in(RankState.JOINING))
+
     def execute(self, work: list[list[SeqWork]]) -> list[list[int]]:
         """Run one step: `work[r]` on each active rank r (inactive ranks must get no work).
         Raises `RanksFailed` / `StepRetry` (elastic) or `RankFailed` (fixed) if it cannot finish."""

@@ -6,7 +6,10 @@ Requests and their replies, in order, on one connection:
       -> {"ok": true, "outputs": [{"request_id", "prompt_ids", "output_ids", "finish_reason", "text"}, ...]}
     {"op": "status"}
       -> {"ok": true, "ep_size": N, "backend": "shm" | "gloo" | "local", "rank_pids": [...],
-          "model_path": ..., "healthy": bool}
+          "model_path": ..., "healthy": bool, "membership": {view, coverage, paused, degraded,
+          repairs, events} | null}
+    {"op": "rejoin", "rank": R}     (start a replacement for failed rank R)
+      -> {"ok": true}
     anything that fails
       -> {"ok": false, "error": {"type": "RequestError", "message": "..."}}
 
@@ -30,7 +33,7 @@ from eep.engine.request import RequestOutput
 from eep.engine.sampling import SamplingParams
 from eep.errors import ClientError, EepError, RequestError
 
-OPS = ("generate", "status")
+OPS = ("generate", "status", "rejoin")
 _GENERATE_KEYS = {"op", "prompts", "sampling_params"}
 _PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 _PARAM_HINTS = typing.get_type_hints(SamplingParams)

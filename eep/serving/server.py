@@ -38,7 +38,7 @@ from eep.config import EngineConfig
 from eep.engine.engine import LLMEngine
 from eep.engine.loop import EngineLoop
 from eep.engine.request import RequestOutput
-from eep.errors import ConfigError, EepError, RequestError, RequestTimeout, ServerError
+from eep.errors import ConfigError, EepError, EngineUnavailable, RequestError, RequestTimeout, ServerError
 from eep.runtime.executor import EPConfig, EPExecutor
 from eep.serving import protocol
 
@@ -84,16 +84,45 @@ def default_socket_path(runtime_dir: str | None) -> str:
     return str(Path(tempfile.gettempdir()) / f"eep-{os.getuid()}" / "eep.sock")
 
 
+_STATUS_TIMEOUT_S = 60.0  # a status or rejoin waits for the step in progress to end
+
+
 def describe(engine: LLMEngine, loop: EngineLoop, ep: EPConfig) -> dict[str, Any]:
-    """The status reply's fields (without "ok")."""
-    if isinstance(engine.executor, EPExecutor):
-        backend, pids = ep.backend, engine.executor.pids()
-    else:
-        backend, pids = "local", [os.getpid()]
-    return {
-        "ep_size": engine.executor.num_ranks, "backend": backend, "rank_pids": pids,
-        "model_path": engine.config.model_path, "healthy": loop.healthy,
-    }
+    """The status reply's fields (without "ok"), read on the loop's thread between two steps
+    (the engine is not thread-safe); an expert-parallel instance adds its membership status."""
+
+    def read(e: LLMEngine) -> dict[str, Any]:
+        if isinstance(e.executor, EPExecutor):
+            backend, pids, membership = ep.backend, e.executor.pids(), e.executor.status()
+        else:
+            backend, pids, membership = "local", [os.getpid()], None
+        return {
+            "ep_size": e.executor.num_ranks, "backend": backend, "rank_pids": pids,
+            "model_path": e.config.model_path, "membership": membership,
+        }
+
+    try:
+        fields = loop.call(read).result(timeout=_STATUS_TIMEOUT_S)
+    except EngineUnavailable:
+        fields = {"ep_size": engine.executor.num_ranks, "model_path": engine.config.model_path}
+    return {**fields, "healthy": loop.healthy}
+
+
+def rejoin(loop: EngineLoop, rank: object) -> None:
+    """Start a replacement for failed `rank` (on the loop's thread); it is switched in at a
+    later step boundary once it has loaded."""
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise RequestError(f"rejoin needs an integer 'rank', got {rank!r}")
+
+    def start(e: LLMEngine) -> None:
+        if not isinstance(e.executor, EPExecutor):
+            raise RequestError("rejoin needs an expert-parallel instance (--ep-size > 1)")
+        try:
+            e.executor.rejoin(rank)
+        except ConfigError as err:
+            raise RequestError(str(err)) from None
+
+    loop.call(start).result(timeout=_STATUS_TIMEOUT_S)
 
 
 class SocketServer:
@@ -255,6 +284,9 @@ class SocketServer:
                 return self._generate(message, conn)
             if op == "status":
                 return {"ok": True, **self._describe()}
+            if op == "rejoin":
+                rejoin(self._loop, message.get("rank"))
+                return {"ok": True}
             raise RequestError(f"unknown op {op!r}: send one of {list(protocol.OPS)}")
         except EepError as e:
             return protocol.error_reply(e)
