@@ -89,12 +89,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             expert_backup=not args.no_expert_backup,
         ),
         request_timeout_s=args.request_timeout,
+        http=args.http, api_key=args.api_key or os.environ.get("EEP_API_KEY"), served_model_name=args.served_model_name,
     )
 
     def ready(status: dict[str, object]) -> None:
         # The command's contract with whoever started it (scripts, tests): exactly this one
         # line on stdout once requests are answered; everything else goes to the log (stderr).
-        print(f"eep serve: ready on unix:{status['socket']} ({status['ep_size']} ranks, {status['backend']})", flush=True)
+        http = f" http {status['http']}" if status.get("http") else ""
+        print(f"eep serve: ready on unix:{status['socket']} ({status['ep_size']} ranks, {status['backend']}){http}",
+              flush=True)
 
     return serve(config, on_ready=ready)
 
@@ -208,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="when survivors cannot hold every expert: pause admission, or serve degraded")
     srv.add_argument("--ep-spare-slots", type=int, default=None,
                      help="empty expert slots per rank kept for repairs (default: enough for one rank's experts)")
+    srv.add_argument("--http", metavar="HOST:PORT", help="also serve the OpenAI-compatible HTTP API (e.g. 127.0.0.1:8000)")
+    srv.add_argument("--api-key", help="every HTTP endpoint wants 'Authorization: Bearer KEY' (or set EEP_API_KEY)")
+    srv.add_argument("--served-model-name", help="the model id of the HTTP API (default: the model folder's name)")
     srv.add_argument("--no-expert-backup", action="store_true", help="no host-memory expert copy (repairs read the disk)")
     srv.add_argument("--max-model-len", type=int, default=_default(EngineConfig, "max_model_len"))
     srv.add_argument("--max-num-seqs", type=int, default=_default(EngineConfig, "max_num_seqs"))

@@ -44,11 +44,31 @@ class _Call:
     future: Future[Any]
 
 
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """What a streaming request committed in one step: the new token ids, the text they add
+    (the decoded output's new suffix), and the finish reason once it ended."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+
+
 @dataclass(slots=True)
 class _Submission:
     prompt: Prompt
     params: SamplingParams
     future: Future[RequestOutput]
+    on_tokens: Callable[[TokenEvent], None] | None = None
+
+
+@dataclass(slots=True)
+class _Inflight:
+    request: Request
+    future: Future[RequestOutput]
+    on_tokens: Callable[[TokenEvent], None] | None = None
+    sent_tokens: int = 0
+    sent_text: str = ""
 
 
 class EngineLoop:
@@ -62,7 +82,7 @@ class EngineLoop:
         self._calls: deque[_Call] = deque()  # guarded by _cond
         self._closing = False  # guarded by _cond
         self._error: BaseException | None = None  # set once, by the loop thread
-        self._inflight: dict[str, tuple[Request, Future[RequestOutput]]] = {}  # loop thread only
+        self._inflight: dict[str, _Inflight] = {}  # loop thread only
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -78,13 +98,19 @@ class EngineLoop:
         """The error of the step that stopped the loop, if one did."""
         return self._error
 
-    def submit(self, prompt: Prompt, params: SamplingParams) -> Future[RequestOutput]:
-        """Queue one request; the future resolves as the module docstring says. Never blocks."""
+    def submit(
+        self, prompt: Prompt, params: SamplingParams, on_tokens: Callable[[TokenEvent], None] | None = None
+    ) -> Future[RequestOutput]:
+        """Queue one request; the future resolves as the module docstring says. Never blocks.
+
+        `on_tokens` (streaming) is called on the loop's thread after every step that committed
+        tokens of this request, last with its finish reason, before the future resolves; it
+        must not block (hand the event to another thread or event loop)."""
         future: Future[RequestOutput] = Future()
         with self._cond:
             unavailable = self._unavailable()
             if unavailable is None:
-                self._queue.append(_Submission(prompt, params, future))
+                self._queue.append(_Submission(prompt, params, future, on_tokens))
                 self._cond.notify()
         if unavailable is not None:
             future.set_exception(unavailable)
@@ -199,15 +225,32 @@ class EngineLoop:
         except EepError as e:  # the request's own fault: its caller learns why, the loop goes on
             _fail(sub.future, e)
             return
-        self._inflight[req.request_id] = (req, sub.future)
+        self._inflight[req.request_id] = _Inflight(req, sub.future, sub.on_tokens)
 
     def _abort_cancelled(self) -> None:
-        for rid, (req, future) in list(self._inflight.items()):
-            if future.cancelled():
-                _abort(self.engine, req)
+        for rid, entry in list(self._inflight.items()):
+            if entry.future.cancelled():
+                _abort(self.engine, entry.request)
                 del self._inflight[rid]
 
+    def _stream(self) -> None:
+        for entry in self._inflight.values():
+            req = entry.request
+            if entry.on_tokens is None or (len(req.output_ids) == entry.sent_tokens and not req.finished):
+                continue
+            text = self.engine.decode(req.output_ids) or ""
+            # a token that ends inside a multi-byte character decodes to U+FFFD: hold it back
+            stable = text.rstrip("\ufffd") if not req.finished else text
+            new_ids = tuple(req.output_ids[entry.sent_tokens :])
+            delta = stable[len(entry.sent_text) :] if stable.startswith(entry.sent_text) else ""
+            entry.sent_tokens, entry.sent_text = len(req.output_ids), entry.sent_text + delta
+            try:
+                entry.on_tokens(TokenEvent(new_ids, delta, req.finish_reason))
+            except Exception:  # the consumer's fault (e.g. its event loop closed): the request goes on
+                logger.exception("a streaming callback failed")
+
     def _resolve(self, finished: list[Request]) -> None:
+        self._stream()
         for req in finished:
             entry = self._inflight.pop(req.request_id, None)
             if entry is None:
@@ -217,7 +260,7 @@ class EngineLoop:
                 self.engine.decode(req.output_ids),
             )
             try:
-                entry[1].set_result(out)
+                entry.future.set_result(out)
             except InvalidStateError:  # cancelled meanwhile: nobody waits for it
                 pass
 
@@ -229,8 +272,8 @@ class EngineLoop:
             _fail(c.future, error)
 
     def _fail_inflight(self, error: BaseException) -> None:
-        for _, future in self._inflight.values():
-            _fail(future, error)
+        for entry in self._inflight.values():
+            _fail(entry.future, error)
         self._inflight.clear()
 
 

@@ -59,8 +59,15 @@ class ServeConfig:
     max_connections: int = 64
     shutdown_timeout_s: float = 30.0  # each stage of shutdown (engine loop, connection threads)
     poll_s: float = 0.5  # how often blocked server threads look for shutdown or a hung-up client
+    http: str | None = None  # "HOST:PORT" of the OpenAI-compatible HTTP API (port 0: any free one)
+    api_key: str | None = None  # wanted by every HTTP endpoint as "Authorization: Bearer KEY"
+    served_model_name: str | None = None  # the model id of the HTTP API (default: the model folder's name)
 
     def __post_init__(self) -> None:
+        if self.http is not None:
+            host, _, port = self.http.rpartition(":")
+            if not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"--http must be HOST:PORT, got {self.http!r}")
         if not self.socket_path:
             raise ConfigError("the socket path is empty: pass --socket PATH")
         if len(os.fsencode(self.socket_path)) > _SUN_PATH_MAX:
@@ -458,6 +465,7 @@ def serve(config: ServeConfig, on_ready: Callable[[dict[str, Any]], None] | None
         server = SocketServer(config)
         engine: LLMEngine | None = None
         loop: EngineLoop | None = None
+        http: _HttpServer | None = None
         try:
             server.bind()
             logger.info("listening on unix:%s; loading %s", config.socket_path, config.engine.model_path)
@@ -467,14 +475,20 @@ def serve(config: ServeConfig, on_ready: Callable[[dict[str, Any]], None] | None
             loop = EngineLoop(engine)
             ready_engine, ready_loop = engine, loop
             server.start(loop, lambda: describe(ready_engine, ready_loop, config.ep))
+            http_url = None
+            if config.http is not None:
+                http = _HttpServer(config, loop)
+                http_url = http.start()
             if on_ready is not None:
-                on_ready({**describe(engine, loop, config.ep), "socket": config.socket_path})
+                on_ready({**describe(engine, loop, config.ep), "socket": config.socket_path, "http": http_url})
             signum = signals.wait()
             logger.info("received %s: shutting down", signal.Signals(signum).name)
         except _Interrupted as e:
             logger.info("received %s during start-up: shutting down", signal.Signals(e.args[0]).name)
         finally:
             signals.raising = False
+            if http is not None:
+                http.stop(config.shutdown_timeout_s)
             server.stop_accepting()
             if loop is not None:
                 loop.close(config.shutdown_timeout_s)  # pending requests fail; ranks stop; shm removed
@@ -483,3 +497,37 @@ def serve(config: ServeConfig, on_ready: Callable[[dict[str, Any]], None] | None
             server.close()
             logger.info("stopped")
     return 0
+
+
+class _HttpServer:
+    """uvicorn serving the OpenAI-compatible app (`eep.serving.http`) on a thread of its own;
+    the main thread keeps the signal handling of `serve`."""
+
+    def __init__(self, config: ServeConfig, loop: EngineLoop) -> None:
+        import uvicorn
+
+        from eep.serving.http import create_app
+
+        assert config.http is not None
+        host, _, port = config.http.rpartition(":")
+        name = config.served_model_name or Path(config.engine.model_path).name
+        app = create_app(loop, model_name=name, api_key=config.api_key)
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning",
+                                                     lifespan="off", timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._server.run, name="eep-http", daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ServerError("the HTTP server did not start (is the port taken?)")
+            time.sleep(0.02)
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        url = f"http://{host}:{port}"
+        logger.info("OpenAI-compatible API on %s", url)
+        return url
+
+    def stop(self, timeout_s: float) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout_s)

@@ -1,0 +1,206 @@
+"""OpenAI-compatible HTTP frontend of `eep serve --http` (FastAPI on uvicorn).
+
+Endpoints: `POST /v1/completions` (with `stream: true` as server-sent events), `GET /v1/models`,
+`GET /health` (200 while serving; 503 with the reason while admission is paused or the engine
+stopped), `GET /membership` (view, coverage, repairs and recent events of an expert-parallel
+instance) and `POST /admin/ranks/{rank}/rejoin`. With an API key every endpoint wants
+`Authorization: Bearer KEY` and answers 401 without it. Errors have OpenAI's shape:
+`{"error": {"message", "type", "param", "code"}}`, 4xx for the request's fault.
+
+Everything that touches the engine goes through the `EngineLoop` (its own thread); a rank
+failure is repaired under the loop and is seen by clients only as a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from eep.engine.loop import EngineLoop, TokenEvent
+from eep.engine.sampling import SamplingParams
+from eep.errors import ConfigError, EngineUnavailable, RequestError
+
+logger = logging.getLogger(__name__)
+
+_CALL_TIMEOUT_S = 60.0
+
+
+StrictInt = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True)]  # JSON ints and floats, never strings
+
+
+class CompletionRequest(BaseModel):
+    """The fields of OpenAI's completion request that eep honours; unknown fields are ignored,
+    known ones must have their type."""
+
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+
+    model: str
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
+    max_tokens: StrictInt = 16
+    temperature: Number = 1.0
+    top_p: Number = 1.0
+    seed: StrictInt | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+    stop: None = None  # stop strings are not supported yet: refused rather than ignored
+
+
+def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None) -> Any:
+    """The ASGI app serving `loop`'s engine as `model_name`."""
+
+    def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+              param: str | None = None) -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+
+    async def authorized(request: Request) -> None:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise _Unauthorized()
+
+    app = FastAPI(title="eep", dependencies=[Depends(authorized)])
+
+    @app.exception_handler(_Unauthorized)
+    async def _unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
+        return error(401, "missing or wrong API key: send Authorization: Bearer KEY", "authentication_error",
+                     "invalid_api_key")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return error(400, f"{param or 'request'}: {first.get('msg')}", param=param)
+
+    @app.exception_handler(RequestError)
+    async def _bad(request: Request, exc: RequestError) -> JSONResponse:
+        return error(400, str(exc))
+
+    @app.exception_handler(EngineUnavailable)
+    async def _unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
+        return error(503, str(exc), "server_error")
+
+    async def on_loop(fn: Any) -> Any:
+        return await asyncio.wait_for(asyncio.wrap_future(loop.call(fn)), _CALL_TIMEOUT_S)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not loop.healthy:
+            return JSONResponse({"status": "unavailable", "reason": str(loop.error or "the engine loop is closed")}, 503)
+        paused = await on_loop(lambda e: e.paused_reason)
+        if paused:
+            return JSONResponse({"status": "paused", "reason": paused}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "eep"}]}
+
+    @app.get("/membership")
+    async def membership() -> dict[str, Any]:
+        status = await on_loop(lambda e: e.executor.status() if hasattr(e.executor, "status") else None)
+        if status is None:
+            return {"view": {"epoch": 0, "active": [0]}, "coverage": None, "events": []}
+        return status  # type: ignore[no-any-return]
+
+    @app.post("/admin/ranks/{rank}/rejoin")
+    async def rejoin(rank: int) -> dict[str, Any]:
+        def start(e: Any) -> None:
+            if not hasattr(e.executor, "rejoin"):
+                raise RequestError("rejoin needs an expert-parallel instance (--ep-size > 1)")
+            try:
+                e.executor.rejoin(rank)
+            except ConfigError as err:
+                raise RequestError(str(err)) from None
+
+        await on_loop(start)
+        return {"ok": True, "rank": rank}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest) -> Any:
+        if body.model != model_name:
+            return error(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
+                         code="model_not_found", param="model")
+        prompts = _prompts(body.prompt)
+        params = _params(body.max_tokens, body.temperature, body.top_p, body.seed)
+        created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+        if not body.stream:
+            futures = [loop.submit(p, params) for p in prompts]
+            outs = [await asyncio.wrap_future(f) for f in futures]
+            return {
+                "id": rid, "object": "text_completion", "created": created, "model": model_name,
+                "choices": [{"index": i, "text": o.text or "", "finish_reason": o.finish_reason, "logprobs": None}
+                            for i, o in enumerate(outs)],
+                "usage": _usage(sum(len(o.prompt_ids) for o in outs), sum(len(o.output_ids) for o in outs)),
+            }
+        queues = [_stream(loop, p, params) for p in prompts]
+        first = [await q.__anext__() for q in queues]  # validation errors surface here as 4xx
+
+        async def events() -> AsyncIterator[bytes]:
+            pending = [(i, q, ev) for i, (q, ev) in enumerate(zip(queues, first))]
+            for i, q, ev in pending:
+                while True:
+                    if ev.text or ev.finish_reason:
+                        chunk = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                                 "choices": [{"index": i, "text": ev.text, "finish_reason": ev.finish_reason,
+                                              "logprobs": None}]}
+                        yield f"data: {json.dumps(chunk)}\n\n".encode()
+                    if ev.finish_reason:
+                        break
+                    ev = await q.__anext__()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+def _prompts(prompt: Any) -> list[Any]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], int):
+        return [list(prompt)]
+    if not prompt:
+        raise RequestError("prompt: must not be empty")
+    return list(prompt)
+
+
+def _params(max_tokens: int, temperature: float, top_p: float, seed: int | None) -> SamplingParams:
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    except (ValueError, RequestError, ConfigError) as e:
+        raise RequestError(str(e)) from None
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _stream(loop: EngineLoop, prompt: Any, params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    """The request's text deltas as they are committed; raises its validation error first."""
+    aio = asyncio.get_running_loop()
+    queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+    future = loop.submit(prompt, params, on_tokens=lambda ev: aio.call_soon_threadsafe(queue.put_nowait, ev))
+    future.add_done_callback(
+        lambda f: aio.call_soon_threadsafe(queue.put_nowait, f.exception()) if f.exception() is not None else None
+    )
+    while True:
+        item = await queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finish_reason:
+            return

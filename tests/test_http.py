@@ -1,0 +1,169 @@
+"""`eep serve --http`: the OpenAI-compatible API, driven by the official `openai` client and raw
+HTTP; a rank killed while streams are open is invisible to clients except as a pause."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from eep.model.default_model import init_model
+
+START_TIMEOUT_S = 180
+MODEL = "eep-test"
+KEY = "sk-test-key"
+
+
+@dataclass
+class Http:
+    proc: subprocess.Popen[str]
+    url: str
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return init_model(tmp_path_factory.mktemp("http") / "m", "qwen3_moe")
+
+
+def _start(model_dir: Path, tmp: Path, *extra: str) -> Http:
+    log = tmp / "serve.log"
+    cmd = [
+        sys.executable, "-m", "eep", "serve", "--model-path", str(model_dir), "--ep-size", "2", "--dtype", "bfloat16",
+        "--max-model-len", "128", "--socket", str(tmp / "eep.sock"), "--http", "127.0.0.1:0",
+        "--served-model-name", MODEL, *extra,
+    ]
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        line = lines.get(timeout=START_TIMEOUT_S)
+    except queue.Empty:
+        proc.kill()
+        pytest.fail(f"no ready line; log:\n{log.read_text()[-3000:]}")
+    assert " http://127.0.0.1:" in line, line
+    return Http(proc, line.rsplit(" ", 1)[1].strip(), log)
+
+
+def _stop(srv: Http) -> None:
+    if srv.proc.poll() is None:
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            srv.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path) -> Iterator[Http]:
+    tmp = Path(tempfile.mkdtemp(prefix="eep-http-", dir="/tmp"))
+    srv = _start(model_dir, tmp, "--api-key", KEY)
+    try:
+        yield srv
+    finally:
+        _stop(srv)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _client(srv: Http) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, timeout=120, max_retries=0)
+
+
+def test_openai_client_completes_and_streams_the_same_text(server: Http) -> None:
+    client = _client(server)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    done = client.completions.create(model=MODEL, prompt="Expert parallelism", max_tokens=12, temperature=0)
+    assert done.choices[0].finish_reason in ("length", "stop") and done.usage.completion_tokens > 0
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(
+            model=MODEL, prompt="Expert parallelism", max_tokens=12, temperature=0, stream=True
+        )
+    )
+    assert streamed == done.choices[0].text and streamed
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"{not json", 400),
+        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 0}).encode(), 400),
+        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 100000}).encode(), 400),
+        (json.dumps({"model": MODEL, "prompt": "x", "temperature": -1}).encode(), 400),
+        (json.dumps({"model": MODEL, "prompt": "x", "top_p": 1.5}).encode(), 400),
+        (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": "ten"}).encode(), 400),
+        (json.dumps({"model": "gpt-5", "prompt": "x"}).encode(), 404),
+        (json.dumps({"model": MODEL, "prompt": "word " * 500}).encode(), 400),
+    ],
+)
+def test_bad_requests_get_openai_shaped_4xx_and_the_server_stays_healthy(server: Http, body: bytes, status: int) -> None:
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    reply = httpx.post(f"{server.url}/v1/completions", content=body, headers=headers, timeout=60)
+    assert reply.status_code == status, reply.text
+    err = reply.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert httpx.get(f"{server.url}/health", headers=headers, timeout=30).status_code == 200
+
+
+def test_every_endpoint_wants_the_api_key(server: Http) -> None:
+    for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/membership"),
+                         ("POST", "/v1/completions"), ("POST", "/admin/ranks/1/rejoin")]:
+        reply = httpx.request(method, f"{server.url}{path}", json={}, timeout=30)
+        assert reply.status_code == 401, (path, reply.text)
+        assert reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_a_rank_killed_under_16_open_streams_is_only_a_pause(model_dir: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="eep-http-", dir="/tmp"))
+    srv = _start(model_dir, tmp, "--failure-timeout", "0.5")
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", timeout=120, max_retries=0)
+        prompts = [f"Request number {i} asks about expert parallelism" for i in range(16)]
+        reference = [client.completions.create(model=MODEL, prompt=p, max_tokens=24, temperature=0).choices[0].text
+                     for p in prompts]
+        texts: list[str | BaseException] = [""] * 16
+        started = threading.Barrier(17, timeout=60)
+
+        def stream(i: int) -> None:
+            try:
+                chunks = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24, temperature=0,
+                                                   stream=True)
+                started.wait()
+                texts[i] = "".join(c.choices[0].text for c in chunks)
+            except BaseException as e:
+                texts[i] = e
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        started.wait()  # every stream is open and has its first tokens
+        pids = httpx.get(f"{srv.url}/membership", timeout=30).json()["view"]["ranks"]
+        os.kill(pids[1]["incarnation"], signal.SIGKILL)
+        for t in threads:
+            t.join(timeout=120)
+        assert texts == reference
+        view = httpx.get(f"{srv.url}/membership", timeout=30).json()["view"]
+        assert view["active"] == [0]
+        assert httpx.post(f"{srv.url}/admin/ranks/1/rejoin", timeout=60).status_code == 200
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{srv.url}/membership", timeout=30).json()["view"]["active"] != [0, 1]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        _stop(srv)
+        shutil.rmtree(tmp, ignore_errors=True)
