@@ -95,6 +95,10 @@ class Tokenizer:
         """Number of token ids, special tokens included."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def token_id(self, token: str) -> int | None:
+        """The id of `token` (e.g. a special marker), or None if it is not in the vocabulary."""
+        return self._tok.token_to_id(token)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

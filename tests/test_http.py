@@ -167,3 +167,65 @@ def test_a_rank_killed_under_16_open_streams_is_only_a_pause(model_dir: Path) ->
     finally:
         _stop(srv)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_chat_completes_and_streams_with_the_chat_template(server: Http) -> None:
+    client = _client(server)
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is a rank?"}]
+    done = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)  # type: ignore[arg-type]
+    assert done.choices[0].message.role == "assistant" and done.choices[0].finish_reason in ("length", "stop")
+    assert done.usage.prompt_tokens > 10  # the template's markers and roles were added
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True  # type: ignore[arg-type]
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == done.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+
+
+def test_metrics_parse_and_count_tokens(server: Http) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"authorization": f"Bearer {KEY}"}
+    before = _samples(httpx.get(f"{server.url}/metrics", headers=headers, timeout=30).text)
+    _client(server).completions.create(model=MODEL, prompt="count me", max_tokens=5, temperature=0)
+    text = httpx.get(f"{server.url}/metrics", headers=headers, timeout=30).text
+    families = {f.name for f in text_string_to_metric_families(text)}
+    for name in ("eep_generated_tokens", "eep_running_requests", "eep_queued_requests", "eep_step_seconds",
+                 "eep_membership_epoch", "eep_active_ranks", "eep_repaired_experts", "eep_recovery_pause_seconds",
+                 "eep_rejoin_pause_seconds"):
+        assert name in families, name
+    after = _samples(text)
+    assert after["eep_generated_tokens_total"] >= before.get("eep_generated_tokens_total", 0) + 5
+    assert after["eep_active_ranks"] == 2
+
+
+def _samples(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def test_health_is_503_with_the_reason_while_admission_is_paused(model_dir: Path) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="eep-http-", dir="/tmp"))
+    srv = _start(model_dir, tmp, "--ep-spare-slots", "0", "--failure-timeout", "0.5")
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", timeout=120, max_retries=0)
+        assert httpx.get(f"{srv.url}/health", timeout=30).status_code == 200
+        pid = httpx.get(f"{srv.url}/membership", timeout=30).json()["view"]["ranks"][1]["incarnation"]
+        os.kill(pid, signal.SIGKILL)
+        result: list[object] = []
+        waiter = threading.Thread(target=lambda: result.append(
+            client.completions.create(model=MODEL, prompt="waits for the rejoin", max_tokens=8, temperature=0)))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while (health := httpx.get(f"{srv.url}/health", timeout=30)).status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert health.status_code == 503 and "no live replica" in health.json()["reason"]
+        assert httpx.post(f"{srv.url}/admin/ranks/1/rejoin", timeout=60).status_code == 200
+        waiter.join(timeout=120)
+        assert result and httpx.get(f"{srv.url}/health", timeout=30).status_code == 200
+    finally:
+        _stop(srv)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -92,6 +92,7 @@ class LLMEngine:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self._ids = itertools.count()
         self.steps = 0
+        self.tokens_committed = 0  # every token committed since start (metrics)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -193,6 +194,7 @@ class LLMEngine:
             sampling = [s.request for s in plan if s.completes]
             for s in plan:
                 s.request.num_computed += s.q_len
+            self.tokens_committed += len(rank_tokens)
             for req, tok in zip(sampling, rank_tokens, strict=True):
                 req.output_ids.append(tok)
                 if self._check_stop(req, tok):

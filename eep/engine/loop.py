@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
@@ -84,10 +85,17 @@ class EngineLoop:
         self._error: BaseException | None = None  # set once, by the loop thread
         self._inflight: dict[str, _Inflight] = {}  # loop thread only
         self._closed = False
+        self.on_step: Callable[[float], None] | None = None  # called on the loop thread with each step's seconds
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     # -- any thread -------------------------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        """Submissions not yet admitted to the engine."""
+        with self._cond:
+            return len(self._queue)
+
     @property
     def healthy(self) -> bool:
         """False once a step failed or the loop was closed."""
@@ -193,7 +201,11 @@ class EngineLoop:
                     self._admit(sub)
                 self._abort_cancelled()
                 if self.engine.has_work() or self.engine.membership_pending():
-                    self._resolve(self.engine.step())
+                    start = time.perf_counter()
+                    finished = self.engine.step()
+                    if self.on_step is not None:
+                        self.on_step(time.perf_counter() - start)
+                    self._resolve(finished)
                 elif self._inflight:  # would spin: every in-flight request must be scheduled
                     raise RuntimeError(f"{len(self._inflight)} requests in flight but the engine has no work")
             self._fail_inflight(EngineUnavailable("the engine loop was closed before this request finished"))

@@ -56,6 +56,39 @@ class CompletionRequest(BaseModel):
     stop: None = None  # stop strings are not supported yet: refused rather than ignored
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: StrictInt | None = None  # None: up to the context length
+    max_completion_tokens: StrictInt | None = None
+    temperature: Number = 1.0
+    top_p: Number = 1.0
+    seed: StrictInt | None = None
+    stream: bool = False
+    n: Literal[1] = 1
+    stop: None = None
+
+
+CHATML = ("<|im_start|>", "<|im_end|>")
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """ChatML (the default model's vocabulary has its markers): each message, then the
+    assistant's turn opened. Generation stops at `<|im_end|>`."""
+    start, end = CHATML
+    turns = "".join(f"{start}{m.role}\n{m.content}{end}\n" for m in messages)
+    return f"{turns}{start}assistant\n"
+
+
 def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None) -> Any:
     """The ASGI app serving `loop`'s engine as `model_name`."""
 
@@ -160,7 +193,124 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    tokenizer = loop.engine.tokenizer  # immutable; encoding is thread-safe
+    max_len = loop.engine.config.max_model_len
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest) -> Any:
+        if body.model != model_name:
+            return error(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
+                         code="model_not_found", param="model")
+        end_id = tokenizer.token_id(CHATML[1]) if tokenizer is not None else None
+        if tokenizer is None or end_id is None or tokenizer.token_id(CHATML[0]) is None:
+            return error(400, "this model has no chat template (no ChatML markers in its vocabulary); "
+                              "use /v1/completions")
+        ids = tokenizer.encode(chat_prompt(body.messages))
+        limit = body.max_completion_tokens or body.max_tokens or max(1, max_len - len(ids))
+        params = _params(limit, body.temperature, body.top_p, body.seed, stop_token_ids=[end_id])
+        created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        if not body.stream:
+            out = await asyncio.wrap_future(loop.submit(ids, params))
+            return {
+                "id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text or ""},
+                             "finish_reason": out.finish_reason, "logprobs": None}],
+                "usage": _usage(len(out.prompt_ids), len(out.output_ids)),
+            }
+        stream = _stream(loop, ids, params)
+        first = await stream.__anext__()
+
+        def chunk(delta: dict[str, str], finish: str | None) -> bytes:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        async def events() -> AsyncIterator[bytes]:
+            yield chunk({"role": "assistant", "content": ""}, None)
+            ev = first
+            while True:
+                if ev.text or ev.finish_reason:
+                    yield chunk({"content": ev.text} if ev.text else {}, ev.finish_reason)
+                if ev.finish_reason:
+                    break
+                ev = await stream.__anext__()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    metrics = _Metrics(loop)
+
+    @app.get("/metrics")
+    async def prometheus() -> Any:
+        from fastapi.responses import Response
+
+        snapshot = await on_loop(_snapshot)
+        return Response(metrics.render(snapshot, loop.queued), media_type="text/plain; version=0.0.4")
+
     return app
+
+
+def _snapshot(engine: Any) -> dict[str, Any]:
+    """What /metrics reports, read on the loop thread between steps."""
+    ex = engine.executor
+    status = ex.status() if hasattr(ex, "status") else None
+    return {
+        "tokens": engine.tokens_committed,
+        "running": sum(len(s.running) for s in engine.schedulers),
+        "waiting": sum(len(s.waiting) for s in engine.schedulers),
+        "epoch": status["view"]["epoch"] if status else 0,
+        "active": len(status["view"]["active"]) if status else 1,
+        "repairs": status["repairs"] if status else [],
+    }
+
+
+class _Metrics:
+    """Prometheus metrics of one server (its own registry, not the process-global one)."""
+
+    _PAUSE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self, loop: EngineLoop) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self.tokens = Counter("eep_generated_tokens", "Tokens committed", registry=r)
+        self.running = Gauge("eep_running_requests", "Requests running (admitted, holding a KV slot)", registry=r)
+        self.waiting = Gauge("eep_queued_requests", "Requests waiting for admission", registry=r)
+        self.epoch = Gauge("eep_membership_epoch", "Committed membership epoch", registry=r)
+        self.active = Gauge("eep_active_ranks", "Ranks in the view", registry=r)
+        self.repaired = Counter("eep_repaired_experts", "Experts served again after a failure, by tier", ["tier"],
+                                registry=r)
+        self.step = Histogram("eep_step_seconds", "Wall time of one engine step", registry=r,
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+        self.recovery = Histogram("eep_recovery_pause_seconds", "Repair time after a failure (view change to "
+                                  "new tables)", buckets=self._PAUSE_BUCKETS, registry=r)
+        self.rejoin = Histogram("eep_rejoin_pause_seconds", "Time healthy ranks pause to switch a rank in",
+                                buckets=self._PAUSE_BUCKETS, registry=r)
+        self._seen_tokens = 0
+        self._seen_repairs: set[tuple[int, str]] = set()
+        loop.on_step = self.step.observe
+
+    def render(self, snap: dict[str, Any], queued: int) -> bytes:
+        from prometheus_client import generate_latest
+
+        self.tokens.inc(max(0, snap["tokens"] - self._seen_tokens))
+        self._seen_tokens = snap["tokens"]
+        self.running.set(snap["running"])
+        self.waiting.set(snap["waiting"] + queued)
+        self.epoch.set(snap["epoch"])
+        self.active.set(snap["active"])
+        for rec in snap["repairs"]:
+            key = (int(rec["epoch"]), "rejoin" if "rejoined" in rec else "repair")
+            if key in self._seen_repairs:
+                continue
+            self._seen_repairs.add(key)
+            if key[1] == "rejoin":
+                self.rejoin.observe(float(rec["pause_s"]))
+            else:
+                self.recovery.observe(float(rec["total_s"]))
+                self.repaired.labels(tier="1").inc(int(rec["tier1_experts"]))
+                self.repaired.labels(tier="2").inc(int(rec["tier2_experts"]))
+        return generate_latest(self.registry)
 
 
 class _Unauthorized(Exception):
@@ -177,9 +327,12 @@ def _prompts(prompt: Any) -> list[Any]:
     return list(prompt)
 
 
-def _params(max_tokens: int, temperature: float, top_p: float, seed: int | None) -> SamplingParams:
+def _params(
+    max_tokens: int, temperature: float, top_p: float, seed: int | None, stop_token_ids: list[int] | None = None
+) -> SamplingParams:
     try:
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              stop_token_ids=tuple(stop_token_ids or ()))
     except (ValueError, RequestError, ConfigError) as e:
         raise RequestError(str(e)) from None
 
