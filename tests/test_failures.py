@@ -379,3 +379,20 @@ def test_llm_api_reports_membership_coverage_and_events_and_rejoins(model_dir: P
             assert time.monotonic() < deadline
             llm.generate(PROMPTS[:1], PARAMS[:1])  # steps switch the joiner in once it is ready
         assert [o.output_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+
+
+def test_drain_moves_requests_off_a_rank_gracefully_and_it_can_rejoin(engine: LLMEngine, reference: list[list[int]]) -> None:
+    ex = _executor(engine)
+    proc = ex._procs[2]
+    assert proc is not None
+    reqs = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, PARAMS)]
+    for _ in range(4):
+        engine.step()
+    ex.drain(2)
+    while not all(r.finished for r in reqs):
+        engine.step()
+    assert _outputs(reqs) == reference
+    assert ex.view.states[2] is RankState.FAILED and proc.proc.returncode == 0  # stopped, not killed
+    assert any(e.kind == "drained" and e.rank == 2 for e in ex.events)
+    _rejoin(engine, 2)
+    assert _outputs(_run(engine, PROMPTS)) == reference

@@ -122,7 +122,8 @@ def test_bad_requests_get_openai_shaped_4xx_and_the_server_stays_healthy(server:
 
 def test_every_endpoint_wants_the_api_key(server: Http) -> None:
     for method, path in [("GET", "/health"), ("GET", "/v1/models"), ("GET", "/membership"),
-                         ("POST", "/v1/completions"), ("POST", "/admin/ranks/1/rejoin")]:
+                         ("POST", "/v1/completions"), ("POST", "/admin/ranks/1/rejoin"),
+                         ("POST", "/admin/ranks/1/drain"), ("GET", "/metrics"), ("POST", "/v1/chat/completions")]:
         reply = httpx.request(method, f"{server.url}{path}", json={}, timeout=30)
         assert reply.status_code == 401, (path, reply.text)
         assert reply.json()["error"]["code"] == "invalid_api_key"
@@ -164,6 +165,14 @@ def test_a_rank_killed_under_16_open_streams_is_only_a_pause(model_dir: Path) ->
         while httpx.get(f"{srv.url}/membership", timeout=30).json()["view"]["active"] != [0, 1]:
             assert time.monotonic() < deadline
             time.sleep(0.2)
+        # a graceful drain of the rank that came back; serving goes on without it
+        assert httpx.post(f"{srv.url}/admin/ranks/1/drain", timeout=60).status_code == 200
+        while httpx.get(f"{srv.url}/membership", timeout=30).json()["view"]["active"] != [0]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        again = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=24, temperature=0)
+        assert again.choices[0].text == reference[0]
+        assert httpx.post(f"{srv.url}/admin/ranks/0/drain", timeout=60).status_code == 400  # the last one
     finally:
         _stop(srv)
         shutil.rmtree(tmp, ignore_errors=True)

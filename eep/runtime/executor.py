@@ -168,6 +168,7 @@ class EPExecutor:
         self._procs: list[_Proc | None] = [None] * ep.ep_size
         self._fenced: list[_Proc] = []  # failed processes that may still be alive (stopped)
         self._pending_rejoin: set[int] = set()
+        self._pending_drain: set[int] = set()
         self._retries = 0  # consecutive steps abandoned without a failure
         self._fault_time: float | None = None  # when the last failure was seen, until a step completes
         self.last_step: list[StepResult] = []  # per active rank: the timings of the last step
@@ -292,6 +293,8 @@ class EPExecutor:
         has finished loading. Returns the ranks switched in."""
         if not self.ep.elastic:
             return ()
+        if self._pending_drain:
+            self._drain_now()
         for rank in sorted(self._pending_rejoin):
             self._pending_rejoin.discard(rank)
             self.rejoin(rank)
@@ -311,8 +314,20 @@ class EPExecutor:
         return tuple(switched)
 
     def membership_pending(self) -> bool:
-        """A rank is to be restarted or is loading: `at_step_boundary` has work to do."""
-        return bool(self._pending_rejoin or self.view.ranks_in(RankState.JOINING))
+        """A rank is to be restarted, loading or to be drained: `at_step_boundary` has work to do."""
+        return bool(self._pending_rejoin or self._pending_drain or self.view.ranks_in(RankState.JOINING))
+
+    def drain(self, rank: int) -> None:
+        """Take active `rank` out of the view gracefully at the next step boundary: its requests
+        move to the others (prefilled again), its experts are covered as after a failure (reuse,
+        then copies), then its process stops. It can rejoin later like a failed rank."""
+        if not self.ep.elastic:
+            raise ConfigError("drain needs fault_policy 'repair'")
+        if not 0 <= rank < self.num_ranks or self.view.states[rank] is not RankState.ACTIVE:
+            raise ConfigError(f"rank {rank} is not active: only an active rank can be drained")
+        if len(self.view.active_ranks) - len(self._pending_drain - {rank}) <= 1:
+            raise ConfigError("the last active rank cannot be drained")
+        self._pending_drain.add(rank)
 
     def execute(self, work: list[list[SeqWork]]) -> list[list[int]]:
         """Run one step: `work[r]` on each active rank r (inactive ranks must get no work).
@@ -607,6 +622,26 @@ class EPExecutor:
         p = self._spawn(rank, self.placement, held_after)
         self.view = self.view.begin_join(rank, p.proc.pid)
         self._event("rejoin_started", rank, f"pid {p.proc.pid}")
+
+    def _drain_now(self) -> None:
+        t0 = time.perf_counter()
+        ranks, self._pending_drain = set(self._pending_drain), set()
+        self.view = self.view.fail(ranks)
+        assert self._segment is not None
+        self._segment.announce_epoch(self.view.epoch)
+        for rank in sorted(ranks):
+            p = self._procs[rank]
+            self._procs[rank] = None
+            if p is not None:
+                try:
+                    send(p.conn, ("stop", None))
+                except OSError:
+                    pass
+                code = p.close(kill=False)
+                self._event("drained", rank, f"left the view; process exited with code {code}")
+        self._event("view_committed", None, f"drained {sorted(ranks)}; active {list(self.view.active_ranks)}")
+        self._repair(t0)
+        raise RanksFailed(frozenset(ranks), self.view.epoch)
 
     def _joiner_failed(self, rank: int, why: str) -> None:
         self.view = self.view.fail({rank})

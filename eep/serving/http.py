@@ -3,7 +3,8 @@
 Endpoints: `POST /v1/completions` (with `stream: true` as server-sent events), `GET /v1/models`,
 `GET /health` (200 while serving; 503 with the reason while admission is paused or the engine
 stopped), `GET /membership` (view, coverage, repairs and recent events of an expert-parallel
-instance) and `POST /admin/ranks/{rank}/rejoin`. With an API key every endpoint wants
+instance), `POST /admin/ranks/{rank}/rejoin` and `POST /admin/ranks/{rank}/drain` (graceful
+removal at the next step boundary). With an API key every endpoint wants
 `Authorization: Bearer KEY` and answers 401 without it. Errors have OpenAI's shape:
 `{"error": {"message", "type", "param", "code"}}`, 4xx for the request's fault.
 
@@ -155,6 +156,19 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None)
                 raise RequestError(str(err)) from None
 
         await on_loop(start)
+        return {"ok": True, "rank": rank}
+
+    @app.post("/admin/ranks/{rank}/drain")
+    async def drain(rank: int) -> dict[str, Any]:
+        def request(e: Any) -> None:
+            if not hasattr(e.executor, "drain"):
+                raise RequestError("drain needs an expert-parallel instance (--ep-size > 1)")
+            try:
+                e.executor.drain(rank)
+            except ConfigError as err:
+                raise RequestError(str(err)) from None
+
+        await on_loop(request)
         return {"ok": True, "rank": rank}
 
     @app.post("/v1/completions")
