@@ -12,8 +12,8 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
-import signal
 import pickle
+import signal
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -24,10 +24,10 @@ import torch
 from eep.dataplane.dispatch import EPDispatcher
 from eep.engine.worker import ModelWorker, SeqWork
 from eep.errors import ConfigError, DataPlaneError, PeerTimeout, RankFenced
-from eep.runtime.heartbeat import Heartbeat
 from eep.model.checkpoint import CheckpointReader
 from eep.model.loader import SlotRange, load_expert, load_model
 from eep.placement.routing import Placement, check_tables_only, placement_from_phy2log
+from eep.runtime.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,11 @@ class RankState:
         self.spec = spec
         held = spec.held if spec.held is not None else spec.placement.physical_to_logical_map
         self.held = held.clone()  # the expert whose weights each of this rank's slots holds
-        loading = placement_from_phy2log(held, spec.placement.num_logical, spec.placement.max_replicas)
+        # Weights are loaded by `held` (only its slot map is read), the tables are allocated at
+        # the placement's shape and set to it: `held` may hold more copies of an expert than
+        # the tables list (spares after a rejoin).
+        p = spec.placement
+        loading = Placement(held, p.logical_to_physical_map, p.logical_replica_count)
         model = load_model(
             spec.model_path, dtype=spec.dtype, max_len=spec.max_model_len, placement=loading,
             slots=spec.slots, progress=False,
