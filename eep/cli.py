@@ -201,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ep-size", type=int, default=_default(EPConfig, "ep_size"), help="expert-parallel rank processes")
     srv.add_argument("--ep-num-redundant-experts", type=int, default=_default(EPConfig, "num_redundant_experts"))
     srv.add_argument("--ep-backend", choices=["shm", "gloo"], default=_default(EPConfig, "backend"))
-    srv.add_argument("--fault-policy", choices=["repair", "none"], default=None,
-                     help="repair: survive rank failures (shm default); none: fixed membership (gloo default)")
+    srv.add_argument("--fault-policy", choices=["repair", "none", "restart"], default=None,
+                     help="repair: survive rank failures (shm default); none: fixed membership (gloo default); "
+                          "restart: the full-restart baseline (relaunch every rank on any failure)")
     srv.add_argument("--failure-timeout", type=float, default=_default(EPConfig, "failure_timeout_s"),
                      help="seconds of heartbeat silence that confirm a failed rank")
     srv.add_argument("--rejoin", choices=["manual", "auto"], default=_default(EPConfig, "rejoin"),

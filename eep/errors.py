@@ -135,3 +135,12 @@ class RanksFailed(EepError):
 class StepRetry(EepError):
     """A step was abandoned without a membership change (a rank reported it could not finish
     it); nothing was committed, run it again."""
+
+
+class RankFailed(EepError):
+    """A rank process exited or stopped answering (fixed membership: the instance is lost, or
+    restarted whole with fault_policy 'restart')."""
+
+    def __init__(self, rank: int, why: str) -> None:
+        self.rank = rank
+        super().__init__(f"rank {rank} failed: {why}")

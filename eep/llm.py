@@ -36,7 +36,8 @@ def build_engine(config: EngineConfig, ep: EPConfig | None = None) -> LLMEngine:
 
         executor = EPExecutor(config, ep)
     try:
-        return LLMEngine(config, executor)
+        restart = (lambda: EPExecutor(config, ep)) if ep is not None and ep.fault_policy == "restart" else None
+        return LLMEngine(config, executor, restart=restart)
     except BaseException:
         if executor is not None:
             executor.close()

@@ -13,7 +13,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +22,7 @@ from eep.engine.request import Prompt, Request, RequestOutput, as_batch
 from eep.engine.sampling import SamplingParams
 from eep.engine.scheduler import ScheduledSeq, Scheduler
 from eep.engine.worker import ModelWorker, SampleSpec, SeqWork
-from eep.errors import ConfigError, RanksFailed, RequestError, StepRetry
+from eep.errors import ConfigError, RankFailed, RanksFailed, RequestError, StepRetry
 from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
 from eep.model.loader import load_model
@@ -72,8 +72,16 @@ class LLMEngine:
     slots and requests: data-parallel attention); all ranks run each step together.
     """
 
-    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, executor: Executor | None = None,
+        restart: Callable[[], Executor] | None = None,
+    ) -> None:
+        """`restart` (the full-restart baseline): on a rank failure the whole executor is closed
+        and this builds a new one (every process relaunched, every weight reloaded); the
+        requests in flight are prefilled again on it from their committed tokens."""
         self.config = config
+        self._restart_executor = restart
+        self.restarts: list[dict[str, object]] = []  # one record per full restart
         with CheckpointReader(config.model_path) as reader:
             self.model_config = ModelConfig.from_hf(reader.config)
         if config.max_model_len > self.model_config.max_position_embeddings:
@@ -187,6 +195,11 @@ class LLMEngine:
             return []
         except StepRetry:
             return []
+        except RankFailed as e:
+            if self._restart_executor is None:
+                raise
+            self._restart(e)
+            return []
         # Commit only now that the whole step succeeded on every rank: a failure above leaves
         # every request as it was before the step, so the step can simply be run again.
         finished = []
@@ -224,6 +237,19 @@ class LLMEngine:
             scheduler.waiting.extendleft(reversed(moved))
         if orphans:
             logger.info("re-admitted %d requests of failed ranks on %s", len(orphans), list(active))
+
+    def _restart(self, cause: RankFailed) -> None:
+        start, wall = time.perf_counter(), time.time()
+        logger.warning("full restart after %s: relaunching every rank", cause)
+        self.executor.close()
+        assert self._restart_executor is not None
+        self.executor = self._restart_executor()
+        orphans = [req for s in self.schedulers for req in s.evict_all()]
+        for req in orphans:
+            self._least_loaded().add(req)
+        seconds = time.perf_counter() - start
+        self.restarts.append({"time": wall, "seconds": seconds, "cause": str(cause), "requests": len(orphans)})
+        logger.warning("restarted in %.2f s; %d requests resume from their committed tokens", seconds, len(orphans))
 
     def _rebalance(self, joined: tuple[int, ...]) -> None:
         """New ranks take waiting requests from the busiest ones until the queues are even."""

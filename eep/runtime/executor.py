@@ -44,7 +44,7 @@ import torch
 from eep.config import EngineConfig, resolve_dtype
 from eep.dataplane.shm import ShmLayout, ShmSegment, sweep_orphans
 from eep.engine.worker import SeqWork
-from eep.errors import ConfigError, DataPlaneError, EepError, RanksFailed, StepRetry
+from eep.errors import ConfigError, DataPlaneError, EepError, RankFailed, RanksFailed, StepRetry  # noqa: F401 (RankFailed re-exported)
 from eep.membership.view import MembershipEvent, MembershipView, RankState
 from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
@@ -58,19 +58,11 @@ from eep.runtime.rank import ExpertCopy, RankSpec, StepOrder, StepResult, recv, 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("shm", "gloo")
-FAULT_POLICIES = ("repair", "none")
+FAULT_POLICIES = ("repair", "none", "restart")
 REJOIN_POLICIES = ("manual", "auto")
 UNCOVERABLE_POLICIES = ("pause", "degrade")
 _MAX_RETRIES = 3
 _HISTORY = 1000  # events and repair records kept for status()
-
-
-class RankFailed(EepError):
-    """A rank process exited or stopped answering (fixed membership: the instance is lost)."""
-
-    def __init__(self, rank: int, why: str) -> None:
-        self.rank = rank
-        super().__init__(f"rank {rank} failed: {why}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +73,7 @@ class EPConfig:
     timeout_s: float = 30.0  # a data-plane wait this long on a live (heartbeating) peer fails it
     failure_timeout_s: float = 1.0  # heartbeat silence that confirms a stopped or hung rank
     start_timeout_s: float = 120.0  # rank start-up: import torch, load weights
-    fault_policy: str | None = None  # "repair" | "none"; default: repair on shm, none on gloo (fixed)
+    fault_policy: str | None = None  # "repair" | "none" | "restart"; default: repair on shm, none on gloo
     rejoin: str = "manual"
     on_uncoverable: str = "pause"
     num_spare_slots: int | None = None  # empty slots per rank for tier-2 repair; None: enough for one rank's experts
