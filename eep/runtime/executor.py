@@ -244,10 +244,7 @@ class EPExecutor:
             if left <= 0:
                 failures += [RankFailed(r, f"no {kind!r} reply within {timeout_s:.1f} s") for r in sorted(pending)]
                 break
-            procs = {r: self._procs[r] for r in pending}
-            ready = wait([p.conn for p in procs.values()] + [p.pidfd for p in procs.values()], left)  # type: ignore[union-attr]
-            for r, p in sorted(procs.items()):
-                assert p is not None
+            for r, p, ready in self._ready(pending, left):
                 if p.conn in ready:
                     pending.discard(r)
                     try:
@@ -269,6 +266,14 @@ class EPExecutor:
         if refused:
             raise ConfigError("; ".join(refused))
         return replies
+
+    def _ready(self, ranks: set[int], timeout_s: float) -> list[tuple[int, _Proc, list[object]]]:
+        """Wait up to `timeout_s` for a message or an exit of any of `ranks`; returns, in rank
+        order, each rank with its process and what became ready (check `p.conn` / `p.pidfd` in it)."""
+        procs = {r: self._procs[r] for r in ranks}
+        handles = [p.conn for p in procs.values() if p] + [p.pidfd for p in procs.values() if p]
+        ready = wait(handles, timeout_s)
+        return [(r, p, ready) for r, p in sorted(procs.items()) if p is not None]
 
     def _event(self, kind: str, rank: int | None = None, detail: str = "") -> None:
         ev = MembershipEvent(time.time(), self.view.epoch, self.steps, kind, rank, detail)
@@ -376,10 +381,7 @@ class EPExecutor:
                     raise RankFailed(r, f"no step reply within {2 * self.ep.timeout_s + 5.0:.1f} s")
                 failed.add(r)
                 break
-            procs = {r: self._procs[r] for r in pending}
-            ready = wait([p.conn for p in procs.values()] + [p.pidfd for p in procs.values()], check_s)  # type: ignore[union-attr]
-            for r, p in sorted(procs.items()):
-                assert p is not None
+            for r, p, ready in self._ready(pending, check_s):
                 if p.conn in ready:
                     try:
                         got, payload = recv(p.conn)
@@ -430,10 +432,7 @@ class EPExecutor:
         pending = set(ranks)
         deadline = time.monotonic() + self.ep.timeout_s
         while pending and time.monotonic() < deadline:
-            procs = {r: self._procs[r] for r in pending}
-            ready = wait([p.conn for p in procs.values()] + [p.pidfd for p in procs.values()], self.ep.failure_timeout_s / 4)  # type: ignore[union-attr]
-            for r, p in sorted(procs.items()):
-                assert p is not None
+            for r, p, ready in self._ready(pending, self.ep.failure_timeout_s / 4):
                 if p.conn in ready:
                     try:
                         got, payload = recv(p.conn)

@@ -145,31 +145,25 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None)
             return {"view": {"epoch": 0, "active": [0]}, "coverage": None, "events": []}
         return status  # type: ignore[no-any-return]
 
-    @app.post("/admin/ranks/{rank}/rejoin")
-    async def rejoin(rank: int) -> dict[str, Any]:
-        def start(e: Any) -> None:
-            if not hasattr(e.executor, "rejoin"):
-                raise RequestError("rejoin needs an expert-parallel instance (--ep-size > 1)")
+    async def admin(action: str, rank: int) -> dict[str, Any]:
+        def run(e: Any) -> None:
+            if not hasattr(e.executor, action):
+                raise RequestError(f"{action} needs an expert-parallel instance (--ep-size > 1)")
             try:
-                e.executor.rejoin(rank)
+                getattr(e.executor, action)(rank)
             except ConfigError as err:
                 raise RequestError(str(err)) from None
 
-        await on_loop(start)
+        await on_loop(run)
         return {"ok": True, "rank": rank}
+
+    @app.post("/admin/ranks/{rank}/rejoin")
+    async def rejoin(rank: int) -> dict[str, Any]:
+        return await admin("rejoin", rank)
 
     @app.post("/admin/ranks/{rank}/drain")
     async def drain(rank: int) -> dict[str, Any]:
-        def request(e: Any) -> None:
-            if not hasattr(e.executor, "drain"):
-                raise RequestError("drain needs an expert-parallel instance (--ep-size > 1)")
-            try:
-                e.executor.drain(rank)
-            except ConfigError as err:
-                raise RequestError(str(err)) from None
-
-        await on_loop(request)
-        return {"ok": True, "rank": rank}
+        return await admin("drain", rank)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
