@@ -20,13 +20,11 @@ end, tokens committed in it). From that series:
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import signal
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,13 +33,13 @@ from eep.config import EngineConfig
 from eep.engine.engine import LLMEngine
 from eep.engine.request import Request
 from eep.engine.sampling import SamplingParams
-from eep.errors import CheckpointFileMissing, ConfigError
+from eep.bench.steady import FIRST_PROMPT_ID, checkpoint_vocab
+from eep.errors import ConfigError
 from eep.membership.view import RankState
 from eep.runtime.executor import EPConfig, EPExecutor
 
 logger = logging.getLogger(__name__)
 
-_FIRST_ID = 3
 _WINDOW_S = 0.5  # sliding window of the throughput series
 
 
@@ -63,10 +61,7 @@ def run_recovery_bench(
 ) -> dict[str, Any]:
     if not 0 <= victim < ep_size or ep_size < 2:
         raise ConfigError(f"need ep_size >= 2 and a victim in 0..{ep_size - 1}")
-    config_file = Path(model_path) / "config.json"
-    if not config_file.exists():
-        raise CheckpointFileMissing(f"{config_file} not found: pass a checkpoint directory")
-    vocab = int(json.loads(config_file.read_text())["vocab_size"])
+    vocab = checkpoint_vocab(model_path)
     g = torch.Generator().manual_seed(seed)
     per_rank = -(-concurrency // (ep_size - 1))  # survivors must hold every running request
     config = EngineConfig(model_path, dtype=dtype, max_num_seqs=per_rank, max_model_len=prompt_len + output_len + 8,
@@ -77,7 +72,7 @@ def run_recovery_bench(
     ex = engine.executor
     assert isinstance(ex, EPExecutor)
     try:
-        warm = [engine.add_request(torch.randint(_FIRST_ID, vocab, (prompt_len,), generator=g).tolist(), params)
+        warm = [engine.add_request(torch.randint(FIRST_PROMPT_ID, vocab, (prompt_len,), generator=g).tolist(), params)
                 for _ in range(concurrency)]
         while not all(r.finished for r in warm):
             engine.step()
@@ -91,7 +86,7 @@ def run_recovery_bench(
             running = [r for r in requests if not r.finished]
             if t_back is None or now < t_back + tail_s:
                 for _ in range(concurrency - len(running)):
-                    prompt = torch.randint(_FIRST_ID, vocab, (prompt_len,), generator=g).tolist()
+                    prompt = torch.randint(FIRST_PROMPT_ID, vocab, (prompt_len,), generator=g).tolist()
                     requests.append(engine.add_request(prompt, params))
             elif not running:
                 break

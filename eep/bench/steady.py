@@ -37,7 +37,15 @@ from eep.runtime.executor import BACKENDS, EPConfig, EPExecutor
 
 logger = logging.getLogger(__name__)
 
-_FIRST_ID = 3  # ids 0..2 are special (pad/bos/eos) in the checkpoints eep builds
+FIRST_PROMPT_ID = 3  # ids 0..2 are special (pad/bos/eos) in the checkpoints eep builds
+
+
+def checkpoint_vocab(model_path: str) -> int:
+    """`vocab_size` of the checkpoint at `model_path` (the range of the benches' random prompts)."""
+    config_file = Path(model_path) / "config.json"
+    if not config_file.exists():
+        raise CheckpointFileMissing(f"{config_file} not found: pass a checkpoint directory")
+    return int(json.loads(config_file.read_text())["vocab_size"])
 
 
 def run_steady_bench(
@@ -62,12 +70,9 @@ def run_steady_bench(
         raise ConfigError("need num_requests >= 1, prompt_len >= 1 and output_len >= 2")
     if not backends or any(b not in BACKENDS for b in backends):
         raise ConfigError(f"backends must be a non-empty subset of {BACKENDS}, got {backends}")
-    config_file = Path(model_path) / "config.json"
-    if not config_file.exists():
-        raise CheckpointFileMissing(f"{config_file} not found: pass a checkpoint directory")
-    vocab = int(json.loads(config_file.read_text())["vocab_size"])
+    vocab = checkpoint_vocab(model_path)
     g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(_FIRST_ID, vocab, (num_requests, prompt_len), generator=g).tolist()
+    prompts = torch.randint(FIRST_PROMPT_ID, vocab, (num_requests, prompt_len), generator=g).tolist()
     per_rank = -(-num_requests // ep_size)
     config = EngineConfig(
         model_path, dtype=dtype, max_num_seqs=per_rank, max_model_len=prompt_len + output_len + 8,

@@ -162,6 +162,25 @@ class ShmLayout:
         return base + buf * self.capacity
 
 
+def create_mapped(name: str, nbytes: int) -> mmap.mmap:
+    """Create `/dev/shm/name` (mode 0600, fully allocated up front: a full /dev/shm fails here,
+    not with SIGBUS later) and map it shared; the file is removed again if that fails."""
+    path = SHM_DIR / name
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except FileExistsError:
+        raise SegmentError(f"segment {name} already exists; pick another name") from None
+    try:
+        os.fchmod(fd, 0o600)  # the umask cannot widen it, but be explicit
+        os.posix_fallocate(fd, 0, nbytes)
+        return mmap.mmap(fd, nbytes, mmap.MAP_SHARED, _PROT)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
 def _per_pair(n: int, make: Callable[[int, int], T]) -> list[list[T]]:
     """`[src][dst]` grid of `make(src, dst)`."""
     return [[make(s, d) for d in range(n)] for s in range(n)]
@@ -220,20 +239,7 @@ class ShmSegment:
         name = name or f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         if "/" in name or not name:
             raise SegmentError(f"segment name {name!r} must be a plain file name")
-        path = SHM_DIR / name
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        except FileExistsError:
-            raise SegmentError(f"segment {name} already exists; pick another name") from None
-        try:
-            os.fchmod(fd, 0o600)  # the umask cannot widen it, but be explicit
-            os.posix_fallocate(fd, 0, layout.total_bytes)
-            mm = mmap.mmap(fd, layout.total_bytes, mmap.MAP_SHARED, _PROT)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
+        mm = create_mapped(name, layout.total_bytes)
         pre = _Preamble.from_buffer(mm)
         pre.num_ranks, pre.region_bytes = layout.num_ranks, layout.region_bytes
         pre.version = _VERSION

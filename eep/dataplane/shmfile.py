@@ -13,7 +13,7 @@ import os
 import secrets
 import weakref
 
-from eep.dataplane.shm import NAME_PREFIX, SHM_DIR, _unlink_if_creator
+from eep.dataplane.shm import NAME_PREFIX, SHM_DIR, _unlink_if_creator, create_mapped
 from eep.errors import SegmentError
 
 
@@ -31,16 +31,7 @@ class ShmFile:
     @classmethod
     def create(cls, kind: str, nbytes: int) -> ShmFile:
         name = f"{NAME_PREFIX}{os.getpid()}-{kind}-{secrets.token_hex(4)}"
-        fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.posix_fallocate(fd, 0, max(nbytes, 1))  # a full /dev/shm fails here, not with SIGBUS later
-            mm = mmap.mmap(fd, max(nbytes, 1), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            os.unlink(SHM_DIR / name)
-            raise
-        os.close(fd)
+        mm = create_mapped(name, max(nbytes, 1))
         return cls(name, mm, created=True)
 
     @classmethod

@@ -225,16 +225,14 @@ class LLMEngine:
         for r, scheduler in enumerate(self.schedulers):
             if r not in active:
                 orphans += scheduler.evict_all()
-        by_target: dict[int, list[Request]] = {}
+        load = {r: len(self.schedulers[r].running) + len(self.schedulers[r].waiting) for r in active}
+        moved: dict[int, list[Request]] = {r: [] for r in active}
         for req in orphans:
-            target = self._least_loaded()
-            target.waiting.append(req)  # counted for the next choice; reordered below
-            by_target.setdefault(id(target), []).append(req)
-        for scheduler in (self.schedulers[r] for r in active):
-            moved = by_target.get(id(scheduler), [])
-            for req in moved:
-                scheduler.waiting.remove(req)
-            scheduler.waiting.extendleft(reversed(moved))
+            target = min(active, key=load.__getitem__)  # as _least_loaded: first of the least loaded
+            moved[target].append(req)
+            load[target] += 1
+        for r in active:
+            self.schedulers[r].waiting.extendleft(reversed(moved[r]))
         if orphans:
             logger.info("re-admitted %d requests of failed ranks on %s", len(orphans), list(active))
 

@@ -694,13 +694,8 @@ class EPExecutor:
         Each slot must be given the expert whose weights it holds, or nothing (-1): this moves
         no weights.
         """
-        check_tables_only(self._held_placement(placement), placement)  # refused here, before any rank applies it
-        self._exchange_all(list(self.view.active_ranks), "routing", "routing", None, placement)
+        self._update_routing_on(self.view.active_ranks, placement)  # checked before any rank applies it
         self.placement = placement
-
-    @property
-    def loaded(self) -> Placement:
-        return self._held_placement(self.placement)
 
     def storage_ptrs(self) -> list[list[int]]:
         """Per active rank: data_ptr of its routing tables, expert slots and buffers."""

@@ -26,7 +26,7 @@ from eep.engine.worker import ModelWorker, SeqWork
 from eep.errors import ConfigError, DataPlaneError, PeerTimeout, RankFenced
 from eep.model.checkpoint import CheckpointReader
 from eep.model.loader import SlotRange, load_expert, load_model
-from eep.placement.routing import Placement, check_tables_only, placement_from_phy2log
+from eep.placement.routing import Placement, check_tables_only
 from eep.runtime.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -180,8 +180,9 @@ class RankState:
         emptied (-1), never be given an expert it does not hold: moving weights is not a table
         update."""
         slots = range(self.spec.slots.offset, self.spec.slots.offset + self.spec.slots.count)
-        held = placement_from_phy2log(self.held, placement.num_logical, self.held.shape[1])
-        check_tables_only(held, placement, slots)  # against the weights loaded
+        # against the weights loaded (only the slot map of `held` is read)
+        check_tables_only(Placement(self.held, placement.logical_to_physical_map, placement.logical_replica_count),
+                          placement, slots)
         self.worker.model.tables.update_(placement)
 
     def copy_experts(self, copies: list[ExpertCopy]) -> list[float]:
