@@ -163,6 +163,25 @@ def _cmd_bench_recovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_failure(args: argparse.Namespace) -> int:
+    from eep.bench.failure import plot, run_failure_bench, summary_table
+
+    result = run_failure_bench(
+        _model_path(args), ep_size=args.ep_size, victim=args.victim, concurrency=args.concurrency,
+        prompt_len=args.prompt_len, output_len=args.output_len, fault_at_s=args.fault_at,
+        rejoin_after_s=args.rejoin_after, tail_s=args.tail, failure_timeout_s=args.failure_timeout,
+        systems=tuple(args.systems.split(",")), steady_rounds=args.steady_rounds, steady_slice_s=args.steady_slice,
+        dtype=args.dtype, seed=args.seed,
+    )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.plot)
+    print(summary_table(result))
+    print(f"\nsummary: {json.dumps(result['summary'])}")
+    print(f"record: {args.json}\npicture: {args.plot}")
+    return 0
+
+
 def _write_json(result: dict[str, object], path: str | None) -> None:
     text = json.dumps(result, indent=2)
     if path:
@@ -270,6 +289,27 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--json", help="write the result here")
     rec.set_defaults(func=_cmd_bench_recovery)
+    fail = bench_sub.add_parser(
+        "failure", help="the failure experiment over HTTP: eep vs fixed membership vs full restart (JSON + PNG)"
+    )
+    _add_model_args(fail)
+    fail.add_argument("--ep-size", type=int, default=4)
+    fail.add_argument("--victim", type=int, default=1, help="the rank to kill")
+    fail.add_argument("--concurrency", type=int, default=32, help="clients in the closed loop")
+    fail.add_argument("--prompt-len", type=int, default=32)
+    fail.add_argument("--output-len", type=int, default=48, help="mean output length (uniform in 0.5x..1.5x)")
+    fail.add_argument("--fault-at", type=float, default=6.0, help="seconds of load before the kill")
+    fail.add_argument("--rejoin-after", type=float, default=3.0, help="seconds from the kill to the rejoin request")
+    fail.add_argument("--tail", type=float, default=4.0, help="seconds of load after the rejoin request")
+    fail.add_argument("--failure-timeout", type=float, default=1.0)
+    fail.add_argument("--systems", default="eep,restart,fixed", help="comma list of eep, restart, fixed")
+    fail.add_argument("--steady-rounds", type=int, default=3,
+                      help="rounds of alternating eep / fixed slices for the steady-state ratio (0: none)")
+    fail.add_argument("--steady-slice", type=float, default=3.0, help="seconds per slice")
+    fail.add_argument("--seed", type=int, default=0)
+    fail.add_argument("--json", default="out/failure.json", help="the whole record (default: %(default)s)")
+    fail.add_argument("--plot", default="out/failure.png", help="the picture (default: %(default)s)")
+    fail.set_defaults(func=_cmd_bench_failure)
     return parser
 
 

@@ -238,3 +238,29 @@ def test_health_is_503_with_the_reason_while_admission_is_paused(model_dir: Path
     finally:
         _stop(srv)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_a_client_that_hangs_up_mid_stream_frees_its_request(server: Http) -> None:
+    """vLLM's behaviour: a stream whose client went away is aborted, not run to max_tokens."""
+    headers = {"authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": [5, 6, 7, 8], "max_tokens": 120, "stream": True, "ignore_eos": True,
+            "return_token_ids": True}
+    before = _samples(httpx.get(f"{server.url}/metrics", headers=headers, timeout=30).text)
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=30) as resp:
+        assert resp.status_code == 200
+        ids: list[int] = []
+        for line in resp.iter_lines():  # a few tokens, then hang up
+            if line.startswith("data: {"):
+                ids += json.loads(line[6:])["choices"][0]["token_ids"]
+            if len(ids) >= 3:
+                break
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        running = _samples(httpx.get(f"{server.url}/metrics", headers=headers, timeout=30).text)
+        if running["eep_running_requests"] == 0 and running["eep_queued_requests"] == 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the abandoned request still runs: {running}")
+    generated = running["eep_generated_tokens_total"] - before.get("eep_generated_tokens_total", 0)
+    assert generated < 120  # it did not run to the end

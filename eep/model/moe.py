@@ -146,13 +146,16 @@ def _packed_experts(xs: torch.Tensor, slot_ids: torch.Tensor, w13: torch.Tensor,
     p = xs.shape[0]
     if p == 0:
         return xs.new_zeros(0, xs.shape[1])
-    num_slots = w13.shape[0]
-    counts = torch.bincount(slot_ids, minlength=num_slots)  # [S]
+    # Only the slots from the first to the last one used (views, no copy): empty slots at the
+    # ends, such as unfilled spare slots kept for repairs, cost nothing.
+    lo, hi = int(slot_ids[0]), int(slot_ids[-1]) + 1
+    slot_ids = slot_ids - lo
+    counts = torch.bincount(slot_ids, minlength=hi - lo)  # [S]
     cap = int(counts.max())
     starts = counts.cumsum(0) - counts
     rank_in_slot = torch.arange(p) - starts[slot_ids]  # [P]
-    padded = xs.new_zeros(num_slots, cap, xs.shape[1])  # [S, C, H]
+    padded = xs.new_zeros(hi - lo, cap, xs.shape[1])  # [S, C, H]
     padded[slot_ids, rank_in_slot] = xs
-    gate, up = torch.bmm(padded, w13).chunk(2, dim=-1)  # [S, C, I] each
-    down = torch.bmm(F.silu(gate) * up, w2)  # [S, C, H]
+    gate, up = torch.bmm(padded, w13[lo:hi]).chunk(2, dim=-1)  # [S, C, I] each
+    down = torch.bmm(F.silu(gate) * up, w2[lo:hi])  # [S, C, H]
     return down[slot_ids, rank_in_slot]

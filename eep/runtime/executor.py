@@ -78,6 +78,10 @@ class EPConfig:
     on_uncoverable: str = "pause"
     num_spare_slots: int | None = None  # empty slots per rank for tier-2 repair; None: enough for one rank's experts
     expert_backup: bool = True  # keep a host-memory copy of every expert (a fast tier-2 source)
+    # Pin active ranks to the cores round-robin, re-spread at every view change. Off by default:
+    # with it on, test_http's kill under 16 streams returned one wrong token in 2 of 3 runs
+    # (a timing-dependent exactness gap in recovery it exposes; under investigation).
+    cpu_affinity: bool = False
     topology: Topology = field(default_factory=Topology)
 
     def __post_init__(self) -> None:
@@ -176,6 +180,7 @@ class EPExecutor:
                 self._spawn(rank, self.placement, None)
             self._await_ready(range(self.num_ranks), self.ep.start_timeout_s)
             self.view = MembershipView.initial(tuple(self._procs[r].proc.pid for r in range(self.num_ranks)))  # type: ignore[union-attr]
+            self._spread_ranks()
         except BaseException:
             self.close()
             raise
@@ -491,12 +496,32 @@ class EPExecutor:
             if self.ep.rejoin == "auto":
                 self._pending_rejoin.add(r)
 
+    def _spread_ranks(self) -> None:
+        """Pin each active rank (one torch thread each) to one of this process's cores,
+        round-robin, so that ranks never migrate between cores mid-step (measured here: 4 ranks
+        on 2 cores served ~10% more tokens/s, run-to-run spread down from ~15% to ~4%).
+        Every view change calls this again: the survivors of a failure share the cores evenly,
+        a rank switched back in gets its own again. A loading joiner is not pinned."""
+        if not self.ep.cpu_affinity:
+            return
+        cores = sorted(os.sched_getaffinity(0))
+        for i, r in enumerate(self.view.active_ranks):
+            p = self._procs[r]
+            if p is None:
+                continue
+            try:  # every thread of it (the heartbeat's, torch's): setaffinity is per thread
+                for tid in os.listdir(f"/proc/{p.proc.pid}/task"):
+                    os.sched_setaffinity(int(tid), {cores[i % len(cores)]})
+            except OSError:  # exited meanwhile: the failure path sees it
+                pass
+
     def _repair(self, t0: float) -> None:
         """Plan and carry out the repair of the current view; a rank that fails meanwhile leaves
         the view too and the repair is planned again from what is known to be held."""
         while True:
             try:
                 self._repair_once(t0)
+                self._spread_ranks()
                 return
             except RankFailed as e:
                 self._event("fault_seen", e.rank, f"during repair: {e}")
@@ -662,6 +687,7 @@ class EPExecutor:
         self.uncovered = tuple(
             (int(layer), int(expert)) for layer, expert in torch.nonzero(placement.logical_replica_count == 0).tolist()
         )
+        self._spread_ranks()
         pause = time.perf_counter() - t0
         warmup_s = self._procs[rank].warmup_s  # type: ignore[union-attr]
         self.repairs.append({"epoch": self.view.epoch, "rejoined": rank, "pause_s": pause, "warmup_s": warmup_s})
@@ -680,6 +706,7 @@ class EPExecutor:
     def status(self) -> dict[str, object]:
         return {
             "view": self.view.to_dict(),
+            "pids": self.pids(),
             "coverage": self.coverage(),
             "paused": self.paused_reason,
             "degraded": bool(self.uncovered) and self.paused_reason is None,

@@ -55,6 +55,9 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     n: Literal[1] = 1
     stop: None = None  # stop strings are not supported yet: refused rather than ignored
+    # vLLM's extensions: run to max_tokens past EOS; return the generated token ids (per chunk)
+    ignore_eos: bool = False
+    return_token_ids: bool = False
 
 
 class ChatMessage(BaseModel):
@@ -171,14 +174,16 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None)
             return error(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                          code="model_not_found", param="model")
         prompts = _prompts(body.prompt)
-        params = _params(body.max_tokens, body.temperature, body.top_p, body.seed)
+        params = _params(body.max_tokens, body.temperature, body.top_p, body.seed, ignore_eos=body.ignore_eos)
         created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+        ids = body.return_token_ids
         if not body.stream:
             futures = [loop.submit(p, params) for p in prompts]
             outs = [await asyncio.wrap_future(f) for f in futures]
             return {
                 "id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": [{"index": i, "text": o.text or "", "finish_reason": o.finish_reason, "logprobs": None}
+                "choices": [{"index": i, "text": o.text or "", "finish_reason": o.finish_reason, "logprobs": None,
+                             **({"prompt_token_ids": o.prompt_ids, "token_ids": o.output_ids} if ids else {})}
                             for i, o in enumerate(outs)],
                 "usage": _usage(sum(len(o.prompt_ids) for o in outs), sum(len(o.output_ids) for o in outs)),
             }
@@ -186,13 +191,23 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None)
         first = [await q.__anext__() for q in queues]  # validation errors surface here as 4xx
 
         async def events() -> AsyncIterator[bytes]:
+            try:
+                async for event in _completion_events(queues, first):
+                    yield event
+            finally:  # also when the client went away: abort what is still running
+                for q in queues:
+                    await q.aclose()
+
+        async def _completion_events(queues: list[Any], first: list[TokenEvent]) -> AsyncIterator[bytes]:
             pending = [(i, q, ev) for i, (q, ev) in enumerate(zip(queues, first))]
             for i, q, ev in pending:
                 while True:
-                    if ev.text or ev.finish_reason:
+                    if ev.text or ev.finish_reason or (ids and ev.token_ids):
+                        choice = {"index": i, "text": ev.text, "finish_reason": ev.finish_reason, "logprobs": None}
+                        if ids:
+                            choice["token_ids"] = list(ev.token_ids)
                         chunk = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                                 "choices": [{"index": i, "text": ev.text, "finish_reason": ev.finish_reason,
-                                              "logprobs": None}]}
+                                 "choices": [choice]}
                         yield f"data: {json.dumps(chunk)}\n\n".encode()
                     if ev.finish_reason:
                         break
@@ -234,15 +249,18 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None)
             return f"data: {json.dumps(body)}\n\n".encode()
 
         async def events() -> AsyncIterator[bytes]:
-            yield chunk({"role": "assistant", "content": ""}, None)
-            ev = first
-            while True:
-                if ev.text or ev.finish_reason:
-                    yield chunk({"content": ev.text} if ev.text else {}, ev.finish_reason)
-                if ev.finish_reason:
-                    break
-                ev = await stream.__anext__()
-            yield b"data: [DONE]\n\n"
+            try:
+                yield chunk({"role": "assistant", "content": ""}, None)
+                ev = first
+                while True:
+                    if ev.text or ev.finish_reason:
+                        yield chunk({"content": ev.text} if ev.text else {}, ev.finish_reason)
+                    if ev.finish_reason:
+                        break
+                    ev = await stream.__anext__()
+                yield b"data: [DONE]\n\n"
+            finally:  # also when the client went away: abort the request
+                await stream.aclose()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -336,11 +354,12 @@ def _prompts(prompt: Any) -> list[Any]:
 
 
 def _params(
-    max_tokens: int, temperature: float, top_p: float, seed: int | None, stop_token_ids: list[int] | None = None
+    max_tokens: int, temperature: float, top_p: float, seed: int | None, stop_token_ids: list[int] | None = None,
+    ignore_eos: bool = False,
 ) -> SamplingParams:
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                              stop_token_ids=tuple(stop_token_ids or ()))
+                              stop_token_ids=tuple(stop_token_ids or ()), ignore_eos=ignore_eos)
     except (ValueError, RequestError, ConfigError) as e:
         raise RequestError(str(e)) from None
 
@@ -358,10 +377,13 @@ async def _stream(loop: EngineLoop, prompt: Any, params: SamplingParams) -> Asyn
     future.add_done_callback(
         lambda f: aio.call_soon_threadsafe(queue.put_nowait, f.exception()) if f.exception() is not None else None
     )
-    while True:
-        item = await queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-        if item.finish_reason:
-            return
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason:
+                return
+    finally:
+        future.cancel()  # closed before its end (the client went away): the loop aborts the request

@@ -1,0 +1,637 @@
+"""The failure experiment: eep, the fixed-membership fast path and a full restart, over HTTP.
+
+What `run_failure_bench` promises. Each system is a real `eep serve --http` process on the
+same model and rank count, started and stopped here:
+- `eep`: `--fault-policy repair` on the shm data plane (what eep is);
+- `fixed`: `--fault-policy none` on the same shm data plane, every elastic check and piece of
+  bookkeeping off and no fault injected: the steady-state reference;
+- `restart`: `--fault-policy restart` on gloo: on a rank failure every rank is relaunched and
+  every weight reloaded, and the interrupted requests resume (what torchrun --max-restarts or
+  a Kubernetes restart gives).
+The same request trace (request i: a seeded random token-id prompt and a seeded output length,
+greedy, EOS ignored) is driven through `POST /v1/completions` with `stream: true` by
+`concurrency` asynchronous clients in a closed loop, after an untimed warm-up. `fault_at_s`
+after the start rank `victim` is SIGKILLed (eep, restart); `rejoin_after_s` later eep is asked
+to take it back (`POST /admin/ranks/{victim}/rejoin`); the clients stop starting requests
+`tail_s` after that and every request in flight is awaited. Every streamed chunk is recorded
+with its arrival time and token count, so the series is committed tokens per 100 ms as the
+clients saw them.
+
+The fixed server stays up (idle while another system is driven) for the whole run: before
+eep's timed run the two are driven in alternating slices of the same closed-loop load on the
+same requests (`steady_rounds` rounds, ABBA order), which is what `steady_state_ratio` compares;
+after the timed runs it serves the reference outputs.
+
+Figures (per system, and eep's in `summary`):
+- `steady_state_ratio`: eep's tokens/s over the fixed path's in the alternating slices (each
+  slice's first second left out); without slices, the timed runs' rates over [1 s, kill);
+- `recovery_pause_s`: the longest stretch without a token arriving that ends after the kill
+  and starts before the rejoin request (the restart's is `full_restart_unavailable_s`);
+- `reintegration_pause_s`: the longest such stretch within 1 s of the server's `rejoined`
+  event, minus the longest one in 2 s of steady serving before the fault (what switching the
+  rank in adds to the normal cadence), never below 0;
+- `time_to_95_s`: from the kill until a 0.5 s window, and the one after it, reach 95% of the
+  pre-fault rate;
+- `requests_lost`: requests started that did not end with exactly their tokens and `[DONE]`;
+- `outputs_differing`: completed requests whose tokens differ from the same request on the
+  fault-free `fixed` server (greedy outputs are bitwise independent of batch and placement, so
+  any difference is a wrong token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import datetime
+import itertools
+import json
+import logging
+import os
+import random
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eep.bench.steady import FIRST_PROMPT_ID, checkpoint_vocab
+from eep.errors import ConfigError, EepError
+
+logger = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+
+BIN_S = 0.1  # the series' resolution: committed tokens per 100 ms
+_WINDOW_S = 0.5  # time_to_95's window
+_STEADY_FROM_S = 1.0  # the closed loop's ramp-up is left out of steady-state rates
+_START_TIMEOUT_S = 180.0
+_STOP_TIMEOUT_S = 60.0
+_REQUEST_TIMEOUT_S = 300.0
+_WARM_FIRST_INDEX = 10**6
+_STEADY_FIRST_INDEX = 10**7  # trace indices of the steady-state slices (apart from the timed runs')
+
+
+class BenchFailed(EepError):
+    """A system under test misbehaved (did not start, did not answer): the run is void."""
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    name: str
+    label: str
+    serve_args: tuple[str, ...]
+    kill: bool  # inject the fault
+    rejoin: bool  # ask for the rank back
+
+
+SYSTEMS = (
+    System("eep", "eep (repair, shm)", ("--ep-backend", "shm", "--fault-policy", "repair"), kill=True, rejoin=True),
+    System("fixed", "fixed membership (shm, no fault)", ("--ep-backend", "shm", "--fault-policy", "none"),
+           kill=False, rejoin=False),
+    System("restart", "full restart (gloo)", ("--ep-backend", "gloo", "--fault-policy", "restart"),
+           kill=True, rejoin=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """Request i of every run: the same prompt and output length for every system."""
+
+    seed: int
+    vocab: int
+    prompt_len: int
+    output_len: int
+
+    def request(self, i: int) -> tuple[list[int], int]:
+        rng = random.Random(self.seed * 1_000_003 + i)
+        prompt = [rng.randrange(FIRST_PROMPT_ID, self.vocab) for _ in range(self.prompt_len)]
+        return prompt, rng.randint(max(1, self.output_len // 2), self.output_len * 3 // 2)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.prompt_len + self.output_len * 3 // 2 + 8
+
+
+@dataclass(slots=True)
+class _Record:
+    """One request as its client saw it."""
+
+    index: int
+    start: float
+    max_tokens: int
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (arrival, tokens in the chunk)
+    token_ids: list[int] = field(default_factory=list)
+    done: bool = False
+    error: str | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.done and self.error is None and len(self.token_ids) == self.max_tokens
+
+
+def run_failure_bench(
+    model_path: str,
+    *,
+    ep_size: int = 4,
+    victim: int = 1,
+    concurrency: int = 32,
+    prompt_len: int = 32,
+    output_len: int = 48,
+    fault_at_s: float = 6.0,
+    rejoin_after_s: float = 3.0,
+    tail_s: float = 4.0,
+    failure_timeout_s: float = 1.0,
+    systems: tuple[str, ...] = ("eep", "restart", "fixed"),
+    steady_rounds: int = 3,
+    steady_slice_s: float = 3.0,
+    dtype: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run the experiment on each system in `systems` (`fixed` last: it also serves the
+    reference outputs); return a JSON-able dict with every series, event and the summary."""
+    chosen = [s for s in SYSTEMS if s.name in systems]
+    if {s.name for s in chosen} != set(systems) or "fixed" not in systems:
+        raise ConfigError(f"systems must be a subset of {[s.name for s in SYSTEMS]} that includes 'fixed'")
+    if not 0 <= victim < ep_size or ep_size < 2:
+        raise ConfigError(f"need ep_size >= 2 and a victim in 0..{ep_size - 1}")
+    if fault_at_s <= _STEADY_FROM_S + _WINDOW_S or rejoin_after_s <= 0 or tail_s <= 0 or concurrency < 1:
+        raise ConfigError(f"need fault_at_s > {_STEADY_FROM_S + _WINDOW_S}, rejoin_after_s > 0, tail_s > 0 and "
+                          f"concurrency >= 1")
+    if steady_rounds < 0 or steady_slice_s < 1.5:
+        raise ConfigError("need steady_rounds >= 0 and steady_slice_s >= 1.5")
+    trace = Trace(seed, checkpoint_vocab(model_path), prompt_len, output_len)
+    order = [s for s in chosen if s.name != "fixed"] + [s for s in chosen if s.name == "fixed"]
+    fixed_system = next(s for s in chosen if s.name == "fixed")
+    runs: dict[str, dict[str, Any]] = {}
+    records: dict[str, list[_Record]] = {}
+    steady: dict[str, Any] | None = None
+
+    def server(system: System) -> _Server:
+        return _Server(model_path, system, ep_size=ep_size, concurrency=concurrency, trace=trace,
+                       failure_timeout_s=failure_timeout_s, dtype=dtype)
+
+    # The fixed-membership server stays up (idle when not driven) for the interleaved steady-state
+    # comparison and the reference outputs; every other system runs alone after it.
+    logger.info("[1/%d] %s: starting eep serve (%d ranks)", len(order) + 1, fixed_system.label, ep_size)
+    with server(fixed_system) as fixed:
+        for n, system in enumerate(order, 2):
+            logger.info("[%d/%d] %s", n, len(order) + 1, system.label)
+            if system.name == "fixed":
+                run, recs = asyncio.run(_drive(fixed, system, trace, concurrency=concurrency, victim=victim,
+                                               fault_at_s=fault_at_s, rejoin_after_s=rejoin_after_s, tail_s=tail_s))
+                runs[system.name], records[system.name] = run, recs
+                continue
+            logger.info("  starting eep serve (%d ranks)", ep_size)
+            with server(system) as srv:
+                if system.name == "eep" and steady_rounds > 0:
+                    steady = asyncio.run(_interleaved({"eep": srv, "fixed": fixed}, trace, concurrency=concurrency,
+                                                      rounds=steady_rounds, slice_s=steady_slice_s))
+                run, recs = asyncio.run(_drive(srv, system, trace, concurrency=concurrency, victim=victim,
+                                               fault_at_s=fault_at_s, rejoin_after_s=rejoin_after_s, tail_s=tail_s))
+                runs[system.name], records[system.name] = run, recs
+        reference = {r.index: r.token_ids for r in records["fixed"] if r.complete}
+        missing = sorted({r.index for rs in records.values() for r in rs if r.complete} - set(reference))
+        if missing:
+            logger.info("serving %d more requests of the trace fault-free, as the reference", len(missing))
+            reference |= asyncio.run(_reference(fixed, trace, missing, concurrency))
+    for name, recs in records.items():
+        done = [r for r in recs if r.complete]
+        runs[name]["outputs_differing"] = sum(r.token_ids != reference[r.index] for r in done)
+    return _result(runs, steady, trace, config={
+        "model_path": model_path, "ep_size": ep_size, "victim": victim, "concurrency": concurrency,
+        "prompt_len": prompt_len, "output_len": output_len, "fault_at_s": fault_at_s,
+        "rejoin_after_s": rejoin_after_s, "tail_s": tail_s, "failure_timeout_s": failure_timeout_s, "dtype": dtype,
+        "steady_rounds": steady_rounds, "steady_slice_s": steady_slice_s, "seed": seed,
+    }, labels={s.name: s.label for s in chosen})
+
+
+# -- one server -------------------------------------------------------------------------------
+class _Server:
+    """`eep serve --http 127.0.0.1:0` in its own session; stopped (SIGTERM, then SIGKILL of the
+    whole process group) and its temp dir removed on exit, also when the run fails."""
+
+    def __init__(self, model_path: str, system: System, *, ep_size: int, concurrency: int, trace: Trace,
+                 failure_timeout_s: float, dtype: str) -> None:
+        per_rank = -(-concurrency // (ep_size - 1))  # survivors must hold every running request
+        self.tmp = Path(tempfile.mkdtemp(prefix="eep-bench-"))
+        self.log_path = self.tmp / "serve.log"
+        self.model_name = Path(model_path).name
+        self.cmd = [
+            sys.executable, "-m", "eep", "serve", "--model-path", model_path, "--ep-size", str(ep_size),
+            "--http", "127.0.0.1:0", "--socket", str(self.tmp / "eep.sock"), "--max-num-seqs", str(per_rank),
+            "--max-model-len", str(trace.max_model_len), "--failure-timeout", str(failure_timeout_s),
+            "--dtype", dtype, *system.serve_args,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def __enter__(self) -> _Server:
+        try:
+            self._start()
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+
+    def _start(self) -> None:
+        start = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        assert self.proc.stdout is not None
+        line = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                left = _START_TIMEOUT_S - (time.monotonic() - start)
+                if left <= 0:
+                    raise BenchFailed(f"eep serve did not start within {_START_TIMEOUT_S:.0f} s; its log ends:\n"
+                                      f"{self.log_tail()}")
+                if not sel.select(timeout=min(left, 1.0)) and self.proc.poll() is None:
+                    continue
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:  # stdout closed: the server exited
+                    raise BenchFailed(f"eep serve exited with code {self.proc.wait(_STOP_TIMEOUT_S)} during "
+                                      f"start-up; its log ends:\n{self.log_tail()}")
+                line += chunk
+        ready = line.decode().strip()
+        if " http " not in ready:
+            raise BenchFailed(f"unexpected ready line from eep serve: {ready!r}")
+        self.url = ready.rsplit(" http ", 1)[1].strip()
+        logger.info("  ready in %.1f s at %s", time.monotonic() - start, self.url)
+
+    def _stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(_STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    logger.warning("eep serve did not stop within %.0f s: killing it", _STOP_TIMEOUT_S)
+            try:  # ranks left behind by a server that did not stop cleanly
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(_STOP_TIMEOUT_S)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self.proc = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+# -- the clients ------------------------------------------------------------------------------
+async def _complete(client: Any, model: str, trace: Trace, index: int, clock: float,
+                    into: list[_Record] | None = None) -> _Record:
+    """Stream request `index` of the trace, its record appended to `into` at once (so a
+    cancelled request still counts the tokens it got); a failure is the record's error."""
+    prompt, max_tokens = trace.request(index)
+    rec = _Record(index, time.monotonic() - clock, max_tokens)
+    if into is not None:
+        into.append(rec)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "return_token_ids": True}
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode(errors='replace')[:200]}"
+                return rec
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if line == "data: [DONE]":
+                    rec.done = True
+                    break
+                ids = json.loads(line[6:])["choices"][0].get("token_ids") or []
+                if ids:
+                    rec.chunks.append((time.monotonic() - clock, len(ids)))
+                    rec.token_ids += ids
+    except Exception as e:  # noqa: BLE001 - any failure of a request is what this bench counts
+        rec.error = f"{type(e).__name__}: {e}"
+    return rec
+
+
+async def _drive(server: _Server, system: System, trace: Trace, *, concurrency: int, victim: int,
+                 fault_at_s: float, rejoin_after_s: float, tail_s: float) -> tuple[dict[str, Any], list[_Record]]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(_REQUEST_TIMEOUT_S),
+                                 limits=limits) as client:
+        await _warm(client, server, trace, concurrency)
+        pids = (await client.get("/membership")).json()["pids"]
+        counter = itertools.count()
+        records: list[_Record] = []
+        clock, wall0 = time.monotonic(), time.time()
+        end = fault_at_s + rejoin_after_s + tail_s
+        times: dict[str, float] = {}
+
+        async def worker() -> None:
+            while time.monotonic() - clock < end:
+                await _complete(client, server.model_name, trace, next(counter), clock, records)
+
+        async def faults() -> None:
+            next_report = 1.0
+            while (now := time.monotonic() - clock) < end:
+                if now >= next_report:
+                    tokens = sum(n for r in records for t, n in r.chunks if now - 1.0 < t <= now)
+                    logger.info("  t=%4.1f s  %5d tok/s  %d requests done", now, tokens,
+                                sum(r.done for r in records))
+                    next_report += 1.0
+                if system.kill and "kill" not in times and now >= fault_at_s:
+                    os.kill(pids[victim], signal.SIGKILL)
+                    times["kill"] = time.monotonic() - clock
+                    logger.info("  t=%4.1f s  SIGKILL rank %d (pid %d)", times["kill"], victim, pids[victim])
+                if system.rejoin and "rejoin_requested" not in times and now >= fault_at_s + rejoin_after_s:
+                    resp = await client.post(f"/admin/ranks/{victim}/rejoin")
+                    times["rejoin_requested"] = time.monotonic() - clock
+                    logger.info("  t=%4.1f s  rejoin rank %d requested (HTTP %d)", times["rejoin_requested"],
+                                victim, resp.status_code)
+                    if resp.status_code != 200:
+                        raise BenchFailed(f"rejoin refused: {resp.text}")
+                await asyncio.sleep(0.02)
+
+        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        await faults()
+        logger.info("  waiting for the %d requests in flight", sum(not t.done() for t in tasks))
+        await asyncio.wait_for(asyncio.gather(*tasks), _REQUEST_TIMEOUT_S)
+        status = (await client.get("/membership")).json()
+    events = [{**e, "t": e["time"] - wall0} for e in status.get("events", [])]
+    return _analyse(system, records, times, events, end), records
+
+
+async def _warm(client: Any, server: _Server, trace: Trace, concurrency: int) -> None:
+    """Untimed: one wave of trace-shaped requests (indices apart from the timed ones)."""
+    warm = await asyncio.gather(*(_complete(client, server.model_name, trace, _WARM_FIRST_INDEX + i, time.monotonic())
+                                  for i in range(concurrency)))
+    bad = [r for r in warm if not r.complete]
+    if bad:
+        raise BenchFailed(f"a warm-up request failed: {bad[0].error}; the server's log ends:\n{server.log_tail()}")
+
+
+async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency: int, rounds: int,
+                       slice_s: float) -> dict[str, Any]:
+    """Steady-state tokens/s of each server, measured in alternating slices (ABBA...) of the
+    same closed-loop load on the same requests, the others idle. On a shared host the rate
+    drifts by several percent within a minute; alternating cancels the drift that separate
+    runs would turn into a difference. The first second of a slice (the loop ramping up) is
+    not counted; at a slice's end the requests in flight are cancelled (the server aborts them)."""
+    import httpx
+
+    ramp = min(1.0, slice_s / 3)
+    for srv in servers.values():
+        async with httpx.AsyncClient(base_url=srv.url, timeout=httpx.Timeout(_REQUEST_TIMEOUT_S)) as client:
+            await _warm(client, srv, trace, concurrency)
+    tokens = {name: 0 for name in servers}
+    slices: list[dict[str, Any]] = []
+    for k in range(rounds):
+        for name in (list(servers) if k % 2 == 0 else list(reversed(servers))):
+            srv = servers[name]
+            records: list[_Record] = []
+            counter = itertools.count(_STEADY_FIRST_INDEX + k * 100_000)  # the same requests for every server
+            async with httpx.AsyncClient(base_url=srv.url, timeout=httpx.Timeout(_REQUEST_TIMEOUT_S),
+                                         limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+                clock = time.monotonic()
+
+                async def worker() -> None:
+                    while True:
+                        await _complete(client, srv.model_name, trace, next(counter), clock, records)
+
+                tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+                await asyncio.sleep(slice_s)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            n = sum(c for r in records for t, c in r.chunks if ramp < t <= slice_s)
+            tokens[name] += n
+            slices.append({"server": name, "round": k, "tokens_per_s": n / (slice_s - ramp)})
+            logger.info("  steady slice %d/%d on %s: %.0f tok/s", len(slices), rounds * len(servers), name,
+                        n / (slice_s - ramp))
+    seconds = rounds * (slice_s - ramp)
+    return {"tokens_per_s": {name: n / seconds for name, n in tokens.items()}, "slices": slices,
+            "ramp_s": ramp, "slice_s": slice_s}
+
+
+async def _reference(server: _Server, trace: Trace, indices: list[int], concurrency: int) -> dict[int, list[int]]:
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(_REQUEST_TIMEOUT_S)) as client:
+        async def one(i: int) -> _Record:
+            async with sem:
+                return await _complete(client, server.model_name, trace, i, time.monotonic())
+
+        recs = await asyncio.gather(*(one(i) for i in indices))
+    bad = [r for r in recs if not r.complete]
+    if bad:
+        raise BenchFailed(f"the fault-free reference failed on request {bad[0].index}: {bad[0].error}")
+    return {r.index: r.token_ids for r in recs}
+
+
+# -- figures ----------------------------------------------------------------------------------
+def _analyse(system: System, records: list[_Record], times: dict[str, float], events: list[dict[str, Any]],
+             end: float) -> dict[str, Any]:
+    arrivals = sorted(t for r in records for t, _ in r.chunks)
+    last = max(arrivals, default=end)
+    bins = [0] * (int(last / BIN_S) + 1)
+    for r in records:
+        for t, n in r.chunks:
+            bins[int(t / BIN_S)] += n
+    kill = times.get("kill")
+    steady_to = kill if kill is not None else end
+    rate = _rate(bins, _STEADY_FROM_S, steady_to)
+    run: dict[str, Any] = {
+        "label": system.label,
+        "tokens_per_s_steady": rate,
+        "requests": len(records),
+        "requests_completed": sum(r.complete for r in records),
+        "requests_lost": sum(not r.complete for r in records),
+        "errors": sorted({r.error for r in records if r.error})[:5],
+        "times": times,
+        "events": events,
+        "tokens_per_bin": bins,
+    }
+    if kill is not None:
+        until = times.get("rejoin_requested", last)
+        run["pause_after_kill_s"] = _longest_gap(arrivals, kill, until)
+        run["time_to_95_s"] = _time_to(sorted(c for r in records for c in r.chunks), kill, 0.95 * rate)
+    rejoined = next((e["t"] for e in events if e["kind"] == "rejoined"), None)
+    if kill is not None and rejoined is not None:
+        normal = _longest_gap(arrivals, kill - 2.5, kill - 0.5)
+        run["times"]["rejoined"] = rejoined
+        run["reintegration_pause_s"] = max(0.0, _longest_gap(arrivals, rejoined - 1.0, rejoined + 1.0) - normal)
+    return run
+
+
+def _rate(bins: list[int], start: float, stop: float) -> float:
+    lo, hi = int(round(start / BIN_S)), int(round(stop / BIN_S))
+    return sum(bins[lo:hi]) / ((hi - lo) * BIN_S) if hi > lo else 0.0
+
+
+def _longest_gap(arrivals: list[float], start: float, stop: float) -> float:
+    """The longest stretch between consecutive arrivals that ends after `start` and begins
+    before `stop` (a stretch with no arrival on one side counts to that bound)."""
+    inside = [t for t in arrivals if start < t < stop]
+    before = [t for t in arrivals if t <= start][-1:] or [start]
+    after = [t for t in arrivals if t >= stop][:1] or [stop]
+    points = before + inside + after
+    return max(b - a for a, b in zip(points, points[1:]))
+
+
+def _time_to(chunks: list[tuple[float, int]], kill: float, target: float) -> float | None:
+    """Seconds from the kill until the rate over a window starting then, and over the window
+    after it, each reach `target` tokens/s (window starts tried every BIN_S)."""
+    times = [t for t, _ in chunks]
+    cum = list(itertools.accumulate((n for _, n in chunks), initial=0))
+
+    def rate(start: float, stop: float) -> float:
+        return (cum[bisect.bisect_right(times, stop)] - cum[bisect.bisect_right(times, start)]) / (stop - start)
+
+    k = 0
+    while times and (start := kill + k * BIN_S) + 2 * _WINDOW_S <= times[-1]:
+        if rate(start, start + _WINDOW_S) >= target and rate(start + _WINDOW_S, start + 2 * _WINDOW_S) >= target:
+            return k * BIN_S
+        k += 1
+    return None  # never back (within the run)
+
+
+def _result(runs: dict[str, dict[str, Any]], steady: dict[str, Any] | None, trace: Trace, config: dict[str, Any],
+            labels: dict[str, str]) -> dict[str, Any]:
+    import torch
+
+    eep, fixed, restart = runs.get("eep"), runs["fixed"], runs.get("restart")
+    summary: dict[str, Any] = {}
+    if eep is not None:
+        if steady is not None:  # the interleaved measurement; else the timed runs' own pre-fault rates
+            ratio = steady["tokens_per_s"]["eep"] / steady["tokens_per_s"]["fixed"]
+        else:
+            window = (_STEADY_FROM_S, eep["times"]["kill"])
+            ratio = _rate(eep["tokens_per_bin"], *window) / _rate(fixed["tokens_per_bin"], *window)
+        summary |= {
+            "steady_state_ratio": ratio,
+            "recovery_pause_s": eep["pause_after_kill_s"],
+            "reintegration_pause_s": eep.get("reintegration_pause_s"),
+            "time_to_95_s": eep["time_to_95_s"],
+            "requests_lost": eep["requests_lost"],
+            "outputs_differing": eep["outputs_differing"],
+        }
+    if restart is not None:
+        summary |= {
+            "full_restart_unavailable_s": restart["pause_after_kill_s"],
+            "full_restart_time_to_95_s": restart["time_to_95_s"],
+            "full_restart_requests_lost": restart["requests_lost"],
+            "full_restart_outputs_differing": restart["outputs_differing"],
+        }
+    if eep is not None and restart is not None:
+        summary["restart_over_recovery"] = summary["full_restart_unavailable_s"] / summary["recovery_pause_s"]
+    targets = {
+        "recovery_pause_le_restart_over_50": ("restart_over_recovery", lambda v: v >= 50),
+        "steady_state_ratio_ge_0.99": ("steady_state_ratio", lambda v: v >= 0.99),
+        "no_request_lost": ("requests_lost", lambda v: v == 0),
+        "no_output_differing": ("outputs_differing", lambda v: v == 0),
+    }
+    return {
+        "summary": summary,
+        "targets_met": {name: check(summary[key]) for name, (key, check) in targets.items() if key in summary},
+        "bin_s": BIN_S,
+        "steady_state": steady,
+        "systems": runs,
+        "labels": labels,
+        "config": {**config, "max_model_len": trace.max_model_len},
+        "torch_version": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# -- output -----------------------------------------------------------------------------------
+def summary_table(result: dict[str, Any]) -> str:
+    """The per-system table and the summary line that `eep bench failure` prints."""
+    rows = [("system", "tok/s steady", "pause after kill", "back to 95%", "reintegration", "requests", "lost",
+             "differing")]
+    for run in result["systems"].values():
+        pause, back = run.get("pause_after_kill_s"), run.get("time_to_95_s")
+        rows.append((
+            run["label"], f"{run['tokens_per_s_steady']:.0f}",
+            f"{pause:.3f} s" if pause is not None else "no fault",
+            f"{back:.2f} s" if back is not None else ("-" if pause is None else "never"),
+            f"{run['reintegration_pause_s']:.3f} s" if "reintegration_pause_s" in run else "-",
+            str(run["requests"]), str(run["requests_lost"]), str(run["outputs_differing"]),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    s = result["summary"]
+    if "restart_over_recovery" in s:
+        lines.append(
+            f"\nrecovery pause {s['recovery_pause_s']:.3f} s = 1/{s['restart_over_recovery']:.0f} of the full "
+            f"restart's {s['full_restart_unavailable_s']:.2f} s; steady-state ratio {s['steady_state_ratio']:.3f}"
+        )
+    met = result["targets_met"]
+    lines.append("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()))
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Throughput over time, one line per system, the kill / rejoin / rejoined moments marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"eep": "tab:blue", "fixed": "tab:gray", "restart": "tab:red"}
+    smooth = int(round(_WINDOW_S / BIN_S))
+    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120)
+    for name, run in result["systems"].items():
+        bins = run["tokens_per_bin"]
+        rates = [sum(bins[max(0, i - smooth + 1):i + 1]) / (min(i + 1, smooth) * BIN_S) for i in range(len(bins))]
+        ax.plot([(i + 1) * BIN_S for i in range(len(bins))], rates, label=run["label"], color=colors.get(name),
+                linewidth=1.6 if name != "fixed" else 1.2, linestyle="-" if name != "fixed" else "--")
+    eep, restart = result["systems"].get("eep"), result["systems"].get("restart")
+    marks = []
+    if eep is not None:
+        t = eep["times"]
+        marks += [(t["kill"], "SIGKILL rank", "black", "-")]
+        if "rejoin_requested" in t:
+            marks.append((t["rejoin_requested"], "rejoin requested", "tab:green", ":"))
+        if "rejoined" in t:
+            marks.append((t["rejoined"], "rank switched in", "tab:green", "-"))
+    for x, text, color, style in marks:
+        ax.axvline(x, color=color, linestyle=style, linewidth=1)
+        ax.annotate(text, (x, 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=8,
+                    va="top", ha="right", color=color)
+    if restart is not None and restart.get("pause_after_kill_s"):
+        k = restart["times"]["kill"]
+        ax.axvspan(k, k + restart["pause_after_kill_s"], color="tab:red", alpha=0.08)
+        ax.annotate(f"full restart: {restart['pause_after_kill_s']:.1f} s without a token",
+                    (k + restart["pause_after_kill_s"] / 2, 0.04), xycoords=("data", "axes fraction"),
+                    ha="center", fontsize=8, color="tab:red")
+    s = result["summary"]
+    title = "committed tokens/s seen by the clients (0.5 s moving average)"
+    if "recovery_pause_s" in s:
+        title += f" — eep pause {s['recovery_pause_s'] * 1000:.0f} ms"
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("time since the load started (s)")
+    ax.set_ylabel("tokens/s")
+    c = result["config"]
+    ax.set_xlim(0, c["fault_at_s"] + c["rejoin_after_s"] + c["tail_s"] + 0.5)  # the load; not the drain after it
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

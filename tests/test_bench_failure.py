@@ -1,0 +1,92 @@
+"""`eep bench failure`: three real `eep serve --http` systems driven by async HTTP clients; a rank
+is SIGKILLed under load. The record must be complete and consistent, eep must lose no request
+and return no wrong token; the speed targets live in the benchmark's figures, not here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eep.bench.failure import BIN_S, _longest_gap, _time_to
+from eep.model.default_model import init_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return init_model(tmp_path_factory.mktemp("m") / "qwen3_moe", "qwen3_moe")
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_bench_failure_runs_three_systems_and_writes_record_and_picture(model_dir: Path, tmp_path: Path) -> None:
+    out, png = tmp_path / "failure.json", tmp_path / "failure.png"
+    cmd = [
+        sys.executable, "-m", "eep", "bench", "failure", "--model-path", str(model_dir), "--ep-size", "2",
+        "--victim", "1", "--concurrency", "8", "--prompt-len", "8", "--output-len", "16", "--fault-at", "2.5",
+        "--rejoin-after", "1.5", "--tail", "1.5", "--steady-rounds", "1", "--steady-slice", "2",
+        "--json", str(out), "--plot", str(png),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not _processes_mentioning(str(model_dir)), "a server or rank outlived the bench"
+    assert f"picture: {png}" in done.stdout and "steady-state ratio" in done.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads(out.read_text())
+
+    summary = result["summary"]
+    for key in ("steady_state_ratio", "recovery_pause_s", "reintegration_pause_s", "time_to_95_s",
+                "full_restart_unavailable_s", "requests_lost", "outputs_differing"):
+        assert key in summary, key
+    assert summary["requests_lost"] == 0 and summary["outputs_differing"] == 0
+    assert summary["full_restart_requests_lost"] == 0 and summary["full_restart_outputs_differing"] == 0
+    # the repaired instance pauses for less than the restart of every rank takes
+    assert 0 < summary["recovery_pause_s"] < summary["full_restart_unavailable_s"]
+    assert summary["steady_state_ratio"] > 0 and set(result["targets_met"]) >= {"no_request_lost"}
+    slices = result["steady_state"]["slices"]
+    assert [s["server"] for s in slices] == ["eep", "fixed"] and all(s["tokens_per_s"] > 0 for s in slices)
+
+    eep, fixed, restart = (result["systems"][k] for k in ("eep", "fixed", "restart"))
+    for run in (eep, fixed, restart):
+        assert run["requests_completed"] == run["requests"] > 0 and not run["errors"]
+        assert sum(run["tokens_per_bin"]) > 0
+    assert "kill" not in fixed["times"] and "kill" in restart["times"]
+    assert eep["times"]["kill"] < eep["times"]["rejoin_requested"] < eep["times"]["rejoined"]
+    kinds = [e["kind"] for e in eep["events"]]
+    assert kinds[:3] == ["fault_seen", "view_committed", "repair"] and "rejoined" in kinds
+    fault = eep["events"][0]
+    assert fault["rank"] == 1 and eep["times"]["kill"] < fault["t"] < eep["times"]["kill"] + 2
+    # the restart relaunched every rank: its membership shows a fresh instance (no fault seen)
+    assert not any(e["kind"] == "fault_seen" for e in restart["events"])
+
+
+def test_longest_gap_counts_the_stretches_that_overlap_the_interval() -> None:
+    arrivals = [0.0, 0.1, 0.2, 1.0, 1.1, 1.2]
+    assert _longest_gap(arrivals, 0.15, 0.5) == pytest.approx(0.8)  # 0.2 -> 1.0 spans the kill at 0.15+
+    assert _longest_gap(arrivals, 1.05, 1.15) == pytest.approx(0.1)
+    assert _longest_gap([], 2.0, 3.0) == pytest.approx(1.0)  # nothing at all: the whole interval
+    assert _longest_gap([0.0], 0.5, 2.0) == pytest.approx(2.0)  # nothing after: up to the bound
+
+
+def test_time_to_finds_the_first_window_back_at_the_target_rate() -> None:
+    steady = [(i * BIN_S, 10) for i in range(1, 51)]  # 100 tokens/s up to 5 s
+    gap_then_back = [(5.0 + 1.0 + i * BIN_S, 10) for i in range(40)]  # nothing for 1 s, then 100 tokens/s
+    chunks = steady + gap_then_back
+    t = _time_to(chunks, 5.0, 95.0)
+    assert t is not None and 0.9 <= t <= 1.1
+    assert _time_to(steady, 4.0, 95.0) == 0.0  # no drop at all
+    assert _time_to(steady, 4.5, 95.0) is None  # the run ends before two windows fit
+    assert _time_to(steady + [(5.0 + 1.0, 1)], 5.0, 95.0) is None  # never back to the rate
