@@ -86,7 +86,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             ep_size=args.ep_size, num_redundant_experts=args.ep_num_redundant_experts, backend=args.ep_backend,
             fault_policy=args.fault_policy, failure_timeout_s=args.failure_timeout, rejoin=args.rejoin,
             on_uncoverable=args.on_uncoverable, num_spare_slots=args.ep_spare_slots,
-            expert_backup=not args.no_expert_backup,
+            expert_backup=not args.no_expert_backup, cpu_affinity=not args.no_cpu_affinity,
         ),
         request_timeout_s=args.request_timeout,
         http=args.http, api_key=args.api_key or os.environ.get("EEP_API_KEY"), served_model_name=args.served_model_name,
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", help="every HTTP endpoint wants 'Authorization: Bearer KEY' (or set EEP_API_KEY)")
     srv.add_argument("--served-model-name", help="the model id of the HTTP API (default: the model folder's name)")
     srv.add_argument("--no-expert-backup", action="store_true", help="no host-memory expert copy (repairs read the disk)")
+    srv.add_argument("--no-cpu-affinity", action="store_true",
+                     help="do not pin ranks to cores (default: active ranks round-robin over this process's cores)")
     srv.add_argument("--max-model-len", type=int, default=_default(EngineConfig, "max_model_len"))
     srv.add_argument("--max-num-seqs", type=int, default=_default(EngineConfig, "max_num_seqs"))
     srv.add_argument("--socket", default=default_socket(), help="Unix socket path (default: %(default)s)")

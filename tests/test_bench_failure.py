@@ -65,6 +65,8 @@ def test_bench_failure_runs_three_systems_and_writes_record_and_picture(model_di
         assert sum(run["tokens_per_bin"]) > 0
     assert "kill" not in fixed["times"] and "kill" in restart["times"]
     assert eep["times"]["kill"] < eep["times"]["rejoin_requested"] < eep["times"]["rejoined"]
+    # the load went on until the rank was back (and tail_s more), however long its start took
+    assert eep["times"]["rejoin_done"] + 1.5 <= eep["times"]["load_end"] + 0.1
     kinds = [e["kind"] for e in eep["events"]]
     assert kinds[:3] == ["fault_seen", "view_committed", "repair"] and "rejoined" in kinds
     fault = eep["events"][0]

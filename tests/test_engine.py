@@ -223,6 +223,37 @@ def test_bf16_reprefill_of_committed_tokens_continues_bit_exactly(model_dir: Pat
     assert [r.output_ids[k:] for r, k in zip(ref, cuts)] == _ids(resumed)
 
 
+def test_bf16_request_reprefilled_while_others_decode_continues_bit_exactly(model_dir: Path) -> None:
+    """Failure recovery mid-run, in one process: half the requests lose their KV cache (as if
+    their rank died) and are prefilled again while the others go on decoding. Found by a kill
+    under 16 HTTP streams: with decode rows padded to the batch's longest sequence, request 9
+    came back with another token 8 for every eviction step 3..8 (the reduction length changed
+    the rounding); each row now attends over its own span of keys."""
+    bf16 = _engine(model_dir, dtype="bfloat16", max_model_len=128)
+    assert bf16.tokenizer is not None
+    prompts = [bf16.tokenizer.encode(f"Request number {i} asks about expert parallelism") for i in range(16)]
+    greedy = SamplingParams(max_tokens=24)
+    alone = [bf16.generate([p], greedy)[0].output_ids for p in prompts]
+    scheduler = bf16.schedulers[0]
+    for at in (3, 6):
+        reqs = [bf16.add_request(p, greedy) for p in prompts]
+        step = 0
+        while not all(r.finished for r in reqs):
+            if step == at:  # evict 8..15 as _readmit_orphans does: slots freed, cache lost, output kept
+                moved = [r for r in reqs[8:] if not r.finished]
+                for r in moved:
+                    if r in scheduler.running:
+                        scheduler.running.remove(r)
+                        scheduler.free_slots.append(r.slot)
+                    else:
+                        scheduler.waiting.remove(r)
+                    r.slot, r.num_computed = None, 0
+                scheduler.waiting.extendleft(reversed(moved))
+            bf16.step()
+            step += 1
+        assert [r.output_ids for r in reqs] == alone, f"evicted at step {at}"
+
+
 # -- 3. seeded sampling -----------------------------------------------------------------------
 def test_seeded_sampling_is_reproducible_and_batch_independent(
     engine: LLMEngine, small_engine: LLMEngine

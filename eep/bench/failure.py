@@ -13,7 +13,8 @@ greedy, EOS ignored) is driven through `POST /v1/completions` with `stream: true
 `concurrency` asynchronous clients in a closed loop, after an untimed warm-up. `fault_at_s`
 after the start rank `victim` is SIGKILLed (eep, restart); `rejoin_after_s` later eep is asked
 to take it back (`POST /admin/ranks/{victim}/rejoin`); the clients stop starting requests
-`tail_s` after that and every request in flight is awaited. Every streamed chunk is recorded
+`tail_s` after that, or `tail_s` after the rank is back if that is later, and every request in
+flight is awaited. Every streamed chunk is recorded
 with its arrival time and token count, so the series is committed tokens per 100 ms as the
 clients saw them.
 
@@ -71,6 +72,7 @@ _STEADY_FROM_S = 1.0  # the closed loop's ramp-up is left out of steady-state ra
 _START_TIMEOUT_S = 180.0
 _STOP_TIMEOUT_S = 60.0
 _REQUEST_TIMEOUT_S = 300.0
+_REJOIN_TIMEOUT_S = 120.0
 _WARM_FIRST_INDEX = 10**6
 _STEADY_FIRST_INDEX = 10**7  # trace indices of the steady-state slices (apart from the timed runs')
 
@@ -336,15 +338,16 @@ async def _drive(server: _Server, system: System, trace: Trace, *, concurrency: 
         records: list[_Record] = []
         clock, wall0 = time.monotonic(), time.time()
         end = fault_at_s + rejoin_after_s + tail_s
+        until = {"end": end}  # load ends here; pushed back while a requested rejoin is not done
         times: dict[str, float] = {}
 
         async def worker() -> None:
-            while time.monotonic() - clock < end:
+            while time.monotonic() - clock < until["end"]:
                 await _complete(client, server.model_name, trace, next(counter), clock, records)
 
         async def faults() -> None:
-            next_report = 1.0
-            while (now := time.monotonic() - clock) < end:
+            next_report, next_poll = 1.0, 0.0
+            while (now := time.monotonic() - clock) < until["end"]:
                 if now >= next_report:
                     tokens = sum(n for r in records for t, n in r.chunks if now - 1.0 < t <= now)
                     logger.info("  t=%4.1f s  %5d tok/s  %d requests done", now, tokens,
@@ -361,6 +364,18 @@ async def _drive(server: _Server, system: System, trace: Trace, *, concurrency: 
                                 victim, resp.status_code)
                     if resp.status_code != 200:
                         raise BenchFailed(f"rejoin refused: {resp.text}")
+                if "rejoin_requested" in times and "rejoin_done" not in times and now >= next_poll:
+                    next_poll = now + 0.25
+                    view = (await client.get("/membership")).json()["view"]
+                    if victim in view["active"]:  # switched in: serve `tail_s` more with it
+                        times["rejoin_done"] = now
+                        until["end"] = max(until["end"], now + tail_s)
+                        logger.info("  t=%4.1f s  rank %d is back", now, victim)
+                    elif now > times["rejoin_requested"] + _REJOIN_TIMEOUT_S:
+                        raise BenchFailed(f"rank {victim} did not rejoin within {_REJOIN_TIMEOUT_S:.0f} s; the "
+                                          f"server's log ends:\n{server.log_tail()}")
+                    else:
+                        until["end"] = max(until["end"], now + 1.0)
                 await asyncio.sleep(0.02)
 
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
@@ -369,7 +384,8 @@ async def _drive(server: _Server, system: System, trace: Trace, *, concurrency: 
         await asyncio.wait_for(asyncio.gather(*tasks), _REQUEST_TIMEOUT_S)
         status = (await client.get("/membership")).json()
     events = [{**e, "t": e["time"] - wall0} for e in status.get("events", [])]
-    return _analyse(system, records, times, events, end), records
+    times["load_end"] = until["end"]
+    return _analyse(system, records, times, events, until["end"]), records
 
 
 async def _warm(client: Any, server: _Server, trace: Trace, concurrency: int) -> None:
@@ -626,8 +642,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("time since the load started (s)")
     ax.set_ylabel("tokens/s")
-    c = result["config"]
-    ax.set_xlim(0, c["fault_at_s"] + c["rejoin_after_s"] + c["tail_s"] + 0.5)  # the load; not the drain after it
+    ax.set_xlim(0, max(run["times"]["load_end"] for run in result["systems"].values()) + 0.5)  # not the drain
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

@@ -20,8 +20,14 @@ it: a request re-prefilled on a survivor continues with exactly the tokens it wo
 produced (measured in bf16, 32 requests re-prefilled at random points: 12 diverged with
 causal SDPA for prefill, 0 with this; it is also ~20% faster than SDPA for 512-token
 prompts on CPU).
+The length a row is reduced over is part of that: CPU matmuls round differently for
+different key counts even when the extra keys are masked (measured: a request re-prefilled
+while others decoded returned a different token when decode rows were padded to the batch's
+longest sequence). So a query at position p always attends over `kv_span(p + 1)` keys, the
+next multiple of `KV_BLOCK` (capped at the cache length), masked past p: decode rows are
+grouped by span, prefill rows are cut at span boundaries.
 
-Legend: T = tokens of the step, B = decode sequences, L = longest cached length among them,
+Legend: T = tokens of the step, B = decode sequences, L = keys a row attends over (its span),
 N = heads, KV = key/value heads, D = head dim, R = MLA latent rank, S = cache slots.
 """
 
@@ -45,49 +51,62 @@ class PrefillChunk:
     q_len: int  # new tokens
 
 
+KV_BLOCK = 64  # the key counts a query row is reduced over are multiples of this (see "Row invariance")
+
+
+def kv_span(length: int, max_len: int | None = None) -> int:
+    """Keys a query row of a sequence of `length` tokens attends over (masked past its own),
+    capped at the cache length `max_len`."""
+    span = -(-length // KV_BLOCK) * KV_BLOCK
+    return span if max_len is None else min(span, max_len)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeGroup:
+    """Decode rows whose sequences have the same `kv_span`: one batched attention call."""
+
+    tokens: torch.Tensor  # [B] int64: index in T of each sequence's token
+    slots: torch.Tensor | slice  # [B] int64, or a slice when the slots are consecutive (no gather)
+    span: int  # keys per row, before the cap at the cache length
+    mask: torch.Tensor  # [B, 1, 1, span] bool, True = attend
+
+
 @dataclass(frozen=True, slots=True)
 class StepLayout:
     """How one step's flat tokens split into sequences; built once per step, read by every layer."""
 
     positions: torch.Tensor  # [T] int64
     token_slots: torch.Tensor  # [T] int64: cache slot written by each token
-    decode_tokens: torch.Tensor  # [B] int64: index in T of each decode sequence's token
-    decode_slots: torch.Tensor | slice  # [B] int64, or a slice when the slots are consecutive (no gather)
-    decode_kv_len: int  # L
-    decode_mask: torch.Tensor  # [B, 1, 1, L] bool, True = attend
+    decode: tuple[DecodeGroup, ...]
     prefill: tuple[PrefillChunk, ...]
-    all_decode: bool  # every token is a decode token, in order (decode_tokens == arange(T))
 
     @classmethod
     def build(cls, slots: list[int], ctx_lens: list[int], q_lens: list[int]) -> StepLayout:
         positions: list[int] = []
         token_slots: list[int] = []
-        dec_tok: list[int] = []
-        dec_slot: list[int] = []
-        dec_len: list[int] = []
+        groups: dict[int, tuple[list[int], list[int], list[int]]] = {}  # span -> tokens, slots, lengths
         prefill: list[PrefillChunk] = []
         for slot, ctx, q in zip(slots, ctx_lens, q_lens):
             start = len(positions)
             positions.extend(range(ctx, ctx + q))
             token_slots.extend([slot] * q)
             if q == 1:
-                dec_tok.append(start)
-                dec_slot.append(slot)
-                dec_len.append(ctx + 1)
+                tok, sl, ln = groups.setdefault(kv_span(ctx + 1), ([], [], []))
+                tok.append(start)
+                sl.append(slot)
+                ln.append(ctx + 1)
             else:
                 prefill.append(PrefillChunk(start, slot, ctx, q))
-        kv_len = max(dec_len, default=0)
-        lens = torch.tensor(dec_len, dtype=torch.int64)
-        mask = torch.arange(kv_len).unsqueeze(0) < lens.unsqueeze(1)  # [B, L]
+        decode = []
+        for span, (tok, sl, ln) in sorted(groups.items()):
+            mask = torch.arange(span).unsqueeze(0) < torch.tensor(ln, dtype=torch.int64).unsqueeze(1)  # [B, span]
+            decode.append(DecodeGroup(torch.tensor(tok, dtype=torch.int64),
+                                      _as_slice(sl) or torch.tensor(sl, dtype=torch.int64), span, mask[:, None, None, :]))
         return cls(
             positions=torch.tensor(positions, dtype=torch.int64),
             token_slots=torch.tensor(token_slots, dtype=torch.int64),
-            decode_tokens=torch.tensor(dec_tok, dtype=torch.int64),
-            decode_slots=_as_slice(dec_slot) or torch.tensor(dec_slot, dtype=torch.int64),
-            decode_kv_len=kv_len,
-            decode_mask=mask[:, None, None, :],
+            decode=tuple(decode),
             prefill=tuple(prefill),
-            all_decode=not prefill,
         )
 
     @property
@@ -125,21 +144,25 @@ def _attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 _CHUNK_ROWS = 256  # query rows per call of a long chunk: bounds the fp32 scores to ~N x 256 x L
 
 
-def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, scale: float) -> torch.Tensor:
-    """One sequence: `q [N, Q, Dq]` against `k [KV, C+Q, Dq]`, `v [KV, C+Q, Dv]` -> `[Q, N, Dv]`, causal."""
+def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_len: int, scale: float,
+                     max_len: int) -> torch.Tensor:
+    """One sequence: `q [N, Q, Dq]` against `k [KV, >= S, Dq]`, `v [KV, >= S, Dv]` -> `[Q, N, Dv]`, causal,
+    where S = kv_span(C+Q). Rows are cut at span boundaries, so that each is reduced over its own
+    span of keys, as it would be decoded (see "Row invariance")."""
     n, q_len, dq = q.shape
-    kv, kv_len = k.shape[0], k.shape[1]
+    kv = k.shape[0]
     g = n // kv
     q = q.reshape(kv, g, q_len, dq)  # heads are kv-major, as in decode
     out = q.new_empty(kv, g, q_len, v.shape[-1])
-    positions = torch.arange(kv_len)
-    for start in range(0, q_len, _CHUNK_ROWS):
-        stop = min(start + _CHUNK_ROWS, q_len)
-        visible = ctx_len + stop  # keys past the block's last query are masked for every row
-        mask = positions[:visible].unsqueeze(0) <= (ctx_len + torch.arange(start, stop)).unsqueeze(1)  # [M, L]
+    start = 0
+    while start < q_len:
+        span = kv_span(ctx_len + start + 1, max_len)  # of the block's first row; the block ends where it changes
+        stop = min(q_len, span - ctx_len if span < max_len else q_len, start + _CHUNK_ROWS)
+        mask = torch.arange(span).unsqueeze(0) <= (ctx_len + torch.arange(start, stop)).unsqueeze(1)  # [M, span]
         rows = q[:, :, start:stop].reshape(kv, g * (stop - start), dq)
-        res = _attention_rows(rows, k[:, :visible], v[:, :visible], mask.repeat(g, 1), scale)
+        res = _attention_rows(rows, k[:, :span], v[:, :span], mask.repeat(g, 1), scale)
         out[:, :, start:stop] = res.view(kv, g, stop - start, -1)
+        start = stop
     return out.permute(2, 0, 1, 3).reshape(q_len, n, -1)
 
 
@@ -193,21 +216,19 @@ class GQAAttention(nn.Module):
 
     def _attend(self, q: torch.Tensor, layout: StepLayout, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         out = q.new_empty(q.shape)
-        if layout.decode_tokens.numel():
-            out[layout.decode_tokens] = self._decode(q[layout.decode_tokens], layout, k_cache, v_cache)
+        max_len = k_cache.shape[2]
+        for d in layout.decode:
+            span = min(d.span, max_len)
+            ks = k_cache[d.slots, :, :span]  # [B, KV, span, D]
+            vs = v_cache[d.slots, :, :span]
+            out[d.tokens] = _decode_attention(q[d.tokens], ks, vs, d.mask[..., :span], self.scale)
         for c in layout.prefill:
-            kv_end = c.ctx_len + c.q_len
+            span = kv_span(c.ctx_len + c.q_len, max_len)
             qs = q[c.token_start : c.token_start + c.q_len].transpose(0, 1)  # [N, Q, D]
-            ks = k_cache[c.slot, :, :kv_end]  # [KV, C+Q, D]
-            vs = v_cache[c.slot, :, :kv_end]
-            out[c.token_start : c.token_start + c.q_len] = _chunk_attention(qs, ks, vs, c.ctx_len, self.scale)
+            ks = k_cache[c.slot, :, :span]  # [KV, span, D]
+            vs = v_cache[c.slot, :, :span]
+            out[c.token_start : c.token_start + c.q_len] = _chunk_attention(qs, ks, vs, c.ctx_len, self.scale, max_len)
         return out
-
-    def _decode(self, q: torch.Tensor, layout: StepLayout, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        kv_len = layout.decode_kv_len
-        ks = k_cache[layout.decode_slots, :, :kv_len]  # [B, KV, L, D]
-        vs = v_cache[layout.decode_slots, :, :kv_len]
-        return _decode_attention(q, ks, vs, layout.decode_mask, self.scale)
 
 
 class MLAAttention(nn.Module):
@@ -257,13 +278,16 @@ class MLAAttention(nn.Module):
         r_cache[layout.token_slots, layout.positions] = k_rot
         q = torch.cat((q_nope, q_rot), dim=-1)  # [T, N, Dq]
         out = q.new_empty(t, self.num_heads, self.v_dim)
-        if layout.decode_tokens.numel():
-            out[layout.decode_tokens] = self._decode(q[layout.decode_tokens], layout, c_cache, r_cache)
+        max_len = c_cache.shape[1]
+        for d in layout.decode:
+            span = min(d.span, max_len)
+            k, v = self._expand(c_cache[d.slots, :span], r_cache[d.slots, :span])
+            out[d.tokens] = _decode_attention(q[d.tokens], k, v, d.mask[..., :span], self.scale)  # [B, N, Dv]
         for c in layout.prefill:
-            kv_end = c.ctx_len + c.q_len
-            k, v = self._expand(c_cache[c.slot, :kv_end], r_cache[c.slot, :kv_end])  # [N, C+Q, *]
+            span = kv_span(c.ctx_len + c.q_len, max_len)
+            k, v = self._expand(c_cache[c.slot, :span], r_cache[c.slot, :span])  # [N, span, *]
             qs = q[c.token_start : c.token_start + c.q_len].transpose(0, 1)
-            out[c.token_start : c.token_start + c.q_len] = _chunk_attention(qs, k, v, c.ctx_len, self.scale)
+            out[c.token_start : c.token_start + c.q_len] = _chunk_attention(qs, k, v, c.ctx_len, self.scale, max_len)
         return F.linear(out.reshape(t, self.num_heads * out.shape[-1]), self.wo)
 
     def _expand(self, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,10 +298,6 @@ class MLAAttention(nn.Module):
         k = torch.cat((k_nope, k_rot), dim=-1)
         return k.transpose(-3, -2), v.transpose(-3, -2)
 
-    def _decode(self, q: torch.Tensor, layout: StepLayout, c_cache: torch.Tensor, r_cache: torch.Tensor) -> torch.Tensor:
-        kv_len = layout.decode_kv_len
-        k, v = self._expand(c_cache[layout.decode_slots, :kv_len], r_cache[layout.decode_slots, :kv_len])
-        return _decode_attention(q, k, v, layout.decode_mask, self.scale)  # [B, N, Dv]
 
 
 class KVCache:

