@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import datetime
 import itertools
 import json
@@ -178,17 +179,11 @@ def run_failure_bench(
 
     # The fixed-membership server stays up (idle when not driven) for the interleaved steady-state
     # comparison and the reference outputs; every other system runs alone after it.
-    logger.info("[1/%d] %s: starting eep serve (%d ranks)", len(order) + 1, fixed_system.label, ep_size)
+    logger.info("[1/%d] %s", len(order) + 1, fixed_system.label)
     with server(fixed_system) as fixed:
         for n, system in enumerate(order, 2):
             logger.info("[%d/%d] %s", n, len(order) + 1, system.label)
-            if system.name == "fixed":
-                run, recs = asyncio.run(_drive(fixed, system, trace, concurrency=concurrency, victim=victim,
-                                               fault_at_s=fault_at_s, rejoin_after_s=rejoin_after_s, tail_s=tail_s))
-                runs[system.name], records[system.name] = run, recs
-                continue
-            logger.info("  starting eep serve (%d ranks)", ep_size)
-            with server(system) as srv:
+            with contextlib.nullcontext(fixed) if system.name == "fixed" else server(system) as srv:
                 if system.name == "eep" and steady_rounds > 0:
                     steady = asyncio.run(_interleaved({"eep": srv, "fixed": fixed}, trace, concurrency=concurrency,
                                                       rounds=steady_rounds, slice_s=steady_slice_s))
@@ -230,6 +225,7 @@ class _Server:
         ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.warmed = False
 
     def __enter__(self) -> _Server:
         try:
@@ -243,6 +239,7 @@ class _Server:
         self._stop()
 
     def _start(self) -> None:
+        logger.info("  starting eep serve %s", " ".join(self.cmd[self.cmd.index("serve") + 1:]))
         start = time.monotonic()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
@@ -325,20 +322,24 @@ async def _complete(client: Any, model: str, trace: Trace, index: int, clock: fl
     return rec
 
 
-async def _drive(server: _Server, system: System, trace: Trace, *, concurrency: int, victim: int,
-                 fault_at_s: float, rejoin_after_s: float, tail_s: float) -> tuple[dict[str, Any], list[_Record]]:
+def _client(server: _Server, concurrency: int) -> Any:
+    """An async HTTP client of `server` with a connection for each of `concurrency` requests."""
     import httpx
 
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(_REQUEST_TIMEOUT_S),
-                                 limits=limits) as client:
+    return httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(_REQUEST_TIMEOUT_S),
+                             limits=httpx.Limits(max_connections=concurrency + 4,
+                                                 max_keepalive_connections=concurrency + 4))
+
+
+async def _drive(server: _Server, system: System, trace: Trace, *, concurrency: int, victim: int,
+                 fault_at_s: float, rejoin_after_s: float, tail_s: float) -> tuple[dict[str, Any], list[_Record]]:
+    async with _client(server, concurrency) as client:
         await _warm(client, server, trace, concurrency)
         pids = (await client.get("/membership")).json()["pids"]
         counter = itertools.count()
         records: list[_Record] = []
         clock, wall0 = time.monotonic(), time.time()
-        end = fault_at_s + rejoin_after_s + tail_s
-        until = {"end": end}  # load ends here; pushed back while a requested rejoin is not done
+        until = {"end": fault_at_s + rejoin_after_s + tail_s}  # pushed back while a requested rejoin is not done
         times: dict[str, float] = {}
 
         async def worker() -> None:
@@ -385,16 +386,19 @@ async def _drive(server: _Server, system: System, trace: Trace, *, concurrency: 
         status = (await client.get("/membership")).json()
     events = [{**e, "t": e["time"] - wall0} for e in status.get("events", [])]
     times["load_end"] = until["end"]
-    return _analyse(system, records, times, events, until["end"]), records
+    return _analyse(system, records, times, events), records
 
 
 async def _warm(client: Any, server: _Server, trace: Trace, concurrency: int) -> None:
-    """Untimed: one wave of trace-shaped requests (indices apart from the timed ones)."""
+    """Untimed, once per server: one wave of trace-shaped requests (indices apart from the timed ones)."""
+    if server.warmed:
+        return
     warm = await asyncio.gather(*(_complete(client, server.model_name, trace, _WARM_FIRST_INDEX + i, time.monotonic())
                                   for i in range(concurrency)))
     bad = [r for r in warm if not r.complete]
     if bad:
         raise BenchFailed(f"a warm-up request failed: {bad[0].error}; the server's log ends:\n{server.log_tail()}")
+    server.warmed = True
 
 
 async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency: int, rounds: int,
@@ -404,11 +408,9 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
     drifts by several percent within a minute; alternating cancels the drift that separate
     runs would turn into a difference. The first second of a slice (the loop ramping up) is
     not counted; at a slice's end the requests in flight are cancelled (the server aborts them)."""
-    import httpx
-
     ramp = min(1.0, slice_s / 3)
     for srv in servers.values():
-        async with httpx.AsyncClient(base_url=srv.url, timeout=httpx.Timeout(_REQUEST_TIMEOUT_S)) as client:
+        async with _client(srv, concurrency) as client:
             await _warm(client, srv, trace, concurrency)
     tokens = {name: 0 for name in servers}
     slices: list[dict[str, Any]] = []
@@ -417,8 +419,7 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
             srv = servers[name]
             records: list[_Record] = []
             counter = itertools.count(_STEADY_FIRST_INDEX + k * 100_000)  # the same requests for every server
-            async with httpx.AsyncClient(base_url=srv.url, timeout=httpx.Timeout(_REQUEST_TIMEOUT_S),
-                                         limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+            async with _client(srv, concurrency) as client:
                 clock = time.monotonic()
 
                 async def worker() -> None:
@@ -441,10 +442,8 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
 
 
 async def _reference(server: _Server, trace: Trace, indices: list[int], concurrency: int) -> dict[int, list[int]]:
-    import httpx
-
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(_REQUEST_TIMEOUT_S)) as client:
+    async with _client(server, concurrency) as client:
         async def one(i: int) -> _Record:
             async with sem:
                 return await _complete(client, server.model_name, trace, i, time.monotonic())
@@ -457,8 +456,9 @@ async def _reference(server: _Server, trace: Trace, indices: list[int], concurre
 
 
 # -- figures ----------------------------------------------------------------------------------
-def _analyse(system: System, records: list[_Record], times: dict[str, float], events: list[dict[str, Any]],
-             end: float) -> dict[str, Any]:
+def _analyse(system: System, records: list[_Record], times: dict[str, float],
+             events: list[dict[str, Any]]) -> dict[str, Any]:
+    end = times["load_end"]
     arrivals = sorted(t for r in records for t, _ in r.chunks)
     last = max(arrivals, default=end)
     bins = [0] * (int(last / BIN_S) + 1)

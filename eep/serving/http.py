@@ -192,27 +192,23 @@ def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None)
 
         async def events() -> AsyncIterator[bytes]:
             try:
-                async for event in _completion_events(queues, first):
-                    yield event
+                for i, (q, ev) in enumerate(zip(queues, first)):
+                    while True:
+                        if ev.text or ev.finish_reason or (ids and ev.token_ids):
+                            choice = {"index": i, "text": ev.text, "finish_reason": ev.finish_reason,
+                                      "logprobs": None}
+                            if ids:
+                                choice["token_ids"] = list(ev.token_ids)
+                            chunk = {"id": rid, "object": "text_completion", "created": created,
+                                     "model": model_name, "choices": [choice]}
+                            yield f"data: {json.dumps(chunk)}\n\n".encode()
+                        if ev.finish_reason:
+                            break
+                        ev = await q.__anext__()
+                yield b"data: [DONE]\n\n"
             finally:  # also when the client went away: abort what is still running
                 for q in queues:
                     await q.aclose()
-
-        async def _completion_events(queues: list[Any], first: list[TokenEvent]) -> AsyncIterator[bytes]:
-            pending = [(i, q, ev) for i, (q, ev) in enumerate(zip(queues, first))]
-            for i, q, ev in pending:
-                while True:
-                    if ev.text or ev.finish_reason or (ids and ev.token_ids):
-                        choice = {"index": i, "text": ev.text, "finish_reason": ev.finish_reason, "logprobs": None}
-                        if ids:
-                            choice["token_ids"] = list(ev.token_ids)
-                        chunk = {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                                 "choices": [choice]}
-                        yield f"data: {json.dumps(chunk)}\n\n".encode()
-                    if ev.finish_reason:
-                        break
-                    ev = await q.__anext__()
-            yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
