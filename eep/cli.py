@@ -79,7 +79,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(
         EngineConfig(
-            _model_path(args), dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs
+            _model_path(args), dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+            max_prefill_tokens=args.max_prefill_tokens,
         ),
         socket_path=args.socket,
         ep=EPConfig(
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not pin ranks to cores (default: active ranks round-robin over this process's cores)")
     srv.add_argument("--max-model-len", type=int, default=_default(EngineConfig, "max_model_len"))
     srv.add_argument("--max-num-seqs", type=int, default=_default(EngineConfig, "max_num_seqs"))
+    srv.add_argument("--max-prefill-tokens", type=int, default=_default(EngineConfig, "max_prefill_tokens"),
+                     help="prefill tokens per rank in a step that also decodes (chunked prefill)")
     srv.add_argument("--socket", default=default_socket(), help="Unix socket path (default: %(default)s)")
     srv.add_argument(
         "--request-timeout", type=float, default=_default(ServeConfig, "request_timeout_s"),
@@ -305,9 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     fail.add_argument("--tail", type=float, default=4.0, help="seconds of load after the rejoin request")
     fail.add_argument("--failure-timeout", type=float, default=1.0)
     fail.add_argument("--systems", default="eep,restart,fixed", help="comma list of eep, restart, fixed")
-    fail.add_argument("--steady-rounds", type=int, default=3,
+    fail.add_argument("--steady-rounds", type=int, default=5,
                       help="rounds of alternating eep / fixed slices for the steady-state ratio (0: none)")
-    fail.add_argument("--steady-slice", type=float, default=3.0, help="seconds per slice")
+    fail.add_argument("--steady-slice", type=float, default=2.5, help="seconds per slice")
     fail.add_argument("--seed", type=int, default=0)
     fail.add_argument("--json", default="out/failure.json", help="the whole record (default: %(default)s)")
     fail.add_argument("--plot", default="out/failure.png", help="the picture (default: %(default)s)")

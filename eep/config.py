@@ -28,6 +28,9 @@ class EngineConfig:
     max_num_seqs: int = 32  # KV-cache slots = most requests running at once
     max_model_len: int = 1024  # prompt + output tokens of one request
     max_num_batched_tokens: int = 2048  # tokens per step (decode tokens + prefill chunks)
+    # prefill tokens per rank in a step that also decodes (chunked prefill): bounds how long a
+    # long prompt, or a failed rank's requests prefilled again on a survivor, stall the streams
+    max_prefill_tokens: int = 16
     progress: bool = True  # progress bar while loading
 
     def __post_init__(self) -> None:
@@ -37,6 +40,8 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.max_prefill_tokens < 1:
+            raise ConfigError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ConfigError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "

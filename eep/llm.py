@@ -56,6 +56,7 @@ class LLM:
         max_num_seqs: int = 32,
         max_model_len: int = 1024,
         max_num_batched_tokens: int = 2048,
+        max_prefill_tokens: int = 16,
         cache_dir: str | Path | None = None,
         ep_config: EPConfig | None = None,
     ) -> None:
@@ -65,7 +66,7 @@ class LLM:
             model_path = str(ensure_default_model(Path(cache_dir or Path.home() / ".cache" / "eep")))
         self.config = EngineConfig(
             model_path, dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_batched_tokens=max_num_batched_tokens, max_prefill_tokens=max_prefill_tokens,
         )
         from eep.runtime.executor import EPConfig
 

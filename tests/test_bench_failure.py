@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from eep.bench.failure import BIN_S, _longest_gap, _time_to
+from eep.bench.failure import BIN_S, _longest_gap, _normal_gap, _round_ratios, _time_to
 from eep.model.default_model import init_model
 
 
@@ -36,7 +36,7 @@ def test_bench_failure_runs_three_systems_and_writes_record_and_picture(model_di
     out, png = tmp_path / "failure.json", tmp_path / "failure.png"
     cmd = [
         sys.executable, "-m", "eep", "bench", "failure", "--model-path", str(model_dir), "--ep-size", "2",
-        "--victim", "1", "--concurrency", "8", "--prompt-len", "8", "--output-len", "16", "--fault-at", "2.5",
+        "--victim", "1", "--concurrency", "8", "--prompt-len", "8", "--output-len", "16", "--fault-at", "4",
         "--rejoin-after", "1.5", "--tail", "1.5", "--steady-rounds", "1", "--steady-slice", "2",
         "--json", str(out), "--plot", str(png),
     ]
@@ -54,10 +54,14 @@ def test_bench_failure_runs_three_systems_and_writes_record_and_picture(model_di
     assert summary["requests_lost"] == 0 and summary["outputs_differing"] == 0
     assert summary["full_restart_requests_lost"] == 0 and summary["full_restart_outputs_differing"] == 0
     # the repaired instance pauses for less than the restart of every rank takes
-    assert 0 < summary["recovery_pause_s"] < summary["full_restart_unavailable_s"]
+    assert 0 <= summary["recovery_pause_s"] < summary["full_restart_unavailable_s"]
+    assert 0 < summary["recovery_longest_gap_s"] < summary["full_restart_longest_gap_s"]
+    assert summary["recovery_pause_s"] == pytest.approx(
+        max(0.0, summary["recovery_longest_gap_s"] - summary["normal_gap_s"]))
     assert summary["steady_state_ratio"] > 0 and set(result["targets_met"]) >= {"no_request_lost"}
     slices = result["steady_state"]["slices"]
     assert [s["server"] for s in slices] == ["eep", "fixed"] and all(s["tokens_per_s"] > 0 for s in slices)
+    assert result["steady_state"]["round_ratios"] == [pytest.approx(summary["steady_state_ratio"])]
 
     eep, fixed, restart = (result["systems"][k] for k in ("eep", "fixed", "restart"))
     for run in (eep, fixed, restart):
@@ -81,6 +85,20 @@ def test_longest_gap_counts_the_stretches_that_overlap_the_interval() -> None:
     assert _longest_gap(arrivals, 1.05, 1.15) == pytest.approx(0.1)
     assert _longest_gap([], 2.0, 3.0) == pytest.approx(1.0)  # nothing at all: the whole interval
     assert _longest_gap([0.0], 0.5, 2.0) == pytest.approx(2.0)  # nothing after: up to the bound
+
+
+def test_normal_gap_is_the_median_of_each_windows_longest_gap() -> None:
+    steps = [k * 0.1 for k in range(41)]  # a step's tokens every 0.1 s for 4 s
+    assert _normal_gap(steps, 0.0, 4.0) == pytest.approx(0.1)
+    slow = [t for t in steps if not 1.05 < t < 1.45]  # one stall of 0.5 s in 1.0..1.5
+    assert _normal_gap(slow, 0.0, 4.0) == pytest.approx(0.1)  # one slow window does not move it
+    assert _normal_gap(steps, 0.0, 0.3) == 0.0  # no whole window: nothing to measure
+
+
+def test_round_ratios_pair_the_two_slices_of_each_round() -> None:
+    slices = [{"server": "eep", "round": 0, "tokens_per_s": 500.0}, {"server": "fixed", "round": 0, "tokens_per_s": 400.0},
+              {"server": "fixed", "round": 1, "tokens_per_s": 300.0}, {"server": "eep", "round": 1, "tokens_per_s": 330.0}]
+    assert _round_ratios(slices, "eep", "fixed") == [pytest.approx(1.25), pytest.approx(1.1)]
 
 
 def test_time_to_finds_the_first_window_back_at_the_target_rate() -> None:

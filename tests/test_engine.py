@@ -24,6 +24,7 @@ from eep.config import EngineConfig
 from eep.engine.engine import LLMEngine
 from eep.engine.request import Request, RequestOutput
 from eep.engine.sampling import SamplingParams
+from eep.engine.scheduler import Scheduler
 from eep.errors import ConfigError, RequestError
 from eep.model.default_model import init_model
 from eep.tokenizer import EOS_TOKEN_ID, Tokenizer
@@ -134,8 +135,8 @@ def _record_steps(engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> list[tu
     steps: list[tuple[int, int]] = []
     schedule = engine.scheduler.schedule
 
-    def recording():  # type: ignore[no-untyped-def]
-        plan = schedule()
+    def recording(admit: bool = True):  # type: ignore[no-untyped-def]
+        plan = schedule(admit)
         steps.append((sum(s.q_len for s in plan), len(engine.scheduler.waiting)))
         return plan
 
@@ -188,6 +189,29 @@ def test_greedy_with_interleaved_arrivals_chunked_prefill_and_waiting(
 
 
 # -- 2. chunked prefill -----------------------------------------------------------------------
+def test_prefill_is_chunked_only_while_others_decode_and_a_replay_admits_nothing() -> None:
+    """Scheduler alone (CPU bookkeeping): a prompt with nothing decoding beside it prefills at
+    once; beside a decoding request it takes at most max_prefill_tokens per step; a replayed
+    step (`admit=False`) leaves waiting requests waiting."""
+    s = Scheduler(num_slots=4, max_batched_tokens=64, max_prefill_tokens=8)
+    a = Request("a", list(range(3, 13)), SamplingParams(), 0)
+    s.add(a)
+    assert [(x.request.request_id, x.q_len) for x in s.schedule()] == [("a", 10)]
+    a.num_computed, a.output_ids = 10, [5]  # its first token committed: it decodes from now on
+    b = Request("b", list(range(3, 23)), SamplingParams(), 0)
+    s.add(b)
+    assert [(x.request.request_id, x.q_len) for x in s.schedule(admit=False)] == [("a", 1)]
+    chunks = []
+    for _ in range(3):
+        plan = s.schedule()
+        assert plan[0].request is a and plan[0].q_len == 1
+        chunks.append(plan[1].q_len)
+        a.num_computed += 1
+        a.output_ids.append(5)
+        b.num_computed += plan[1].q_len
+    assert chunks == [8, 8, 4]
+
+
 @pytest.mark.parametrize("prompt_len", [33, 100])  # 33 = 2 chunks of 16 + a 1-token chunk
 def test_chunked_prefill_equals_one_shot_prefill(
     engine: LLMEngine, small_engine: LLMEngine, prompt_len: int, monkeypatch: pytest.MonkeyPatch
@@ -420,6 +444,7 @@ def test_text_prompt_without_tokenizer_raises(model_dir: Path, tmp_path: Path) -
         ({"max_num_seqs": 0}, "max_num_seqs"),
         ({"max_model_len": 1}, "max_model_len"),
         ({"max_num_seqs": 8, "max_num_batched_tokens": 4}, "max_num_batched_tokens"),
+        ({"max_prefill_tokens": 0}, "max_prefill_tokens"),
     ],
 )
 def test_bad_engine_config_raises(model_dir: Path, kwargs: dict[str, object], match: str) -> None:

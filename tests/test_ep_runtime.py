@@ -17,7 +17,7 @@ from eep.engine.sampling import SamplingParams
 from eep.model.default_model import init_model
 from eep.errors import ConfigError
 from eep.placement.routing import Placement, placement_from_phy2log, without_slots
-from eep.runtime.executor import EPConfig, EPExecutor, RankFailed
+from eep.runtime.executor import EPConfig, EPExecutor, RankFailed, spread_over_cores
 
 SHM = Path("/dev/shm")
 PARAMS = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (10, 4, 12, 7, 9, 1)]
@@ -141,3 +141,17 @@ def test_stopped_rank_is_named_within_the_timeout(instance, prompts: list[list[i
         engine.generate(prompts, PARAMS)
     assert failed.value.rank == victim, str(failed.value)
     assert time.monotonic() - start < 2 * 1.5 + 1.0
+
+
+def test_ranks_spread_over_cores_evenly_and_stay_put_when_they_can() -> None:
+    start = spread_over_cores((0, 1, 2, 3), [0, 1], {})
+    assert start == {0: 0, 1: 1, 2: 0, 3: 1}
+    # rank 1 died: the survivors (2 on core 0, 1 on core 1) are as even as 3 on 2 cores get
+    assert spread_over_cores((0, 2, 3), [0, 1], {0: 0, 2: 0, 3: 1}) == {}
+    # rank 3 died: core 0 holds two, core 1 one; no one moves either
+    assert spread_over_cores((0, 1, 2), [0, 1], {0: 0, 1: 1, 2: 0}) == {}
+    # rank 1 comes back: it takes the free place
+    assert spread_over_cores((0, 1, 2, 3), [0, 1], {0: 0, 2: 0, 3: 1}) == {1: 1}
+    # a crowded core gives its extra rank away; more cores than ranks: one each
+    assert spread_over_cores((0, 1, 2), [0, 1], {0: 0, 1: 0, 2: 0}) == {2: 1}
+    assert spread_over_cores((0, 1), [4, 5, 6], {0: 5, 1: 5}) == {1: 4}

@@ -21,7 +21,7 @@ from eep.placement.topology import Topology
 
 GB = 10**9
 # the hand-computed examples below use round figures, not the measured defaults
-HAND = Topology(peer_bytes_per_s=5 * GB, backup_bytes_per_s=5 * GB, disk_bytes_per_s=GB)
+HAND = Topology(peer_bytes_per_s=5 * GB, backup_bytes_per_s=5 * GB, disk_bytes_per_s=GB, disk_open_s=0.0)
 
 
 @st.composite
@@ -55,7 +55,7 @@ def scenarios(draw: st.DrawFn) -> dict:
     topology = Topology(
         peer_bytes_per_s=draw(rate), backup_bytes_per_s=draw(rate), disk_bytes_per_s=draw(rate),
         peer_concurrency=draw(st.integers(1, 3)), backup_concurrency=draw(st.integers(1, 3)),
-        disk_concurrency=draw(st.integers(1, 3)),
+        disk_concurrency=draw(st.integers(1, 3)), disk_open_s=draw(st.sampled_from([0.0, 0.5, 2.0])),
     )
     return dict(
         tables=without_slots(placement, unlisted),
@@ -222,7 +222,8 @@ def test_transfers_are_sound_and_fast(sc: dict) -> None:
     n = len(plan.transfers)
     assert plan.est_makespan_s == max((t.finish_s for t in plan.transfers), default=0.0)
     assert plan.bytes_moved == n * nbytes
-    all_disk = math.ceil(n / topo.disk_concurrency) * topo.transfer_s("disk", nbytes)
+    opens = topo.disk_open_s * len({t.dst_rank for t in plan.transfers})  # each destination opens the disk once
+    all_disk = math.ceil(n / topo.disk_concurrency) * topo.transfer_s("disk", nbytes) + opens
     assert plan.est_makespan_s <= all_disk * (1 + 1e-9)
     if sc["backup"] is not None and all(bool(sc["backup"][t.layer, t.expert]) for t in plan.transfers):
         all_backup = math.ceil(n / topo.backup_concurrency) * topo.transfer_s("backup", nbytes)
@@ -389,7 +390,7 @@ def test_copies_spread_over_ranks_and_layers() -> None:
 def test_schedule_splits_between_backup_and_disk() -> None:
     # Backup 4x faster than disk: four copies from the backup finish at 1.0 s like one from disk;
     # the fifth goes to the disk because the backup would only free up at 1.25 s.
-    topo = Topology(backup_bytes_per_s=2.0**32, disk_bytes_per_s=2.0**30)
+    topo = Topology(backup_bytes_per_s=2.0**32, disk_bytes_per_s=2.0**30, disk_open_s=0.0)
     moves = [Relocation(0, e, e, e, (), True) for e in range(6)]
     out = schedule_transfers(moves, expert_bytes=2**30, topology=topo)
     assert [(t.source_kind, t.start_s, t.finish_s) for t in out] == [
@@ -397,14 +398,32 @@ def test_schedule_splits_between_backup_and_disk() -> None:
         ("disk", 0.0, 1.0), ("backup", 1.0, 1.25),
     ]
     # Two lanes on the disk: copies start in pairs.
-    disk2 = schedule_transfers([Relocation(0, e, e, e) for e in range(3)], expert_bytes=GB, topology=Topology(disk_bytes_per_s=GB, disk_concurrency=2))
+    disk2 = schedule_transfers([Relocation(0, e, e, e) for e in range(3)], expert_bytes=GB, topology=Topology(disk_bytes_per_s=GB, disk_concurrency=2, disk_open_s=0.0))
     assert [(t.source_kind, t.start_s) for t in disk2] == [("disk", 0.0), ("disk", 0.0), ("disk", 1.0)]
+
+
+def test_schedule_opens_the_disk_only_when_it_pays() -> None:
+    # The default model's repair of one rank of four: 128 experts of 96 KiB into 3 survivors,
+    # all in the backup. A first disk read costs its open (15 ms) and the backup is done in
+    # ~4 ms, so nothing comes from the disk (without the open cost in the model 22 copies did,
+    # and each rank that read the disk paid ~15 ms for its open).
+    topo, nbytes = Topology(), 3 * 256 * 64 * 2
+    moves = [Relocation(e // 64, e % 64, 16 + e % 3, e % 3, (), True) for e in range(128)]
+    out = schedule_transfers(moves, expert_bytes=nbytes, topology=topo)
+    assert {t.source_kind for t in out} == {"backup"}
+    # A repair a hundred times larger: the disk takes part, each destination's first disk copy
+    # starting after its open.
+    many = [Relocation(e // 64, e % 64, e, e % 3, (), True) for e in range(12800)]
+    big = schedule_transfers(many, expert_bytes=nbytes, topology=topo)
+    disk = [t for t in big if t.source_kind == "disk"]
+    assert disk and min(t.start_s for t in disk) >= topo.disk_open_s
+    assert max(t.finish_s for t in big) < len(many) * topo.transfer_s("backup", nbytes)
 
 
 def test_schedule_prefers_peers_and_spreads_over_them() -> None:
     # Peer and backup equally fast: a tie goes to the peer (lowest rank first), and copies spread
     # over the peer queues; a copy with no peer may use the backup.
-    topo = Topology(peer_bytes_per_s=2.0**32, backup_bytes_per_s=2.0**32, disk_bytes_per_s=2.0**30)
+    topo = Topology(peer_bytes_per_s=2.0**32, backup_bytes_per_s=2.0**32, disk_bytes_per_s=2.0**30, disk_open_s=0.0)
     moves = [
         Relocation(0, 0, 0, 0, (3, 2), True),
         Relocation(0, 1, 1, 0, (2, 3), True),
@@ -507,6 +526,8 @@ def test_topology_defaults_and_round_trip() -> None:
         (lambda: Topology(disk_bytes_per_s=True), "disk_bytes_per_s=True"),
         (lambda: Topology(peer_concurrency=0), "peer_concurrency=0"),
         (lambda: Topology(disk_concurrency=1.5), "disk_concurrency=1.5"),
+        (lambda: Topology(disk_open_s=-0.1), "disk_open_s=-0.1"),
+        (lambda: Topology(disk_open_s=float("nan")), "disk_open_s=nan"),
         (lambda: Topology.from_dict({"disk_bw": 1}), "disk_bw"),
         (lambda: Topology.from_dict([1, 2]), "list"),
         (lambda: Topology().transfer_s("nfs", 1), "nfs"),

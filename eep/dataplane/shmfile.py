@@ -34,6 +34,14 @@ class ShmFile:
         mm = create_mapped(name, max(nbytes, 1))
         return cls(name, mm, created=True)
 
+    @staticmethod
+    def attach_path(name: str) -> str:
+        """The path of file `name`, which must exist (SegmentError otherwise)."""
+        path = SHM_DIR / name
+        if not path.exists():
+            raise SegmentError(f"no shm file {name} in {SHM_DIR}: is the controller up?")
+        return str(path)
+
     @classmethod
     def attach(cls, name: str) -> ShmFile:
         try:

@@ -91,7 +91,8 @@ class LLMEngine:
             )
         self.executor: Executor = executor or LocalExecutor(config)
         self.schedulers = [
-            Scheduler(config.max_num_seqs, config.max_num_batched_tokens) for _ in range(self.executor.num_ranks)
+            Scheduler(config.max_num_seqs, config.max_num_batched_tokens, config.max_prefill_tokens)
+            for _ in range(self.executor.num_ranks)
         ]
         tokenizer_file = Path(config.model_path) / "tokenizer.json"
         self.tokenizer = Tokenizer.from_dir(config.model_path) if tokenizer_file.exists() else None
@@ -101,6 +102,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.steps = 0
         self.tokens_committed = 0  # every token committed since start (metrics)
+        self._replay = False  # the next step replays one that failed: the survivors' work only
 
     @property
     def scheduler(self) -> Scheduler:
@@ -185,7 +187,14 @@ class LLMEngine:
             time.sleep(0.01)  # nothing can run until a rank rejoins; do not spin the caller
             return []
         active = self._active()
-        plans = [s.schedule() if r in active else [] for r, s in enumerate(self.schedulers)]
+        # The step after a failure replays the survivors' part of the one that failed and admits
+        # nothing: the streams that lived through it pause for one repair and one plain step,
+        # not for the re-prefill of the failed ranks' requests, which starts at the next step
+        # (in chunks of max_prefill_tokens).
+        admit, self._replay = not self._replay, False
+        plans = [s.schedule(admit) if r in active else [] for r, s in enumerate(self.schedulers)]
+        if not any(plans) and not admit:  # the survivors had nothing running: admit at once
+            plans = [s.schedule() if r in active else [] for r, s in enumerate(self.schedulers)]
         if not any(plans):
             return []
         try:
@@ -233,6 +242,7 @@ class LLMEngine:
             load[target] += 1
         for r in active:
             self.schedulers[r].waiting.extendleft(reversed(moved[r]))
+        self._replay = True
         if orphans:
             logger.info("re-admitted %d requests of failed ranks on %s", len(orphans), list(active))
 

@@ -2,9 +2,13 @@
 
 Every step is a mix: each running request that has its whole history cached decodes one
 token; requests still prefilling continue with a chunk; waiting requests are admitted FIFO
-while KV slots and the step's token budget last. A request leaves the step plan only by
-finishing, which frees its slot for the next waiting request at the next step. CPU
-bookkeeping only: nothing here touches tensors.
+while KV slots and the step's token budget last. In a step that decodes, prefill chunks
+together take at most `max_prefill_tokens` (chunked prefill, as SGLang's
+`--chunked-prefill-size`): a long prompt, or the requests of a failed rank re-admitted here
+with their whole history to prefill again, never stall the running streams for more than a
+short chunk per step. A request leaves the step plan only by finishing, which frees its slot
+for the next waiting request at the next step. CPU bookkeeping only: nothing here touches
+tensors.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, max_batched_tokens: int) -> None:
+    def __init__(self, num_slots: int, max_batched_tokens: int, max_prefill_tokens: int | None = None) -> None:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_slots = num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self.max_batched_tokens = max_batched_tokens
+        self.max_prefill_tokens = max_batched_tokens if max_prefill_tokens is None else max_prefill_tokens
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -40,18 +45,26 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[ScheduledSeq]:
+    def schedule(self, admit: bool = True) -> list[ScheduledSeq]:
+        """The next step's plan; `admit=False` takes no waiting request in (a replayed step)."""
         budget = self.max_batched_tokens
         plan: list[ScheduledSeq] = []
         # Decodes first (one token each, in slot order so attention reads the cache as a view),
-        # then chunks of requests still prefilling.
-        for req in sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed, r.slot)):
+        # then chunks of requests still prefilling, within the prefill budget if anything decodes.
+        running = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed, r.slot))
+        decodes = [r for r in running if r.num_tokens - r.num_computed == 1]
+        for req in decodes:
+            plan.append(ScheduledSeq(req, 1))
+        budget -= len(decodes)
+        if decodes:
+            budget = min(budget, self.max_prefill_tokens)
+        for req in (r for r in running if r.num_tokens - r.num_computed > 1):
             q_len = min(req.num_tokens - req.num_computed, budget)
             if q_len <= 0:
                 continue
             plan.append(ScheduledSeq(req, q_len))
             budget -= q_len
-        while self.waiting and self.free_slots and budget > 0:
+        while admit and self.waiting and self.free_slots and budget > 0:
             req = self.waiting.popleft()
             req.slot = self.free_slots.pop()
             self.running.append(req)

@@ -203,22 +203,29 @@ def schedule_transfers(
     source (a peer rank in `peer_ranks`, the backup if `in_backup`, the disk) on which it would
     finish first. A source runs `topology.concurrency(kind)` copies at once, each in the lane
     that frees first (lowest lane on ties). Ties between sources: shorter copy, then
-    peer < backup < disk, then lowest rank. Every copy finishes no later than it would if all
-    copies came from any one source that holds them all (the disk, for instance).
+    peer < backup < disk, then lowest rank. A destination rank's first copy from the disk
+    starts `topology.disk_open_s` late (it opens the checkpoint first), so a few copies never
+    go to the disk while a faster source is a little behind. Every copy finishes no later than
+    it would if all copies came from any one source that holds them all (the disk, for
+    instance, opened once by each destination rank).
 
     Returns:
         One `Transfer` per relocation, in the same order.
     """
     _check_positive_int("expert_bytes", expert_bytes)
     lanes: dict[tuple[str, int], list[float]] = {}
+    opened: set[int] = set()  # destination ranks that have opened the checkpoint
     out = []
     for move in relocations:
-        kind, rank = min(_sources(move), key=lambda src: _finish_key(src, lanes, topology, expert_bytes))
+        setup = {"disk": 0.0 if move.dst_rank in opened else topology.disk_open_s}
+        kind, rank = min(_sources(move), key=lambda src: _finish_key(src, lanes, topology, expert_bytes, setup))
         queue = lanes.setdefault((kind, rank), [0.0] * topology.concurrency(kind))
         lane = min(range(len(queue)), key=queue.__getitem__)
         duration = topology.transfer_s(kind, expert_bytes)
-        start = queue[lane]
+        start = queue[lane] + setup.get(kind, 0.0)
         queue[lane] = start + duration
+        if kind == "disk":
+            opened.add(move.dst_rank)
         out.append(
             Transfer(
                 move.layer, move.expert, move.dst_slot, move.dst_rank,
@@ -341,11 +348,12 @@ def _sources(move: Relocation) -> list[tuple[SourceKind, int]]:
 
 
 def _finish_key(
-    source: tuple[SourceKind, int], lanes: dict[tuple[str, int], list[float]], topology: Topology, nbytes: int
+    source: tuple[SourceKind, int], lanes: dict[tuple[str, int], list[float]], topology: Topology, nbytes: int,
+    setup: dict[str, float],
 ) -> tuple[float, float, int, int]:
     kind, rank = source
     duration = topology.transfer_s(kind, nbytes)
-    free_at = min(lanes.get(source, [0.0]))
+    free_at = min(lanes.get(source, [0.0])) + setup.get(kind, 0.0)
     return (free_at + duration, duration, SOURCE_KINDS.index(kind), rank)
 
 

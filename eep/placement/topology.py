@@ -13,9 +13,11 @@ rank is its own source; the backup is one source and the disk is one source.
 Defaults, measured on the development machine (2 cores, 2026-11-25) as the median per-expert
 copy time of the tier-2 copies in `eep bench recovery --json out/recovery.json`
 (`repairs[0].experts[*].seconds`, 96 KiB experts of the default model): host backup -> slot
-2.9 GB/s, checkpoint (page-cached safetensors) -> slot 0.6 GB/s. Peer copies are not executed
-yet; 5 GB/s is an estimate. One copy at a time per source. Another machine passes its own
-figures (`Topology.from_dict` reads them from a small JSON/YAML mapping).
+2.9 GB/s, checkpoint (page-cached safetensors) -> slot 0.6 GB/s, plus `disk_open_s` before a
+rank's first copy from the checkpoint (the slowest copy of each rank that read the disk).
+Peer copies are not executed yet; 5 GB/s is an estimate. One copy at a time per source.
+Another machine passes its own figures (`Topology.from_dict` reads them from a small
+JSON/YAML mapping).
 
 Promise: `Topology` is immutable and checked when built; `transfer_s` is a pure function.
 """
@@ -46,11 +48,18 @@ class Topology:
     peer_concurrency: int = 1
     backup_concurrency: int = 1
     disk_concurrency: int = 1
+    # A rank's first copy from the checkpoint in a repair opens the safetensors files and
+    # parses their headers first: 13-16 ms measured here (a 100 KiB expert copies in 0.16 ms).
+    disk_open_s: float = 0.015
 
     def __post_init__(self) -> None:
         for kind in SOURCE_KINDS:
             _check_bandwidth(self, f"{kind}_bytes_per_s")
             _check_concurrency(self, f"{kind}_concurrency")
+        value = self.disk_open_s
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"disk_open_s={value!r} must be a finite number of seconds >= 0")
+        object.__setattr__(self, "disk_open_s", float(value))
 
     def bandwidth(self, kind: SourceKind) -> float:
         """Bytes per second of one copy from a source of `kind`."""

@@ -10,6 +10,7 @@ one memcpy per tensor; ranks attach to it read-mostly by name.
 from __future__ import annotations
 
 import logging
+import mmap
 
 import torch
 
@@ -55,6 +56,13 @@ class ExpertBackup:
     @classmethod
     def attach(cls, name: str, cfg: ModelConfig, dtype: torch.dtype) -> ExpertBackup:
         return cls(ShmFile.attach(name), cfg, dtype)
+
+    def prefault(self) -> None:
+        """Map every page into this process now (one read per page), so that the first copy
+        out of it in a repair does not pay thousands of page faults."""
+        page = mmap.PAGESIZE
+        flat = torch.frombuffer(self.file.mm, dtype=torch.uint8)
+        int(flat[::page].sum())
 
     def get(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views `(w13 [H, 2I], w2 [I, H])` of one expert of MoE layer `layer`."""

@@ -10,6 +10,7 @@ every exchange.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import logging
 import os
 import pickle
@@ -27,6 +28,8 @@ from eep.errors import ConfigError, DataPlaneError, PeerTimeout, RankFenced
 from eep.model.checkpoint import CheckpointReader
 from eep.model.loader import SlotRange, load_expert, load_model
 from eep.placement.routing import Placement, check_tables_only
+from eep.runtime.death_notice import HeldNotice
+from eep.runtime.expert_backup import ExpertBackup
 from eep.runtime.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ class RankSpec:
     heartbeat: str | None = None  # the controller's heartbeat board (shm file name)
     heartbeat_interval_s: float = 0.1
     backup: str | None = None  # the host expert backup (shm file name), a repair source
+    death_notice: str | None = None  # the mutex this process holds for life (eep.runtime.death_notice)
     held: torch.Tensor | None = None  # [L, P] experts to load into the slots (default: placement's)
 
     @property
@@ -143,6 +147,10 @@ class RankState:
             )
         self.worker = ModelWorker(model, spec.max_num_seqs, spec.max_model_len)
         self._view: tuple[int, tuple[int, ...]] = (0, tuple(range(spec.num_ranks)))
+        self.backup: ExpertBackup | None = None
+        if spec.backup is not None:  # attached and its pages mapped now, not inside a repair's pause
+            self.backup = ExpertBackup.attach(spec.backup, model.cfg, model.dtype)
+            self.backup.prefault()
 
     def step(self, order: StepOrder) -> StepResult:
         start = time.perf_counter()
@@ -185,13 +193,25 @@ class RankState:
                           placement, slots)
         self.worker.model.tables.update_(placement)
 
+    def repair(self, interim: Placement, copies: list[ExpertCopy], placement: Placement) -> list[float]:
+        """A repair's whole share of this rank in one message (no step runs meanwhile): unlist
+        the copies' targets (`interim`), write the copies, switch to `placement`. Returns each
+        copy's seconds."""
+        if not copies:
+            self.update_routing(placement)
+            return []
+        self.update_routing(interim)
+        seconds = self.copy_experts(copies)
+        self.update_routing(placement)
+        return seconds
+
     def copy_experts(self, copies: list[ExpertCopy]) -> list[float]:
         """Write each copy's expert into its slot (the slot must be one of this rank's and not
         be listed in the tables in use); returns each copy's seconds."""
         spec, model = self.spec, self.worker.model
         layers = model.moe_layers()
         tables = model.tables.physical_to_logical_map
-        backup = reader = None
+        reader = None
         times = []
         try:
             for c in copies:
@@ -202,12 +222,8 @@ class RankState:
                     raise ConfigError(f"layer {c.layer} slot {c.slot} is in use by expert {int(tables[c.layer, c.slot])}")
                 start = time.perf_counter()
                 w13, w2 = layers[c.layer].w13[local], layers[c.layer].w2[local]
-                if c.source == "backup" and spec.backup is not None:
-                    if backup is None:
-                        from eep.runtime.expert_backup import ExpertBackup
-
-                        backup = ExpertBackup.attach(spec.backup, model.cfg, model.dtype)
-                    src13, src2 = backup.get(c.layer, c.expert)
+                if c.source == "backup" and self.backup is not None:
+                    src13, src2 = self.backup.get(c.layer, c.expert)
                     w13.copy_(src13)
                     w2.copy_(src2)
                 elif c.source in ("backup", "disk"):
@@ -219,8 +235,6 @@ class RankState:
                 self.held[c.layer, c.slot] = c.expert
                 times.append(time.perf_counter() - start)
         finally:
-            if backup is not None:
-                backup.close()
             if reader is not None:
                 reader.close()
         return times
@@ -256,6 +270,8 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack (debugging)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(levelname)s %(name)s: %(message)s")
     parent = os.getppid()
+    # held by this (the main) thread until the process ends: the kernel reports the death at once
+    notice = HeldNotice(spec.death_notice) if spec.death_notice else None  # noqa: F841 (kept alive)
     heartbeat = Heartbeat(spec.heartbeat, spec.rank, spec.heartbeat_interval_s) if spec.heartbeat else None
     try:
         _serve(spec, conn, RankState(spec), parent)
@@ -273,6 +289,8 @@ def _serve(spec: RankSpec, conn: Connection, state: RankState, parent: int) -> N
         start = time.perf_counter()
         state.warm_up()
         warmup_s = time.perf_counter() - start
+    gc.collect()
+    gc.freeze()  # torch and the model live as long as the process: a full collection skips them
     send(conn, ("ready", {"pid": os.getpid(), "warmup_s": warmup_s}))
     while True:
         if not conn.poll(spec.poll_s):
@@ -301,9 +319,9 @@ def _serve(spec: RankSpec, conn: Connection, state: RankState, parent: int) -> N
                 send(conn, ("routing", None))
             except ConfigError as e:
                 send(conn, ("error", str(e)))
-        elif kind == "copy_experts":
+        elif kind == "repair":
             try:
-                send(conn, ("copied", state.copy_experts(payload)))
+                send(conn, ("repaired", state.repair(*payload)))
             except ConfigError as e:
                 send(conn, ("error", str(e)))
         elif kind == "ptrs":

@@ -17,6 +17,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -479,6 +480,11 @@ def serve(config: ServeConfig, on_ready: Callable[[dict[str, Any]], None] | None
             if config.http is not None:
                 http = _HttpServer(config, loop)
                 http_url = http.start()
+            # Everything built so far (torch, the model's modules, the web stack) lives as long
+            # as the server: out of the collector's sight, a full collection scans only what
+            # requests create (measured: 15-70 ms pauses of the engine thread without it)
+            gc.collect()
+            gc.freeze()
             if on_ready is not None:
                 on_ready({**describe(engine, loop, config.ep), "socket": config.socket_path, "http": http_url})
             signum = signals.wait()
