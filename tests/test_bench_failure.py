@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from eep.bench.failure import BIN_S, _longest_gap, _normal_gap, _round_ratios, _time_to
+from eep.bench.failure import BIN_S, _longest_gap, _normal_gap, _same_work_ratio, _time_to
 from eep.model.default_model import init_model
 
 
@@ -95,10 +95,18 @@ def test_normal_gap_is_the_median_of_each_windows_longest_gap() -> None:
     assert _normal_gap(steps, 0.0, 0.3) == 0.0  # no whole window: nothing to measure
 
 
-def test_round_ratios_pair_the_two_slices_of_each_round() -> None:
-    slices = [{"server": "eep", "round": 0, "tokens_per_s": 500.0}, {"server": "fixed", "round": 0, "tokens_per_s": 400.0},
-              {"server": "fixed", "round": 1, "tokens_per_s": 300.0}, {"server": "eep", "round": 1, "tokens_per_s": 330.0}]
-    assert _round_ratios(slices, "eep", "fixed") == [pytest.approx(1.25), pytest.approx(1.1)]
+def test_same_work_ratio_times_both_servers_over_the_same_tokens() -> None:
+    # a: 10 tokens every 0.1 s; b: the same tokens at 0.125 s intervals (a is 1.25x faster)
+    a = [(0.1 * i, 10) for i in range(1, 31)]
+    b = [(0.125 * i, 10) for i in range(1, 25)]
+    # from the count both reached by 1 s (a: 100, b: 80 -> 100) to the count both reached (240)
+    assert _same_work_ratio(a, b, 1.0) == pytest.approx(1.25)
+    assert _same_work_ratio(b, a, 1.0) == pytest.approx(0.8)
+    # a stall in b's first second does not matter, only the time for the same tokens after it
+    stalled = [(0.5 + 0.125 * i, 10) for i in range(1, 25)]
+    assert _same_work_ratio(a, stalled, 1.0) == pytest.approx(1.25)
+    assert _same_work_ratio(a, [(0.5, 10)], 1.0) is None  # nothing in common after the start
+    assert _same_work_ratio(a, [], 1.0) is None
 
 
 def test_time_to_finds_the_first_window_back_at_the_target_rate() -> None:

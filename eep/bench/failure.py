@@ -24,11 +24,15 @@ same requests (`steady_rounds` rounds, ABBA order), which is what `steady_state_
 after the timed runs it serves the reference outputs.
 
 Figures (per system, and eep's in `summary`):
-- `steady_state_ratio`: the median over the rounds of alternating slices of eep's tokens/s over
-  the fixed path's in the same round (each slice's first third left out; the two slices of a
-  round are back to back, so the host's drift mostly cancels, and one noisy round does not move
-  the median); without slices, the timed runs' rates over [3 s, kill). Two fixed servers
-  measured against each other this way differ by a few percent on this host;
+- `steady_state_ratio`: the median over the rounds of alternating slices of eep's speed over
+  the fixed path's on the same work: both served the same requests in the same order in a
+  round, so the ratio is the fixed path's time over eep's time from the token count both had
+  reached a third into their slices to the count both reached by their ends (each on its own
+  clock; tokens per fixed time would also count how far into the work each slice got, which
+  swings by ±10% between identical slices here). The two slices of a round are back to back,
+  so the host's drift mostly cancels, and one noisy round does not move the median. Without
+  slices, the timed runs' rates over [3 s, kill). Two fixed servers measured against each
+  other this way differ by a few percent on this host;
 - `normal_gap_s` (per system): how long the clients normally wait between two steps' tokens:
   the median, over the half-second windows of steady serving before the kill, of each window's
   longest stretch without a token arriving;
@@ -421,14 +425,17 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
     """Steady-state tokens/s of each server, measured in alternating slices (ABBA...) of the
     same closed-loop load on the same requests, the others idle. On a shared host the rate
     drifts by several percent within a minute; alternating cancels the drift that separate
-    runs would turn into a difference. The first second of a slice (the loop ramping up) is
-    not counted; at a slice's end the requests in flight are cancelled (the server aborts them)."""
+    runs would turn into a difference. The first third of a slice (at most 1 s: the loop ramping
+    up) is not counted; at a slice's end the requests in flight are cancelled (the server aborts
+    them). `round_ratios`: per round, the first server's speed over the second's on the same
+    work (`_same_work_ratio`)."""
     ramp = min(1.0, slice_s / 3)
     for srv in servers.values():
         async with _client(srv, concurrency) as client:
             await _warm(client, srv, trace, concurrency)
     tokens = {name: 0 for name in servers}
     slices: list[dict[str, Any]] = []
+    arrivals: dict[tuple[int, str], list[tuple[float, int]]] = {}
     for k in range(rounds):
         for name in (list(servers) if k % 2 == 0 else list(reversed(servers))):
             srv = servers[name]
@@ -446,23 +453,43 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-            n = sum(c for r in records for t, c in r.chunks if ramp < t <= slice_s)
+            arrivals[k, name] = sorted(c for r in records for c in r.chunks if c[0] <= slice_s)
+            n = sum(c for t, c in arrivals[k, name] if ramp < t)
             tokens[name] += n
             slices.append({"server": name, "round": k, "tokens_per_s": n / (slice_s - ramp)})
             logger.info("  steady slice %d/%d on %s: %.0f tok/s", len(slices), rounds * len(servers), name,
                         n / (slice_s - ramp))
+    a, b = servers
+    ratios = [_same_work_ratio(arrivals[k, a], arrivals[k, b], ramp) for k in range(rounds)]
     seconds = rounds * (slice_s - ramp)
     return {"tokens_per_s": {name: n / seconds for name, n in tokens.items()},
-            "round_ratios": _round_ratios(slices, *servers),
+            "round_ratios": [r for r in ratios if r is not None],
             "slices": slices, "ramp_s": ramp, "slice_s": slice_s}
 
 
-def _round_ratios(slices: list[dict[str, Any]], a: str, b: str) -> list[float]:
-    """Per round, `a`'s tokens/s over `b`'s: the two slices of a round are back to back, so
-    the host's drift (±10% within a minute here) mostly cancels within each ratio."""
-    rate = {(s["round"], s["server"]): s["tokens_per_s"] for s in slices}
-    rounds = sorted({s["round"] for s in slices})
-    return [rate[k, a] / rate[k, b] for k in rounds if rate.get((k, b))]
+def _same_work_ratio(a: list[tuple[float, int]], b: list[tuple[float, int]], start: float) -> float | None:
+    """`a`'s speed over `b`'s on the same work: from (arrival time, tokens) chunks of the same
+    requests, b's time over a's time from the token count both had reached by `start` to the
+    count both reached in all; None if that stretch is empty."""
+    def cumulative(chunks: list[tuple[float, int]]) -> tuple[list[float], list[int]]:
+        return [t for t, _ in chunks], list(itertools.accumulate(n for _, n in chunks))
+
+    (ta, na), (tb, nb) = cumulative(a), cumulative(b)
+
+    def count_by(times: list[float], counts: list[int], t: float) -> int:
+        i = bisect.bisect_right(times, t)
+        return counts[i - 1] if i else 0
+
+    lo = max(count_by(ta, na, start), count_by(tb, nb, start))
+    hi = min(na[-1] if na else 0, nb[-1] if nb else 0)
+    if hi <= lo:
+        return None
+
+    def seconds(times: list[float], counts: list[int]) -> float:
+        return times[bisect.bisect_left(counts, hi)] - times[bisect.bisect_left(counts, lo)]
+
+    sa, sb = seconds(ta, na), seconds(tb, nb)
+    return sb / sa if sa > 0 else None
 
 
 async def _reference(server: _Server, trace: Trace, indices: list[int], concurrency: int) -> dict[int, list[int]]:
