@@ -165,8 +165,24 @@ def _cmd_bench_recovery(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_failure(args: argparse.Namespace) -> int:
-    from eep.bench.failure import plot, run_failure_bench, summary_table
+    from eep.bench.failure import plot, run_failure_bench, run_steady_calibration, summary_table
 
+    if args.calibrate:
+        result = run_steady_calibration(
+            _model_path(args), ep_size=args.ep_size, concurrency=args.concurrency, prompt_len=args.prompt_len,
+            output_len=args.output_len, rounds=args.steady_rounds, slice_s=args.steady_slice, dtype=args.dtype,
+            seed=args.seed,
+        )
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        s, rounds = result["summary"], result["steady_state"]["round_ratios"]
+        if rounds:
+            print(f"A/A steady-state ratio of two fixed-membership servers: {s['aa_ratio']:.3f} over "
+                  f"{len(rounds)} rounds (single rounds {s['aa_round_min']:.3f}-{s['aa_round_max']:.3f})")
+        else:
+            print("A/A steady-state ratio: no round had work in common (slices too short?)")
+        print(f"record: {args.json}")
+        return 0
     result = run_failure_bench(
         _model_path(args), ep_size=args.ep_size, victim=args.victim, concurrency=args.concurrency,
         prompt_len=args.prompt_len, output_len=args.output_len, fault_at_s=args.fault_at,
@@ -312,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="rounds of alternating eep / fixed slices for the steady-state ratio (0: none)")
     fail.add_argument("--steady-slice", type=float, default=2.5, help="seconds per slice")
     fail.add_argument("--seed", type=int, default=0)
+    fail.add_argument("--calibrate", action="store_true",
+                      help="instead of the experiment: the steady-state comparison between two identical "
+                           "fixed-membership servers (A/A, --steady-rounds rounds), how far this machine "
+                           "resolves steady_state_ratio")
     fail.add_argument("--json", default="out/failure.json", help="the whole record (default: %(default)s)")
     fail.add_argument("--plot", default="out/failure.png", help="the picture (default: %(default)s)")
     fail.set_defaults(func=_cmd_bench_failure)

@@ -79,6 +79,27 @@ def test_bench_failure_runs_three_systems_and_writes_record_and_picture(model_di
     assert not any(e["kind"] == "fault_seen" for e in restart["events"])
 
 
+@pytest.mark.slow
+def test_bench_failure_calibrate_compares_two_identical_servers(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "aa.json"
+    cmd = [
+        sys.executable, "-m", "eep", "bench", "failure", "--calibrate", "--model-path", str(model_dir),
+        "--ep-size", "2", "--concurrency", "4", "--prompt-len", "8", "--output-len", "16", "--steady-rounds", "2",
+        "--steady-slice", "1.5", "--json", str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not _processes_mentioning(str(model_dir)), "a server or rank outlived the bench"
+    assert "A/A steady-state ratio" in done.stdout
+    result = json.loads(out.read_text())
+    steady, summary = result["steady_state"], result["summary"]
+    assert [(s["server"], s["round"]) for s in steady["slices"]] == [("a", 0), ("b", 0), ("b", 1), ("a", 1)]
+    assert all(s["tokens_per_s"] > 0 for s in steady["slices"]) and len(steady["round_ratios"]) == 2
+    # identical servers on identical work: the same order of magnitude, whatever the host's noise
+    assert 0.5 < summary["aa_ratio"] < 2.0
+    assert summary["aa_round_min"] <= summary["aa_ratio"] <= summary["aa_round_max"]
+
+
 def test_longest_gap_counts_the_stretches_that_overlap_the_interval() -> None:
     arrivals = [0.0, 0.1, 0.2, 1.0, 1.1, 1.2]
     assert _longest_gap(arrivals, 0.15, 0.5) == pytest.approx(0.8)  # 0.2 -> 1.0 spans the kill at 0.15+

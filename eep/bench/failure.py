@@ -31,8 +31,9 @@ Figures (per system, and eep's in `summary`):
   clock; tokens per fixed time would also count how far into the work each slice got, which
   swings by ±10% between identical slices here). The two slices of a round are back to back,
   so the host's drift mostly cancels, and one noisy round does not move the median. Without
-  slices, the timed runs' rates over [3 s, kill). Two fixed servers measured against each
-  other this way differ by a few percent on this host;
+  slices, the timed runs' rates over [3 s, kill). `run_steady_calibration` (`eep bench failure
+  --calibrate`) runs the same comparison between two identical fixed servers: how far the
+  host lets it resolve a ratio (about ±2% at 40 rounds on the 2-core development machine);
 - `normal_gap_s` (per system): how long the clients normally wait between two steps' tokens:
   the median, over the half-second windows of steady serving before the kill, of each window's
   longest stretch without a token arriving;
@@ -223,6 +224,53 @@ def run_failure_bench(
         "rejoin_after_s": rejoin_after_s, "tail_s": tail_s, "failure_timeout_s": failure_timeout_s, "dtype": dtype,
         "steady_rounds": steady_rounds, "steady_slice_s": steady_slice_s, "seed": seed,
     }, labels={s.name: s.label for s in chosen})
+
+
+def run_steady_calibration(
+    model_path: str,
+    *,
+    ep_size: int = 4,
+    concurrency: int = 32,
+    prompt_len: int = 32,
+    output_len: int = 48,
+    rounds: int = 40,
+    slice_s: float = 2.5,
+    dtype: str = "auto",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The steady-state comparison run between two identical fixed-membership servers (an A/A
+    test): what `steady_state_ratio` reads when nothing differs, i.e. how far this machine lets
+    the comparison resolve a ratio at `rounds` rounds. Returns a JSON-able dict whose `summary`
+    holds the median (`aa_ratio`) and the spread of the rounds."""
+    if rounds < 1 or slice_s < 1.5 or concurrency < 1 or ep_size < 2:
+        raise ConfigError("need rounds >= 1, slice_s >= 1.5, concurrency >= 1 and ep_size >= 2")
+    fixed = next(s for s in SYSTEMS if s.name == "fixed")
+    trace = Trace(seed, checkpoint_vocab(model_path), prompt_len, output_len)
+    gc.collect()
+    gc.freeze()
+    servers = [_Server(model_path, fixed, ep_size=ep_size, concurrency=concurrency, trace=trace,
+                       failure_timeout_s=1.0, dtype=dtype) for _ in range(2)]
+    logger.info("A/A calibration: two %s servers, %d rounds of %.1f s slices", fixed.label, rounds, slice_s)
+    with servers[0] as a, servers[1] as b:
+        steady = asyncio.run(_interleaved({"a": a, "b": b}, trace, concurrency=concurrency, rounds=rounds,
+                                          slice_s=slice_s))
+    ratios = steady["round_ratios"]
+    import torch
+
+    return {
+        "summary": {
+            "aa_ratio": statistics.median(ratios) if ratios else None,
+            "aa_round_min": min(ratios, default=None), "aa_round_max": max(ratios, default=None),
+            "aa_round_stdev": statistics.stdev(ratios) if len(ratios) > 1 else None,
+        },
+        "steady_state": steady,
+        "config": {"model_path": model_path, "ep_size": ep_size, "concurrency": concurrency,
+                   "prompt_len": prompt_len, "output_len": output_len, "rounds": rounds, "slice_s": slice_s,
+                   "dtype": dtype, "seed": seed, "max_model_len": trace.max_model_len},
+        "torch_version": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 # -- one server -------------------------------------------------------------------------------
