@@ -27,13 +27,17 @@ def test_bench_recovery_writes_a_consistent_record(model_dir: Path, tmp_path: Pa
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
-    summary = json.loads(done.stdout)
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in the record: not standard JSON")
+
+    result = json.loads(out.read_text(), parse_constant=no_constants)
+    summary = json.loads(done.stdout, parse_constant=no_constants)
     keys = ("recovery_pause_s", "reintegration_pause_s", "time_to_95_s", "requests_lost", "outputs_differing")
     assert set(summary) == set(keys) and all(summary[k] == result[k] for k in keys)
     assert result["requests_lost"] == 0 and result["outputs_differing"] == 0
     assert 0 < result["recovery_pause_s"] < 30
-    assert result["time_to_95_s"] >= 0  # inf when the rate never came back within the run: a figure, not a test
+    # None when the rate never came back within the run: a figure, not a test
+    assert result["time_to_95_s"] is None or result["time_to_95_s"] >= 0
     kinds = [e["kind"] for e in result["events"]]
     assert kinds[:3] == ["fault_seen", "view_committed", "repair"] and "rejoined" in kinds
     repair = result["repairs"][0]

@@ -11,7 +11,8 @@ end, tokens committed in it). From that series:
 - `reintegration_pause_s`: the same around the step boundary where the rank is switched in,
   minus the median step time of that window (what switching in adds to a step);
 - `time_to_95_s`: from the kill until tokens/s over a sliding window is back to 95% of the
-  pre-fault rate and stays there for the window;
+  pre-fault rate and stays there for the window; None (JSON null) if that never happens
+  within the run;
 - `requests_lost`: requests that never finished; `outputs_differing`: requests whose tokens
   differ from the same requests served again, fault-free, by the repaired instance (greedy
   outputs do not depend on batch or placement, so any difference is a wrong token).
@@ -132,7 +133,8 @@ def run_recovery_bench(
         "outputs_differing": differing,
         "requests": len(requests),
         "pre_fault_tokens_per_s": rate_before,
-        "post_fault_tokens_per_s": _rate(series, t_kill + max(time_to_95, 0.0), t_kill + max(time_to_95, 0.0) + 2.0),
+        "post_fault_tokens_per_s": None if time_to_95 is None else _rate(series, t_kill + time_to_95,
+                                                                          t_kill + time_to_95 + 2.0),
         "median_step_s": typical,
         "repairs": list(ex.repairs),
         "events": [e.to_dict() for e in ex.events],
@@ -152,11 +154,12 @@ def _rate(series: list[tuple[float, int]], start: float, stop: float) -> float:
     return tokens / (stop - start) if stop > start else 0.0
 
 
-def _time_to(series: list[tuple[float, int]], t_kill: float, target: float) -> float:
-    """Seconds after `t_kill` until the windowed rate reaches `target` (and the window after it too)."""
+def _time_to(series: list[tuple[float, int]], t_kill: float, target: float) -> float | None:
+    """Seconds after `t_kill` until the windowed rate reaches `target` (and the window after it
+    too); None if it never does (not infinity: the record must stay standard JSON)."""
     for t, _ in series:
         if t <= t_kill + _WINDOW_S:
             continue
         if _rate(series, t - _WINDOW_S, t) >= target and _rate(series, t, t + _WINDOW_S) >= target:
             return t - _WINDOW_S - t_kill
-    return float("inf")
+    return None
