@@ -167,6 +167,7 @@ def _cmd_bench_recovery(args: argparse.Namespace) -> int:
 def _cmd_bench_failure(args: argparse.Namespace) -> int:
     from eep.bench.failure import plot, run_failure_bench, run_steady_calibration, summary_table
 
+    args.json = args.json or ("out/calibration.json" if args.calibrate else "out/failure.json")
     if args.calibrate:
         result = run_steady_calibration(
             _model_path(args), ep_size=args.ep_size, concurrency=args.concurrency, prompt_len=args.prompt_len,
@@ -332,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="instead of the experiment: the steady-state comparison between two identical "
                            "fixed-membership servers (A/A, --steady-rounds rounds), how far this machine "
                            "resolves steady_state_ratio")
-    fail.add_argument("--json", default="out/failure.json", help="the whole record (default: %(default)s)")
+    fail.add_argument("--json", default=None,
+                      help="the whole record (default: out/failure.json, with --calibrate out/calibration.json)")
     fail.add_argument("--plot", default="out/failure.png", help="the picture (default: %(default)s)")
     fail.set_defaults(func=_cmd_bench_failure)
     return parser
