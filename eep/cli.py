@@ -174,8 +174,17 @@ def _cmd_bench_failure(args: argparse.Namespace) -> int:
             output_len=args.output_len, rounds=args.steady_rounds, slice_s=args.steady_slice, dtype=args.dtype,
             seed=args.seed,
         )
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    else:
+        result = run_failure_bench(
+            _model_path(args), ep_size=args.ep_size, victim=args.victim, concurrency=args.concurrency,
+            prompt_len=args.prompt_len, output_len=args.output_len, fault_at_s=args.fault_at,
+            rejoin_after_s=args.rejoin_after, tail_s=args.tail, failure_timeout_s=args.failure_timeout,
+            systems=tuple(args.systems.split(",")), steady_rounds=args.steady_rounds,
+            steady_slice_s=args.steady_slice, dtype=args.dtype, seed=args.seed,
+        )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.calibrate:
         s, rounds = result["summary"], result["steady_state"]["round_ratios"]
         if rounds:
             print(f"A/A steady-state ratio of two fixed-membership servers: {s['aa_ratio']:.3f} over "
@@ -184,15 +193,6 @@ def _cmd_bench_failure(args: argparse.Namespace) -> int:
             print("A/A steady-state ratio: no round had work in common (slices too short?)")
         print(f"record: {args.json}")
         return 0
-    result = run_failure_bench(
-        _model_path(args), ep_size=args.ep_size, victim=args.victim, concurrency=args.concurrency,
-        prompt_len=args.prompt_len, output_len=args.output_len, fault_at_s=args.fault_at,
-        rejoin_after_s=args.rejoin_after, tail_s=args.tail, failure_timeout_s=args.failure_timeout,
-        systems=tuple(args.systems.split(",")), steady_rounds=args.steady_rounds, steady_slice_s=args.steady_slice,
-        dtype=args.dtype, seed=args.seed,
-    )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.plot)
     print(summary_table(result))
     print(f"\nsummary: {json.dumps(result['summary'])}")

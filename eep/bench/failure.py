@@ -255,8 +255,6 @@ def run_steady_calibration(
         steady = asyncio.run(_interleaved({"a": a, "b": b}, trace, concurrency=concurrency, rounds=rounds,
                                           slice_s=slice_s))
     ratios = steady["round_ratios"]
-    import torch
-
     return {
         "summary": {
             "aa_ratio": statistics.median(ratios) if ratios else None,
@@ -267,9 +265,7 @@ def run_steady_calibration(
         "config": {"model_path": model_path, "ep_size": ep_size, "concurrency": concurrency,
                    "prompt_len": prompt_len, "output_len": output_len, "rounds": rounds, "slice_s": slice_s,
                    "dtype": dtype, "seed": seed, "max_model_len": trace.max_model_len},
-        "torch_version": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **_provenance(),
     }
 
 
@@ -631,10 +627,16 @@ def _time_to(chunks: list[tuple[float, int]], kill: float, target: float) -> flo
     return None  # never back (within the run)
 
 
-def _result(runs: dict[str, dict[str, Any]], steady: dict[str, Any] | None, trace: Trace, config: dict[str, Any],
-            labels: dict[str, str]) -> dict[str, Any]:
+def _provenance() -> dict[str, Any]:
+    """Where and when a record was made."""
     import torch
 
+    return {"torch_version": torch.__version__, "cpu_count": os.cpu_count(),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _result(runs: dict[str, dict[str, Any]], steady: dict[str, Any] | None, trace: Trace, config: dict[str, Any],
+            labels: dict[str, str]) -> dict[str, Any]:
     eep, fixed, restart = runs.get("eep"), runs["fixed"], runs.get("restart")
     summary: dict[str, Any] = {}
     if eep is not None:
@@ -679,9 +681,7 @@ def _result(runs: dict[str, dict[str, Any]], steady: dict[str, Any] | None, trac
         "systems": runs,
         "labels": labels,
         "config": {**config, "max_model_len": trace.max_model_len},
-        "torch_version": torch.__version__,
-        "cpu_count": os.cpu_count(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **_provenance(),
     }
 
 

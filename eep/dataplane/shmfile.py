@@ -35,19 +35,16 @@ class ShmFile:
         return cls(name, mm, created=True)
 
     @staticmethod
-    def attach_path(name: str) -> str:
-        """The path of file `name`, which must exist (SegmentError otherwise)."""
-        path = SHM_DIR / name
-        if not path.exists():
-            raise SegmentError(f"no shm file {name} in {SHM_DIR}: is the controller up?")
-        return str(path)
+    def open_fd(name: str) -> int:
+        """A read-write descriptor of file `name` (the caller closes it); SegmentError if it is missing."""
+        try:
+            return os.open(SHM_DIR / name, os.O_RDWR)
+        except FileNotFoundError:
+            raise SegmentError(f"no shm file {name} in {SHM_DIR}: is the controller up?") from None
 
     @classmethod
     def attach(cls, name: str) -> ShmFile:
-        try:
-            fd = os.open(SHM_DIR / name, os.O_RDWR)
-        except FileNotFoundError:
-            raise SegmentError(f"no shm file {name} in {SHM_DIR}: is the controller up?") from None
+        fd = cls.open_fd(name)
         try:
             mm = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:

@@ -139,7 +139,7 @@ class HeldNotice:
     def __init__(self, name: str) -> None:
         if _libc is None:
             raise OSError("robust pthread mutexes are not available here")
-        fd = os.open(ShmFile.attach_path(name), os.O_RDWR)
+        fd = ShmFile.open_fd(name)
         try:
             mmap_ = _libc.mmap
             mmap_.restype, mmap_.argtypes = ctypes.c_void_p, [

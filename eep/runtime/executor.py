@@ -266,13 +266,14 @@ class EPExecutor:
         # children: nothing of the caller's __main__ is re-imported, and a replacement rank is
         # started the same way at any time. Control travels over a socketpair; a death is seen
         # through its death notice (< 1 ms), and through its pidfd once the exit is complete.
+        notice = DeathNotice.create()
         spec = RankSpec(
             rank, self.num_ranks, self.config.model_path, self.config.dtype, self.config.max_num_seqs,
             self.config.max_model_len, placement, self.ep.backend, self._rendezvous, self.ep.timeout_s,
             heartbeat=self._board.name if self._board else None,
             heartbeat_interval_s=min(0.1, self.ep.failure_timeout_s / 5),
             backup=self._backup.name if self._backup is not None else None, held=held,
-            death_notice=notice.name if (notice := DeathNotice.create()) is not None else None,
+            death_notice=notice.name if notice is not None else None,
         )
         if self._board is not None:
             self._board.reset(rank)
