@@ -386,6 +386,50 @@ def test_uncoverable_pauses_with_a_reason_until_the_rank_rejoins(model_dir: Path
         engine.close()
 
 
+def _until(engine: LLMEngine, done: object, what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"{what}: {_executor(engine).status()['events'][-8:]}"
+        engine.step()
+        time.sleep(0.02)
+
+
+def test_a_pause_that_began_during_a_rejoin_ends_once_the_active_ranks_can_cover(
+    engine: LLMEngine, reference: list[list[int]]
+) -> None:
+    """Issue 12's finding 1: rank 2's rejoin starts; while it loads ranks 1 and 0 die (one
+    survivor: paused). Rank 2 is switched in (two ranks: still too few slots), then dies while
+    the instance is paused (seen without a step), then 0 and 1 rejoin: serving resumes at the
+    switch-in after which the active ranks can hold every expert, and every output is exact."""
+    ex = _executor(engine)
+    reqs = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, PARAMS)]
+    for _ in range(3):
+        engine.step()
+    os.kill(ex.pids()[2], signal.SIGKILL)
+    _until(engine, lambda: ex.view.states[2] is RankState.FAILED, "rank 2 failed")
+    ex.rejoin(2)
+    os.kill(ex.pids()[1], signal.SIGKILL)
+    os.kill(ex.pids()[0], signal.SIGKILL)
+    _until(engine, lambda: ex.view.active_ranks == (3,), "ranks 0 and 1 failed")
+    assert engine.paused_reason is not None and ex.view.states[2] is RankState.JOINING
+    _until(engine, lambda: ex.view.states[2] is RankState.ACTIVE, "rank 2 switched in")
+    assert ex.view.active_ranks == (2, 3) and engine.paused_reason is not None  # 44 slots a layer, 64 experts
+    os.kill(ex.pids()[2], signal.SIGKILL)  # no step runs while paused: the boundary check must see it
+    _until(engine, lambda: ex.view.states[2] is RankState.FAILED, "rank 2 failed while paused", 10.0)
+    assert any(e.kind == "fault_seen" and e.rank == 2 and "while paused" in e.detail for e in ex.events)
+    _rejoin(engine, 0)
+    assert ex.view.active_ranks == (0, 3) and engine.paused_reason is not None
+    _rejoin(engine, 1)
+    assert ex.view.active_ranks == (0, 1, 3)
+    assert engine.paused_reason is None and ex.coverage()["none"] == 0  # 66 slots: every expert again
+    assert ex.repairs[-1].get("tier2_experts", 0) > 0  # copied at the switch-in
+    _until(engine, lambda: all(r.finished for r in reqs), "requests finished")
+    assert _outputs(reqs) == reference
+    _rejoin(engine, 2)
+    assert all(s is RankState.ACTIVE for s in ex.view.states)
+    assert _outputs(_run(engine, PROMPTS)) == reference
+
+
 def test_degraded_mode_masks_lost_experts_and_renormalises(model_dir: Path) -> None:
     """Opt-in: with too few slots, serve on with the lost experts masked; the router's remaining
     top-k weights are scaled back to their original total (checked numerically on a layer)."""

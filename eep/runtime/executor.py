@@ -13,10 +13,14 @@ Failure handling (fault_policy "repair", the default; see docs/failure-handling.
   `timeout_s` by its peers' reports. Nothing else changes the view.
 - decide: the failed ranks leave the view (epoch + 1), the new epoch is announced in the
   segment so every survivor blocked on the dead abandons the step at once; every survivor's
-  answer to the aborted step is drained and thrown away (nothing is committed).
-- repair (`plan_repair`, pure): tier 1 drops the dead slots from the tables; tier 2 copies
-  experts that lost every replica into free or reclaimed slots on survivors from the backup or
-  the disk; the new tables are switched on in place on every survivor.
+  answer to the aborted step is drained and thrown away (nothing is committed). Every view
+  change is committed at one point (`_commit`).
+- repair (`plan_coverage`, pure, after *every* view change: failure, drain, switch-in, a joiner
+  that failed): tier 1 drops the slots outside the view from the tables; tier 2 copies experts
+  that lost every replica into free or reclaimed slots on active ranks from the backup or the
+  disk; the new tables are switched on in place on every active rank. Coverage is judged from
+  the committed view alone, so an instance whose active ranks have room for every expert is
+  never left paused.
 - resume: `execute` raises `RanksFailed`; the engine re-admits the dead ranks' requests on
   survivors and runs the step again under the new epoch.
 - reintegrate: `rejoin(rank)` starts a new process for the rank, which loads its experts while
@@ -47,12 +51,15 @@ import torch
 from eep.config import EngineConfig, resolve_dtype
 from eep.dataplane.shm import ShmLayout, ShmSegment, sweep_orphans
 from eep.engine.worker import SeqWork
-from eep.errors import ConfigError, DataPlaneError, EepError, RankFailed, RanksFailed, StepRetry  # noqa: F401 (RankFailed re-exported)
+from eep.errors import (  # noqa: F401 (RankFailed re-exported)
+    ConfigError, DataPlaneError, EepError, MembershipError, RankFailed, RanksFailed, StepRetry,
+)
+from eep.membership.coverage import outside, pause_reason, plan_coverage
 from eep.membership.view import MembershipEvent, MembershipView, RankState
 from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
 from eep.placement.eplb import plan_placement
-from eep.placement.repair import RepairPlan, plan_rejoin, plan_repair
+from eep.placement.repair import RepairPlan, plan_rejoin
 from eep.placement.routing import Placement, check_tables_only, with_spare_slots
 from eep.placement.topology import Topology
 from eep.runtime.death_notice import DeathNotice
@@ -227,6 +234,7 @@ class EPExecutor:
         self._plans: dict[frozenset[int], tuple[Placement, torch.Tensor, RepairPlan]] = {}
         self._planner: threading.Thread | None = None
         self._plan_at_step: int | None = None  # when to start the planner (steps completed)
+        self._last_copies: dict[str, int] = {}  # what the last switch-in copied (tier2_experts, bytes_moved)
         self.last_step: list[StepResult] = []  # per active rank: the timings of the last step
         try:
             self._rendezvous = self._make_rendezvous(cfg, dtype)
@@ -359,6 +367,8 @@ class EPExecutor:
         has finished loading. Returns the ranks switched in."""
         if not self.ep.elastic:
             return ()
+        if self.paused_reason is not None:
+            self._check_while_paused()
         if self._pending_drain:
             self._drain_now()
         for rank in sorted(self._pending_rejoin):
@@ -378,6 +388,20 @@ class EPExecutor:
                 self._activate(rank)
                 switched.append(rank)
         return tuple(switched)
+
+    def _check_while_paused(self) -> None:
+        """While paused no step runs, and nothing else would notice an active rank that died or
+        stopped meanwhile: it would stay in the view and be switched against at the next change.
+        Look now (death notices, pidfds, heartbeats; no waiting) and fail what is gone."""
+        active = set(self.view.active_ranks)
+        dead = set()
+        for r, p, ready in self._ready(active, 0):
+            if p.exited(ready):
+                dead.add(r)
+                self._event("fault_seen", r, f"while paused: {_exit_reason(p)}")
+        dead |= self._silent(active - dead)
+        if dead:
+            self._handle_failure(frozenset(dead), [])
 
     def membership_pending(self) -> bool:
         """A rank is to be restarted, loading or to be drained: `at_step_boundary` has work to do."""
@@ -421,10 +445,7 @@ class EPExecutor:
             self._retries += 1
             if self._retries > _MAX_RETRIES:
                 raise DataPlaneError(f"the same step failed {self._retries} times without a rank failure: {retry}")
-            self.view = self.view.bump()
-            assert self._segment is not None
-            self._segment.announce_epoch(self.view.epoch)
-            self._event("step_aborted", None, retry)
+            self._commit(self.view.bump(), f"step aborted: {retry}")
             _, more = self._drain(unfinished)
             if more:
                 self._handle_failure(frozenset(more), [])
@@ -525,24 +546,35 @@ class EPExecutor:
 
     # -- failure -------------------------------------------------------------------------------
     def _handle_failure(self, failed: frozenset[int], in_step: list[int]) -> None:
-        """Commit a view without `failed`, abort the step on every survivor, repair coverage and
-        raise RanksFailed. A failure seen while this runs joins the same view change."""
+        """Commit a view without `failed`, abort the step on every survivor, fit coverage to the
+        new view and raise RanksFailed. A failure seen while this runs joins the same view change."""
         t0 = time.perf_counter()
         self._fault_time = self._fault_time or time.time()
         dead, all_dead = set(failed), set(failed)
         while dead:
-            self.view = self.view.fail(dead)
-            self._fence(dead)
-            self._event("view_committed", None, f"failed {sorted(dead)}; active {list(self.view.active_ranks)}")
+            self._commit_failure(dead)  # survivors blocked on the dead abandon the step now
             in_step = [r for r in in_step if r not in dead]
-            assert self._segment is not None
-            self._segment.announce_epoch(self.view.epoch)  # survivors blocked on the dead abandon the step now
             answered, more = self._drain(in_step)
             dead = more - all_dead
             all_dead |= dead
             in_step = [r for r in in_step if r not in dead and r not in answered]
-        self._repair(t0)
+        all_dead |= self._reconcile(t0)
         raise RanksFailed(frozenset(all_dead), self.view.epoch)
+
+    def _commit(self, view: MembershipView, what: str) -> None:
+        """The one point where a membership view is committed: the new view is recorded, and if
+        its epoch is new it is announced in the segment (every rank blocked in a step of an older
+        epoch abandons it at once), and the change is logged as a structured event."""
+        bumped = view.epoch != self.view.epoch
+        self.view = view
+        if bumped and self._segment is not None:
+            self._segment.announce_epoch(view.epoch)
+        self._event("view_committed", None, f"{what}; active {list(view.active_ranks)}")
+
+    def _commit_failure(self, ranks: set[int]) -> None:
+        """Commit the failure of `ranks` and cut their processes off."""
+        self._commit(self.view.fail(ranks), f"failed {sorted(ranks)}")
+        self._fence(ranks)
 
     def _fence(self, ranks: set[int]) -> None:
         """Cut the failed processes off: close their pipes (a stopped one finds it closed when
@@ -581,31 +613,36 @@ class EPExecutor:
             self._plan_at_step = self.steps + _PLAN_AFTER_STEPS
 
     def _plan_ahead(self) -> None:
-        """Plan, in a background thread, the repair after the failure of each active rank, from
-        the tables and weights in use now (plan_repair is pure: the plan made at the failure
+        """Plan, in a background thread, the coverage after the failure of each active rank, from
+        the tables and weights in use now (`plan_coverage` is pure: the plan made at the failure
         would be the same). A failure finds its plan ready (measured: 4 ms per plan alone, 15 ms
         inside a loaded server); the thread runs while the controller waits for the ranks, and a
         view change or table switch voids its plans."""
         self._plan_at_step = None
-        placement, held, active = self.placement, self.held.clone(), self.view.active_ranks
-        dead = frozenset(r for r in range(self.num_ranks) if r not in active)
+        placement, held, view = self.placement, self.held.clone(), self.view
         plans: dict[frozenset[int], tuple[Placement, torch.Tensor, RepairPlan]] = {}
         self._plans = plans
 
         def run() -> None:
-            for r in active:
+            for r in view.active_ranks:
                 if self._plans is not plans:  # superseded
                     return
-                plans[dead | {r}] = (placement, held, self._plan(placement, held, dead | {r}))
+                try:
+                    after = view.fail({r})
+                except MembershipError:  # the last active rank: nothing would be left to plan for
+                    continue
+                plans[outside(after)] = (placement, held, self._plan(after, placement, held))
 
         self._planner = threading.Thread(target=run, name="eep-repair-planner", daemon=True)
         self._planner.start()
 
-    def _plan(self, placement: Placement, held: torch.Tensor, dead: frozenset[int]) -> RepairPlan:
-        return plan_repair(
-            placement, held, self.num_ranks, dead, expert_bytes=self.expert_bytes, topology=self.ep.topology,
+    def _plan(self, view: MembershipView, placement: Placement, held: torch.Tensor,
+              joined: tuple[int, ...] = ()) -> RepairPlan:
+        return plan_coverage(
+            view, placement, held, expert_bytes=self.expert_bytes, topology=self.ep.topology,
             backup=torch.ones(placement.num_layers, placement.num_logical, dtype=torch.bool)
             if self._backup is not None else None,
+            joined=joined, target=self.target.physical_to_logical_map,
         )
 
     def _spread_ranks(self) -> None:
@@ -633,30 +670,36 @@ class EPExecutor:
             except OSError:  # exited meanwhile: the failure path sees it
                 pass
 
-    def _repair(self, t0: float) -> None:
-        """Plan and carry out the repair of the current view; a rank that fails meanwhile leaves
-        the view too and the repair is planned again from what is known to be held."""
+    def _reconcile(self, t0: float, joined: tuple[int, ...] = ()) -> set[int]:
+        """Fit coverage to the committed view; called after every view change, whatever was in
+        flight when it began (`plan_coverage` judges from the view alone). A rank that fails
+        meanwhile leaves the view, and coverage is planned again from what is known to be held.
+        Returns the ranks that failed meanwhile."""
+        failed: set[int] = set()
         while True:
             try:
-                self._repair_once(t0)
+                self._reconcile_once(t0, joined)
                 self._settle()
-                return
+                return failed
             except RankFailed as e:
-                self._event("fault_seen", e.rank, f"during repair: {e}")
-                self.view = self.view.fail({e.rank})
-                self._fence({e.rank})
-                assert self._segment is not None
-                self._segment.announce_epoch(self.view.epoch)
-                self._event("view_committed", None, f"failed [{e.rank}]; active {list(self.view.active_ranks)}")
+                self._event("fault_seen", e.rank, f"while coverage was repaired: {e}")
+                self._fault_time = self._fault_time or time.time()
+                self._commit_failure({e.rank})
+                failed.add(e.rank)
+                joined = tuple(r for r in joined if r in self.view.active_ranks)
 
-    def _repair_once(self, t0: float) -> None:
+    def _reconcile_once(self, t0: float, joined: tuple[int, ...]) -> None:
+        """Plan coverage for the committed view (or take the plan made ahead for it), carry it out
+        on every active rank, then commit tables, held weights and the pause state."""
         t_start = time.perf_counter()  # t0..t_start: the view committed, the survivors stopped
         active = self.view.active_ranks
-        dead_all = frozenset(r for r in range(self.num_ranks) if r not in active)
-        ready = self._plans.get(dead_all)
+        dead = outside(self.view)
+        ready = None if joined else self._plans.get(dead)
         cached = ready is not None and ready[0] is self.placement and torch.equal(ready[1], self.held)
-        self.held[:, [s for s in range(self.placement.num_physical) if s // self._per_rank in dead_all]] = -1
-        plan = ready[2] if cached else self._plan(self.placement, self.held, dead_all)  # type: ignore[index]
+        plan = ready[2] if cached else self._plan(self.view, self.placement, self.held, joined)  # type: ignore[index]
+        for r in joined:  # the joiners hold their slots of the target (they loaded them)
+            self.held[:, self._slots_of(r)] = self.target.physical_to_logical_map[:, self._slots_of(r)]
+        self.held[:, [s for s in range(self.placement.num_physical) if s // self._per_rank in dead]] = -1
         copies: dict[int, list[ExpertCopy]] = {}
         for t in plan.transfers:
             if t.source_kind == "peer":
@@ -668,11 +711,11 @@ class EPExecutor:
             for r in plan.tiers if r.tier == 1
         ]
         if copies:
-            # One message per survivor, one round trip in all (no step runs meanwhile): each
-            # switches to the interim tables (its targets unlisted: they never list a reclaimed
+            # One message per active rank, one round trip in all (no step runs meanwhile): each
+            # switches to the interim tables (the targets unlisted: they never list a reclaimed
             # slot), writes its copies, then switches to the new tables. The targets' content is
             # forgotten until their rank answers: a copy cut short leaves a slot with no known
-            # content, and the repair is planned again from what is known to be held.
+            # content, and coverage is planned again from what is known to be held.
             check_tables_only(self._held_placement(plan.interim), plan.interim)
             for rank_copies in copies.values():
                 for c in rank_copies:
@@ -685,14 +728,23 @@ class EPExecutor:
                     self.held[c.layer, c.slot] = c.expert
                     experts.append({"layer": c.layer, "expert": c.expert, "tier": 2, "source": c.source,
                                     "rank": rank, "seconds": sec})
-        else:
+        elif not torch.equal(plan.placement.physical_to_logical_map, self.placement.physical_to_logical_map):
             self._update_routing_on(active, plan.placement)
         self.placement = plan.placement
-        self.uncovered = plan.uncovered
+        self.held = plan.held_after.clone()
         t_done = time.perf_counter()
+        if joined or not (plan.tiers or plan.uncovered):  # a switch-in, or a change that touched no expert
+            self._last_copies = {"tier2_experts": len(plan.transfers), "bytes_moved": plan.bytes_moved}
+        else:
+            self._record_repair(plan, dead, cached, experts, (t0, t_start, t_plan, t_done))
+        self._commit_coverage(plan)
+
+    def _record_repair(self, plan: RepairPlan, dead: frozenset[int], cached: bool, experts: list[dict[str, object]],
+                       times: tuple[float, float, float, float]) -> None:
+        t0, t_start, t_plan, t_done = times
         tiers = {1: sum(r.tier == 1 for r in plan.tiers), 2: sum(r.tier == 2 for r in plan.tiers)}
         record = {
-            "epoch": self.view.epoch, "dead": sorted(dead_all), "tier1_experts": tiers[1], "tier2_experts": tiers[2],
+            "epoch": self.view.epoch, "dead": sorted(dead), "tier1_experts": tiers[1], "tier2_experts": tiers[2],
             "bytes_moved": plan.bytes_moved, "uncovered": len(plan.uncovered), "plan_ready": cached,
             "settle_s": t_start - t0,
             "plan_s": t_plan - t_start, "copy_s": t_done - t_plan, "total_s": t_done - t0,
@@ -705,17 +757,23 @@ class EPExecutor:
                     f"{(t_start - t0) * 1e3:.0f} ms, plan {(t_plan - t_start) * 1e3:.0f} ms"
                     f"{' (made ahead)' if cached else ''}, copies and tables "
                     f"{(t_done - t_plan) * 1e3:.0f} ms)")
-        if plan.uncovered and self.ep.on_uncoverable == "pause":
-            self.paused_reason = (f"{len(plan.uncovered)} (layer, expert) pairs have no live replica and the "
-                                  f"survivors have no slot left for them; waiting for a rank to rejoin")
-            self._event("paused", None, self.paused_reason)
-        elif plan.uncovered:
+
+    def _commit_coverage(self, plan: RepairPlan) -> None:
+        """Record what `plan` left uncovered and pause, degrade or resume accordingly."""
+        self.uncovered = plan.uncovered
+        reason = pause_reason(plan, self.ep.on_uncoverable)
+        if reason is not None and reason != self.paused_reason:
+            self._event("paused", None, reason)
+        elif reason is None and self.paused_reason is not None:
+            self._event("resumed", None, "full coverage" if not plan.uncovered else "degraded")
+        self.paused_reason = reason
+        if plan.uncovered and reason is None:
             logger.warning("DEGRADED: %d (layer, expert) pairs have no live replica; serving with them masked "
                            "and the remaining top-k weights renormalised", len(plan.uncovered))
             self._event("degraded", None, f"{len(plan.uncovered)} (layer, expert) pairs masked")
-        elif not plan.uncovered and self.paused_reason:
-            self.paused_reason = None
-            self._event("resumed", None, "full coverage")
+
+    def _slots_of(self, rank: int) -> slice:
+        return slice(rank * self._per_rank, (rank + 1) * self._per_rank)
 
     @property
     def _per_rank(self) -> int:
@@ -762,15 +820,13 @@ class EPExecutor:
         # in use (its own slots unlisted); the tables that list them are made when it is ready.
         _, held_after = plan_rejoin(self.placement, self.held, self.num_ranks, rank, self.target.physical_to_logical_map)
         p = self._spawn(rank, self.placement, held_after)
-        self.view = self.view.begin_join(rank, p.proc.pid)
+        self._commit(self.view.begin_join(rank, p.proc.pid), f"rank {rank} joining (pid {p.proc.pid})")
         self._event("rejoin_started", rank, f"pid {p.proc.pid}")
 
     def _drain_now(self) -> None:
         t0 = time.perf_counter()
         ranks, self._pending_drain = set(self._pending_drain), set()
-        self.view = self.view.fail(ranks)
-        assert self._segment is not None
-        self._segment.announce_epoch(self.view.epoch)
+        self._commit(self.view.fail(ranks), f"drained {sorted(ranks)}")
         for rank in sorted(ranks):
             p = self._procs[rank]
             self._procs[rank] = None
@@ -781,47 +837,34 @@ class EPExecutor:
                     pass
                 code = p.close(kill=False)
                 self._event("drained", rank, f"left the view; process exited with code {code}")
-        self._event("view_committed", None, f"drained {sorted(ranks)}; active {list(self.view.active_ranks)}")
-        self._repair(t0)
-        raise RanksFailed(frozenset(ranks), self.view.epoch)
+        failed = self._reconcile(t0)
+        raise RanksFailed(frozenset(ranks | failed), self.view.epoch)
 
     def _joiner_failed(self, rank: int, why: str) -> None:
-        self.view = self.view.fail({rank})
+        """A joiner died or refused while loading: it was never in a step, so the epoch stays; the
+        coverage of the view is judged again all the same (it cannot have grown worse)."""
         self._event("rejoin_failed", rank, why)
-        self._fence({rank})
+        self._commit_failure({rank})
+        failed = self._reconcile(time.perf_counter())
+        if failed:
+            raise RanksFailed(frozenset(failed), self.view.epoch)
 
     def _activate(self, rank: int) -> None:
         """Switch the ready joiner in at this step boundary: epoch + 1, tables listing its
-        slots written in place on every active rank (healthy ranks do nothing else)."""
+        slots written in place on every active rank (healthy ranks do nothing else). If
+        coverage is still incomplete and the active ranks now have room, the missing experts are
+        copied in the same round trip (into the joiner's spare slots first)."""
         t0 = time.perf_counter()
-        loaded = self.target.physical_to_logical_map  # the joiner loaded its slots of the target
-        placement, self.held = plan_rejoin(self.placement, self.held, self.num_ranks, rank, loaded)
-        self.view = self.view.activate(rank)
-        assert self._segment is not None
-        self._segment.announce_epoch(self.view.epoch)
-        try:
-            self._update_routing_on(self.view.active_ranks, placement)
-        except RankFailed as e:  # the joiner or a survivor died while switching: a failure like any other
-            self._event("fault_seen", e.rank, f"during reintegration: {e}")
-            self.view = self.view.fail({e.rank})
-            self._fence({e.rank})
-            self._segment.announce_epoch(self.view.epoch)
-            self._event("view_committed", None, f"failed [{e.rank}]; active {list(self.view.active_ranks)}")
-            self._repair(t0)
-            raise RanksFailed(frozenset({e.rank}), self.view.epoch) from None
-        self.placement = placement
-        self.uncovered = tuple(
-            (int(layer), int(expert)) for layer, expert in torch.nonzero(placement.logical_replica_count == 0).tolist()
-        )
-        self._settle()
+        self._commit(self.view.activate(rank), f"rank {rank} switched in")
+        failed = self._reconcile(t0, joined=(rank,))  # a death while switching is a failure like any other
+        if failed:
+            raise RanksFailed(frozenset(failed), self.view.epoch)
         pause = time.perf_counter() - t0
         warmup_s = self._procs[rank].warmup_s  # type: ignore[union-attr]
-        self.repairs.append({"epoch": self.view.epoch, "rejoined": rank, "pause_s": pause, "warmup_s": warmup_s})
+        self.repairs.append({"epoch": self.view.epoch, "rejoined": rank, "pause_s": pause, "warmup_s": warmup_s,
+                             **self._last_copies})
         self._event("rejoined", rank, f"warmed up in {warmup_s or 0:.3f} s alone; switched in, tables updated "
                                       f"in {pause * 1e3:.1f} ms")
-        if self.paused_reason and not self.uncovered:
-            self.paused_reason = None
-            self._event("resumed", None, "full coverage")
 
     # -- status --------------------------------------------------------------------------------
     def coverage(self) -> dict[str, int]:
