@@ -1,7 +1,8 @@
 """The `eep` command line: argparse at the edge, mapped onto the config dataclasses.
 
 This is the only module that reads argv or the environment (`EEP_CACHE_DIR`, `XDG_CACHE_HOME`
-for where the embedded default model lives, `XDG_RUNTIME_DIR` for `eep serve`'s socket).
+for where the embedded default model lives, `XDG_RUNTIME_DIR` for `eep serve`'s socket,
+`EEP_API_KEY` and `EEP_ADMIN_API_KEY` for its HTTP keys).
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             expert_backup=not args.no_expert_backup, cpu_affinity=not args.no_cpu_affinity,
         ),
         request_timeout_s=args.request_timeout,
-        http=args.http, api_key=args.api_key or os.environ.get("EEP_API_KEY"), served_model_name=args.served_model_name,
+        http=args.http, api_key=args.api_key or os.environ.get("EEP_API_KEY"),
+        admin_api_key=args.admin_api_key or os.environ.get("EEP_ADMIN_API_KEY"),
+        served_model_name=args.served_model_name,
     )
 
     def ready(status: dict[str, object]) -> None:
@@ -189,6 +192,11 @@ def _cmd_bench_failure(args: argparse.Namespace) -> int:
         if rounds:
             print(f"A/A steady-state ratio of two fixed-membership servers: {s['aa_ratio']:.3f} over "
                   f"{len(rounds)} rounds (single rounds {s['aa_round_min']:.3f}-{s['aa_round_max']:.3f})")
+        if s["steady_state_cpu_ratio"] is not None:
+            stdev = s["steady_state_cpu_ratio_stdev"]
+            print(f"A/A steady-state CPU ratio (CPU seconds per token, b / a): {s['steady_state_cpu_ratio']:.4f} "
+                  f"(single rounds {s['steady_state_cpu_ratio_min']:.4f}-{s['steady_state_cpu_ratio_max']:.4f}"
+                  f"{f', stdev {stdev:.4f}' if stdev is not None else ''}; {s['steady_state_cpu_source']})")
         else:
             print("A/A steady-state ratio: no round had work in common (slices too short?)")
         print(f"record: {args.json}")
@@ -198,6 +206,24 @@ def _cmd_bench_failure(args: argparse.Namespace) -> int:
     print(f"\nsummary: {json.dumps(result['summary'])}")
     print(f"record: {args.json}\npicture: {args.plot}")
     return 0
+
+
+def _cmd_bench_chaos(args: argparse.Namespace) -> int:
+    from eep.bench.chaos import run_chaos_bench, summary_line
+
+    json_path = Path(args.json)
+    result = run_chaos_bench(
+        _model_path(args), ep_size=args.ep_size, concurrency=args.concurrency, seconds=args.seconds, seed=args.seed,
+        failure_timeout_s=args.failure_timeout, prompt_len=args.prompt_len, output_len=args.output_len,
+        dtype=args.dtype, keep_log=json_path.with_suffix(".serve.log"),
+    )
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"summary: {summary_line(result)}")
+    print(f"record: {json_path}")
+    if result.get("server_log"):
+        print(f"the run shows a failure; the server's log: {result['server_log']}")
+    return 0  # the figures decide, not the exit code
 
 
 def _write_json(result: dict[str, object], path: str | None) -> None:
@@ -250,7 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ep-spare-slots", type=int, default=None,
                      help="empty expert slots per rank kept for repairs (default: enough for one rank's experts)")
     srv.add_argument("--http", metavar="HOST:PORT", help="also serve the OpenAI-compatible HTTP API (e.g. 127.0.0.1:8000)")
-    srv.add_argument("--api-key", help="every HTTP endpoint wants 'Authorization: Bearer KEY' (or set EEP_API_KEY)")
+    srv.add_argument("--api-key",
+                     help="every HTTP endpoint but /admin wants 'Authorization: Bearer KEY' (or set EEP_API_KEY)")
+    srv.add_argument("--admin-api-key", help="the /admin endpoints (rejoin, drain) want 'Authorization: Bearer KEY'; "
+                                             "without one they answer 403 (or set EEP_ADMIN_API_KEY)")
     srv.add_argument("--served-model-name", help="the model id of the HTTP API (default: the model folder's name)")
     srv.add_argument("--no-expert-backup", action="store_true", help="no host-memory expert copy (repairs read the disk)")
     srv.add_argument("--no-cpu-affinity", action="store_true",
@@ -324,19 +353,36 @@ def build_parser() -> argparse.ArgumentParser:
     fail.add_argument("--rejoin-after", type=float, default=3.0, help="seconds from the kill to the rejoin request")
     fail.add_argument("--tail", type=float, default=4.0, help="seconds of load after the rejoin request")
     fail.add_argument("--failure-timeout", type=float, default=1.0)
-    fail.add_argument("--systems", default="eep,restart,fixed", help="comma list of eep, restart, fixed")
+    fail.add_argument("--systems", default="eep,restart,fixed",
+                      help="comma list of eep, restart (shm), fixed and gloo-restart (the restart on gloo)")
     fail.add_argument("--steady-rounds", type=int, default=5,
-                      help="rounds of alternating eep / fixed slices for the steady-state ratio (0: none)")
+                      help="rounds of alternating eep / fixed slices for the steady-state ratios, wall-clock "
+                           "and CPU (0: none)")
     fail.add_argument("--steady-slice", type=float, default=2.5, help="seconds per slice")
     fail.add_argument("--seed", type=int, default=0)
     fail.add_argument("--calibrate", action="store_true",
                       help="instead of the experiment: the steady-state comparison between two identical "
                            "fixed-membership servers (A/A, --steady-rounds rounds), how far this machine "
-                           "resolves steady_state_ratio")
+                           "resolves steady_state_ratio and steady_state_cpu_ratio")
     fail.add_argument("--json", default=None,
                       help="the whole record (default: out/failure.json, with --calibrate out/calibration.json)")
     fail.add_argument("--plot", default="out/failure.png", help="the picture (default: %(default)s)")
     fail.set_defaults(func=_cmd_bench_failure)
+    chaos = bench_sub.add_parser(
+        "chaos", help="chaos soak over HTTP: seeded random kills, stops, drains and rejoins under load (JSON)"
+    )
+    _add_model_args(chaos)
+    chaos.add_argument("--ep-size", type=int, default=4)
+    chaos.add_argument("--concurrency", type=int, default=16, help="clients in the closed loop (1 in 4 not streaming)")
+    chaos.add_argument("--seconds", type=float, default=600.0, help="seconds of faults")
+    chaos.add_argument("--seed", type=int, default=7, help="seeds the fault schedule and the request trace")
+    chaos.add_argument("--failure-timeout", type=float, default=1.0)
+    chaos.add_argument("--prompt-len", type=int, default=32)
+    chaos.add_argument("--output-len", type=int, default=32, help="mean output length (uniform in 0.5x..1.5x)")
+    chaos.add_argument("--json", default="out/chaos.json",
+                       help="the whole record (default: %(default)s); the server's log of a failed run goes next "
+                            "to it (.serve.log)")
+    chaos.set_defaults(func=_cmd_bench_chaos)
     return parser
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from eep.errors import CheckpointCorrupt, CheckpointFileMissing
+from eep.errors import CheckpointCorrupt, CheckpointFileMissing, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,11 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # a str that is not Unicode text: JSON's "\ud800" decodes to a lone surrogate
+            # the request's own fault, not the engine's: raised as such, it fails only this request
+            raise RequestError("the prompt is not valid Unicode text (it holds a lone surrogate)") from None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -5,13 +5,26 @@ and return no wrong token; the speed targets live in the benchmark's figures, no
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from eep.bench.failure import BIN_S, _longest_gap, _normal_gap, _same_work_ratio, _time_to
+from eep.bench.failure import (
+    BIN_S,
+    SYSTEMS,
+    _cpu_at,
+    _descendants,
+    _longest_gap,
+    _normal_gap,
+    _process_cpu_s,
+    _same_work_cpu_ratio,
+    _same_work_ratio,
+    _stat_cpu_s,
+    _time_to,
+)
 from eep.model.default_model import init_model
 
 
@@ -44,6 +57,7 @@ def test_bench_failure_runs_three_systems_and_writes_record_and_picture(model_di
     assert done.returncode == 0, done.stderr[-4000:]
     assert not _processes_mentioning(str(model_dir)), "a server or rank outlived the bench"
     assert f"picture: {png}" in done.stdout and "steady-state ratio" in done.stdout
+    assert "steady-state CPU ratio" in done.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads(out.read_text())
 
@@ -58,10 +72,16 @@ def test_bench_failure_runs_three_systems_and_writes_record_and_picture(model_di
     assert 0 < summary["recovery_longest_gap_s"] < summary["full_restart_longest_gap_s"]
     assert summary["recovery_pause_s"] == pytest.approx(
         max(0.0, summary["recovery_longest_gap_s"] - summary["normal_gap_s"]))
-    assert summary["steady_state_ratio"] > 0 and set(result["targets_met"]) >= {"no_request_lost"}
+    assert summary["steady_state_ratio"] > 0 and summary["steady_state_cpu_ratio"] > 0
+    assert set(result["targets_met"]) >= {"no_request_lost", "steady_state_cpu_ratio_ge_0.99"}
     slices = result["steady_state"]["slices"]
     assert [s["server"] for s in slices] == ["eep", "fixed"] and all(s["tokens_per_s"] > 0 for s in slices)
+    # every slice counted the CPU of the server and both its ranks
+    assert all(s["processes"] == 3 and s["cpu_s"] > 0 for s in slices)
     assert result["steady_state"]["round_ratios"] == [pytest.approx(summary["steady_state_ratio"])]
+    assert result["steady_state"]["cpu_round_ratios"] == [pytest.approx(summary["steady_state_cpu_ratio"])]
+    # the full restart is the fixed-membership fast path restarted (shm), not the gloo engine
+    assert result["labels"]["restart"] == "full restart (shm)"
 
     eep, fixed, restart = (result["systems"][k] for k in ("eep", "fixed", "restart"))
     for run in (eep, fixed, restart):
@@ -90,7 +110,7 @@ def test_bench_failure_calibrate_compares_two_identical_servers(model_dir: Path,
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert not _processes_mentioning(str(model_dir)), "a server or rank outlived the bench"
-    assert "A/A steady-state ratio" in done.stdout
+    assert "A/A steady-state ratio" in done.stdout and "A/A steady-state CPU ratio" in done.stdout
     result = json.loads(out.read_text())
     steady, summary = result["steady_state"], result["summary"]
     assert [(s["server"], s["round"]) for s in steady["slices"]] == [("a", 0), ("b", 0), ("b", 1), ("a", 1)]
@@ -98,6 +118,11 @@ def test_bench_failure_calibrate_compares_two_identical_servers(model_dir: Path,
     # identical servers on identical work: the same order of magnitude, whatever the host's noise
     assert 0.5 < summary["aa_ratio"] < 2.0
     assert summary["aa_round_min"] <= summary["aa_ratio"] <= summary["aa_round_max"]
+    # the CPU seconds per token under the same key as the experiment's, with their spread
+    assert 0.5 < summary["steady_state_cpu_ratio"] < 2.0 and len(steady["cpu_round_ratios"]) == 2
+    assert (summary["steady_state_cpu_ratio_min"] <= summary["steady_state_cpu_ratio"]
+            <= summary["steady_state_cpu_ratio_max"])
+    assert summary["steady_state_cpu_source"] == "process_cpu_clock_ns"
 
 
 def test_longest_gap_counts_the_stretches_that_overlap_the_interval() -> None:
@@ -128,6 +153,48 @@ def test_same_work_ratio_times_both_servers_over_the_same_tokens() -> None:
     assert _same_work_ratio(a, stalled, 1.0) == pytest.approx(1.25)
     assert _same_work_ratio(a, [(0.5, 10)], 1.0) is None  # nothing in common after the start
     assert _same_work_ratio(a, [], 1.0) is None
+
+
+def test_same_work_cpu_ratio_counts_each_servers_cpu_over_the_same_tokens() -> None:
+    a = [(0.1 * i, 10) for i in range(1, 31)]  # the same tokens as above: a reaches 100..240 at 1.0..2.4 s
+    b = [(0.125 * i, 10) for i in range(1, 25)]  # b at 1.25..3.0 s
+    cpu_a = [(0.0, 0.0), (3.0, 6.0)]  # 2 CPU-seconds per second: 2.8 s over a's 1.4 s
+    cpu_b = [(0.0, 0.0), (1.25, 1.0), (3.0, 5.2)]  # 2.4 per second from 1.25 s: 4.2 s over b's 1.75 s
+    assert _same_work_cpu_ratio(a, b, 1.0, cpu_a, cpu_b) == pytest.approx(4.2 / 2.8)
+    assert _same_work_cpu_ratio(a, b, 1.0, cpu_a, None) is None  # a server without samples: no figure
+    assert _same_work_cpu_ratio(a, [], 1.0, cpu_a, cpu_b) is None
+    assert _cpu_at(cpu_b, 2.0) == pytest.approx(1.0 + 0.75 * 2.4)  # between samples: linear
+    assert _cpu_at(cpu_b, 9.0) == 5.2 and _cpu_at(cpu_b, -1.0) == 0.0  # outside: the nearest sample
+
+
+def test_process_cpu_clock_resolves_far_below_a_clock_tick() -> None:
+    """The CPU ratio's source: another process's CPU clock in ns, its exited threads counted;
+    /proc/PID/stat's utime + stime (the fallback) only move in 10 ms ticks."""
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import threading, time\n"
+        "def spin():\n    t = time.process_time()\n    while time.process_time() - t < 0.2: pass\n"
+        "th = threading.Thread(target=spin); th.start(); th.join()\n"  # this thread's CPU outlives it
+        "print('spun', flush=True); time.sleep(30)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "spun\n"
+        assert _descendants(os.getpid()).count(child.pid) == 1
+        first = _process_cpu_s(child.pid)
+        assert first >= 0.2  # the exited thread's 0.2 s included
+        assert abs(_stat_cpu_s(child.pid) - first) < 0.05
+        readings = {_process_cpu_s(child.pid) for _ in range(3)} | {first}
+        assert any(r * 100 % 1 > 1e-6 for r in readings)  # not whole ticks
+    finally:
+        child.kill()
+        child.wait(10)
+    with pytest.raises(OSError):
+        _process_cpu_s(child.pid)  # gone (reaped): a slice that sees this has no CPU figure
+
+
+def test_restart_systems_are_shm_by_default_and_gloo_by_name() -> None:
+    by_name = {s.name: s for s in SYSTEMS}
+    assert ("--ep-backend", "shm", "--fault-policy", "restart") == by_name["restart"].serve_args
+    assert ("--ep-backend", "gloo", "--fault-policy", "restart") == by_name["gloo-restart"].serve_args
+    assert by_name["fixed"].serve_args[:2] == by_name["restart"].serve_args[:2]  # the same data plane
 
 
 def test_time_to_finds_the_first_window_back_at_the_target_rate() -> None:

@@ -23,7 +23,7 @@ import torch
 from eep.config import EngineConfig
 from eep.engine.engine import LLMEngine
 from eep.engine.request import Request, RequestOutput
-from eep.engine.sampling import SamplingParams
+from eep.engine.sampling import SamplingParams, sample
 from eep.engine.scheduler import Scheduler
 from eep.errors import ConfigError, RequestError
 from eep.model.default_model import init_model
@@ -517,3 +517,19 @@ def test_more_requests_than_slots_all_finish_as_if_alone(model_dir: Path, engine
     assert sorted(finished) == sorted(r.request_id for r in reqs)  # each reported exactly once
     assert [r.output_ids for r in reqs] == alone
     assert all(r.slot is None for r in reqs) and sorted(eng.scheduler.free_slots) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(5e-324, 1.0), (1.0, 5e-324), (5e-324, 5e-324)])
+def test_a_temperature_or_top_p_float32_rounds_to_zero_samples_greedily(temperature: float, top_p: float) -> None:
+    """Found by schemathesis over HTTP: either made the sampler's distribution empty or NaN, the
+    step failed and the engine stopped for every client. Their limit is greedy."""
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(temperature=temperature, top_p=top_p, seed=1)] * 3
+    assert sample(logits, params, [1, 2, 3], [0, 0, 0]) == logits.argmax(-1).tolist()
+
+
+def test_a_lone_surrogate_in_a_text_prompt_fails_that_request_only(engine: LLMEngine) -> None:
+    """JSON's "\\ud800" reaches the engine as a lone surrogate; the tokenizer cannot encode it."""
+    with pytest.raises(RequestError, match="Unicode"):
+        engine.add_request("bad \ud800 text", SamplingParams(max_tokens=2))
+    assert engine.generate(["fine"], SamplingParams(max_tokens=2))[0].finish_reason

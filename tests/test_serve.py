@@ -181,6 +181,9 @@ def test_served_instance_survives_a_killed_rank_and_takes_it_back(
             assert [e["kind"] for e in status["membership"]["events"]][:3] == ["fault_seen", "view_committed", "repair"]
             with pytest.raises(RequestError, match="only a failed rank"):
                 client.rejoin(0)
+            for rank in (-1, 2):  # -1 would have named the last rank
+                with pytest.raises(RequestError, match="does not exist"):
+                    client.rejoin(rank)
             client.rejoin(1)
             deadline = time.monotonic() + 60
             while client.status()["membership"]["view"]["active"] != [0, 1]:  # switched in while idle
@@ -299,6 +302,8 @@ def test_engine_loop_after_a_rank_dies(model_dir: Path, reference: dict) -> None
         assert error is not None and error is loop.error and not loop.healthy
         later = loop.submit(PROMPTS[1], PARAMS[1]).exception(timeout=1)
         assert isinstance(later, EngineUnavailable) and "restart" in str(later)
+        # a call (status, membership change) too fails at once: the loop's thread is gone
+        assert isinstance(loop.call(lambda e: None).exception(timeout=1), EngineUnavailable)
     finally:
         loop.close(timeout_s=30)
     assert not any(_alive(p) for p in pids)

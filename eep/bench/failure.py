@@ -5,23 +5,25 @@ same model and rank count, started and stopped here:
 - `eep`: `--fault-policy repair` on the shm data plane (what eep is);
 - `fixed`: `--fault-policy none` on the same shm data plane, every elastic check and piece of
   bookkeeping off and no fault injected: the steady-state reference;
-- `restart`: `--fault-policy restart` on gloo: on a rank failure every rank is relaunched and
-  every weight reloaded, and the interrupted requests resume (what torchrun --max-restarts or
-  a Kubernetes restart gives).
+- `restart`: `--fault-policy restart` on the same shm data plane, i.e. the fixed path restarted:
+  on a rank failure every rank is relaunched and every weight reloaded, and the interrupted
+  requests resume (what torchrun --max-restarts or a Kubernetes restart gives);
+- `gloo-restart` (only when named in `systems`): the same restart on the gloo backend (the
+  baseline of earlier runs, 3-4x slower per step than shm here).
 The same request trace (request i: a seeded random token-id prompt and a seeded output length,
 greedy, EOS ignored) is driven through `POST /v1/completions` with `stream: true` by
 `concurrency` asynchronous clients in a closed loop, after an untimed warm-up. `fault_at_s`
-after the start rank `victim` is SIGKILLed (eep, restart); `rejoin_after_s` later eep is asked
-to take it back (`POST /admin/ranks/{victim}/rejoin`); the clients stop starting requests
-`tail_s` after that, or `tail_s` after the rank is back if that is later, and every request in
-flight is awaited. Every streamed chunk is recorded
+after the start rank `victim` is SIGKILLed (eep and the restarts); `rejoin_after_s` later eep
+is asked to take it back (`POST /admin/ranks/{victim}/rejoin`); the clients stop starting
+requests `tail_s` after that, or `tail_s` after the rank is back if that is later, and every
+request in flight is awaited. Every streamed chunk is recorded
 with its arrival time and token count, so the series is committed tokens per 100 ms as the
 clients saw them.
 
 The fixed server stays up (idle while another system is driven) for the whole run: before
 eep's timed run the two are driven in alternating slices of the same closed-loop load on the
-same requests (`steady_rounds` rounds, ABBA order), which is what `steady_state_ratio` compares;
-after the timed runs it serves the reference outputs.
+same requests (`steady_rounds` rounds, ABBA order), which is what `steady_state_ratio` and
+`steady_state_cpu_ratio` compare; after the timed runs it serves the reference outputs.
 
 Figures (per system, and eep's in `summary`):
 - `steady_state_ratio`: the median over the rounds of alternating slices of eep's speed over
@@ -31,9 +33,27 @@ Figures (per system, and eep's in `summary`):
   clock; tokens per fixed time would also count how far into the work each slice got, which
   swings by ±10% between identical slices here). The two slices of a round are back to back,
   so the host's drift mostly cancels, and one noisy round does not move the median. Without
-  slices, the timed runs' rates over [3 s, kill). `run_steady_calibration` (`eep bench failure
-  --calibrate`) runs the same comparison between two identical fixed servers: how far the
-  host lets it resolve a ratio (about ±2% at 40 rounds on the 2-core development machine);
+  slices (or if no round had work in common), the timed runs' rates over [3 s, kill).
+  `run_steady_calibration` (`eep bench failure --calibrate`) runs the same comparison between
+  two identical fixed servers: how far the host lets it resolve a ratio (about ±2% at 40
+  rounds on the 2-core development machine);
+- `steady_state_cpu_ratio`: the median over the same rounds of the fixed path's CPU seconds
+  over eep's on the same work (the token range of `steady_state_ratio`, each on its own clock),
+  i.e. CPU per committed token, fixed / eep. CPU seconds: user + system of the server process
+  and every process below it (its ranks), read every 5 ms through the slice from each
+  process's CPU-time clock (`clock_getcpuclockid`'s: nanoseconds, every thread, those that
+  exited included, a running one up to date) and interpolated to the moments the range began
+  and ended (`cpu_source` `process_cpu_clock_ns`). A kernel without such clocks falls back to
+  /proc/PID/stat's utime + stime (`proc_stat_ticks`): 10 ms ticks per process and reading, up
+  to ±1.5% of a window's ~3 CPU-seconds from quantisation alone. The same-work range and not
+  the whole slice: a whole slice would also count the ramp (the same prefill for both) over
+  different token counts, a bias toward the faster slice. Waiting for a core costs no CPU
+  time, so load on the host that only delays a server does not move this figure; load that
+  slows the work itself does (cache sharing, a hypervisor throttling a virtual CPU, which its
+  guest counts as running time: on the 2-core development VM under other jobs the same fixed
+  work took up to 70% more CPU time).
+  `steady_state_cpu_ratio_min`, `_max`, `_stdev`: the spread of the rounds (each in
+  `steady_state.cpu_round_ratios`; per slice, `cpu_s` and `tokens` are the whole slice's);
 - `normal_gap_s` (per system): how long the clients normally wait between two steps' tokens:
   the median, over the half-second windows of steady serving before the kill, of each window's
   longest stretch without a token arriving;
@@ -64,6 +84,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import selectors
 import shutil
 import signal
@@ -113,7 +134,11 @@ SYSTEMS = (
     System("eep", "eep (repair, shm)", ("--ep-backend", "shm", "--fault-policy", "repair"), kill=True, rejoin=True),
     System("fixed", "fixed membership (shm, no fault)", ("--ep-backend", "shm", "--fault-policy", "none"),
            kill=False, rejoin=False),
-    System("restart", "full restart (gloo)", ("--ep-backend", "gloo", "--fault-policy", "restart"),
+    # the fair baseline: the fixed-membership fast path above, restarted on a failure
+    System("restart", "full restart (shm)", ("--ep-backend", "shm", "--fault-policy", "restart"),
+           kill=True, rejoin=False),
+    # the same on gloo, a 3-4x slower engine: only when named in `systems`
+    System("gloo-restart", "full restart (gloo)", ("--ep-backend", "gloo", "--fault-policy", "restart"),
            kill=True, rejoin=False),
 )
 
@@ -260,6 +285,7 @@ def run_steady_calibration(
             "aa_ratio": statistics.median(ratios) if ratios else None,
             "aa_round_min": min(ratios, default=None), "aa_round_max": max(ratios, default=None),
             "aa_round_stdev": statistics.stdev(ratios) if len(ratios) > 1 else None,
+            **_cpu_summary(steady),
         },
         "steady_state": steady,
         "config": {"model_path": model_path, "ep_size": ep_size, "concurrency": concurrency,
@@ -280,11 +306,12 @@ class _Server:
         self.tmp = Path(tempfile.mkdtemp(prefix="eep-bench-"))
         self.log_path = self.tmp / "serve.log"
         self.model_name = Path(model_path).name
+        self.admin_key = secrets.token_hex(16)  # the /admin endpoints (rejoin) want it as a Bearer token
         self.cmd = [
             sys.executable, "-m", "eep", "serve", "--model-path", model_path, "--ep-size", str(ep_size),
             "--http", "127.0.0.1:0", "--socket", str(self.tmp / "eep.sock"), "--max-num-seqs", str(per_rank),
             "--max-model-len", str(trace.max_model_len), "--failure-timeout", str(failure_timeout_s),
-            "--dtype", dtype, *system.serve_args,
+            "--dtype", dtype, "--admin-api-key", self.admin_key, *system.serve_args,
         ]
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -352,6 +379,60 @@ class _Server:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+# -- CPU time ---------------------------------------------------------------------------------
+_CPU_SAMPLE_S = 0.005  # how often a slice reads its server's CPU clocks (~10 us a reading)
+
+
+def _process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) `pid` has used so far, all its threads, those that exited
+    included: the process's CPU-time clock (clock_getcpuclockid, exact to the nanosecond and up
+    to date for a thread running now). OSError once the process is gone."""
+    return time.clock_gettime_ns(((~pid) << 3) | 2) / 1e9  # CPUCLOCK_SCHED of the whole process
+
+
+def _stat_cpu_s(pid: int) -> float:
+    """The fallback: utime + stime of /proc/PID/stat, in clock ticks (10 ms)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_source(pid: int) -> tuple[str, Any]:
+    """The most precise reader of `pid`'s CPU time this host allows, and its name."""
+    try:
+        _process_cpu_s(pid)
+        return "process_cpu_clock_ns", _process_cpu_s
+    except OSError:  # no per-process CPU clocks (a sandboxed kernel): 10 ms ticks
+        return "proc_stat_ticks", _stat_cpu_s
+
+
+def _descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (the server and its ranks), from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_bytes().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    return sorted(found)
+
+
+def _cpu_at(samples: list[tuple[float, float]], t: float) -> float:
+    """The CPU seconds at time `t`, linearly between the (time, CPU seconds) samples around it."""
+    times = [s for s, _ in samples]
+    i = bisect.bisect_left(times, t)
+    if i == 0 or i == len(samples):
+        return samples[min(i, len(samples) - 1)][1]
+    (t0, c0), (t1, c1) = samples[i - 1], samples[i]
+    return c0 + (c1 - c0) * (t - t0) / (t1 - t0) if t1 > t0 else c1
 
 
 # -- the clients ------------------------------------------------------------------------------
@@ -424,7 +505,8 @@ async def _drive(server: _Server, system: System, trace: Trace, *, concurrency: 
                     os.kill(pids[victim], signal.SIGKILL)
                     logger.info("  t=%4.1f s  SIGKILL rank %d (pid %d)", times["kill"], victim, pids[victim])
                 if system.rejoin and "rejoin_requested" not in times and now >= fault_at_s + rejoin_after_s:
-                    resp = await client.post(f"/admin/ranks/{victim}/rejoin")
+                    resp = await client.post(f"/admin/ranks/{victim}/rejoin",
+                                             headers={"Authorization": f"Bearer {server.admin_key}"})
                     times["rejoin_requested"] = time.monotonic() - clock
                     logger.info("  t=%4.1f s  rejoin rank %d requested (HTTP %d)", times["rejoin_requested"],
                                 victim, resp.status_code)
@@ -433,6 +515,7 @@ async def _drive(server: _Server, system: System, trace: Trace, *, concurrency: 
                 if "rejoin_requested" in times and "rejoin_done" not in times and now >= next_poll:
                     next_poll = now + 0.25
                     view = (await client.get("/membership")).json()["view"]
+                    now = time.monotonic() - clock  # the GET can take over a second on a loaded host
                     if victim in view["active"]:  # switched in: serve `tail_s` more with it
                         times["rejoin_done"] = now
                         until["end"] = max(until["end"], now + tail_s)
@@ -474,19 +557,29 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
     runs would turn into a difference. The first third of a slice (at most 1 s: the loop ramping
     up) is not counted; at a slice's end the requests in flight are cancelled (the server aborts
     them). `round_ratios`: per round, the first server's speed over the second's on the same
-    work (`_same_work_ratio`)."""
+    work (`_same_work_ratio`). `cpu_round_ratios`: per round, the second server's CPU seconds
+    over the first's on that same work (`_same_work_cpu_ratio`), from each server's and its
+    ranks' CPU clocks read every `_CPU_SAMPLE_S` through the slice (`cpu_source` says which
+    clocks: `process_cpu_clock_ns`, exact, or the 10 ms ticks of /proc/PID/stat)."""
     ramp = min(1.0, slice_s / 3)
+    first = next(iter(servers.values())).proc
+    assert first is not None
+    cpu_source, cpu_of = _cpu_source(first.pid)
     for srv in servers.values():
         async with _client(srv, concurrency) as client:
             await _warm(client, srv, trace, concurrency)
     tokens = {name: 0 for name in servers}
     slices: list[dict[str, Any]] = []
     arrivals: dict[tuple[int, str], list[tuple[float, int]]] = {}
+    cpu: dict[tuple[int, str], list[tuple[float, float]] | None] = {}  # (time, CPU seconds) samples
     for k in range(rounds):
         for name in (list(servers) if k % 2 == 0 else list(reversed(servers))):
             srv = servers[name]
             records: list[_Record] = []
             counter = itertools.count(_STEADY_FIRST_INDEX + k * 100_000)  # the same requests for every server
+            assert srv.proc is not None
+            pids = _descendants(srv.proc.pid)  # the server and its ranks; none starts or ends in a slice
+            samples: list[tuple[float, float]] = []
             async with _client(srv, concurrency) as client:
                 clock = time.monotonic()
 
@@ -494,22 +587,47 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
                     while True:
                         await _complete(client, srv.model_name, trace, next(counter), clock, records)
 
+                def read_cpu() -> None:
+                    samples.append((time.monotonic() - clock, sum(cpu_of(p) for p in pids)))
+
+                async def meter() -> None:
+                    while True:
+                        read_cpu()
+                        await asyncio.sleep(_CPU_SAMPLE_S)
+
+                metering = asyncio.create_task(meter())
                 tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
                 await asyncio.sleep(slice_s)
+                metering.cancel()
+                try:
+                    read_cpu()  # at the slice's end, before the requests in flight are cancelled
+                except OSError:  # a process of the server ended within the slice: no CPU figure
+                    samples.clear()
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await metering
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
             arrivals[k, name] = sorted(c for r in records for c in r.chunks if c[0] <= slice_s)
+            cpu[k, name] = samples or None
             n = sum(c for t, c in arrivals[k, name] if ramp < t)
             tokens[name] += n
-            slices.append({"server": name, "round": k, "tokens_per_s": n / (slice_s - ramp)})
+            slices.append({"server": name, "round": k, "tokens_per_s": n / (slice_s - ramp),
+                           "tokens": sum(c for _, c in arrivals[k, name]), "processes": len(pids),
+                           "cpu_s": samples[-1][1] - samples[0][1] if samples else None,
+                           "cpu_samples": len(samples),  # the longest gap bounds the interpolation's error
+                           "cpu_sample_gap_max_s": max((b[0] - a[0] for a, b in zip(samples, samples[1:])),
+                                                       default=None)})
             logger.info("  steady slice %d/%d on %s: %.0f tok/s", len(slices), rounds * len(servers), name,
                         n / (slice_s - ramp))
     a, b = servers
     ratios = [_same_work_ratio(arrivals[k, a], arrivals[k, b], ramp) for k in range(rounds)]
+    cpu_ratios = [_same_work_cpu_ratio(arrivals[k, a], arrivals[k, b], ramp, cpu[k, a], cpu[k, b])
+                  for k in range(rounds)]
     seconds = rounds * (slice_s - ramp)
     return {"tokens_per_s": {name: n / seconds for name, n in tokens.items()},
             "round_ratios": [r for r in ratios if r is not None],
+            "cpu_round_ratios": [r for r in cpu_ratios if r is not None], "cpu_source": cpu_source,
             "slices": slices, "ramp_s": ramp, "slice_s": slice_s}
 
 
@@ -517,6 +635,31 @@ def _same_work_ratio(a: list[tuple[float, int]], b: list[tuple[float, int]], sta
     """`a`'s speed over `b`'s on the same work: from (arrival time, tokens) chunks of the same
     requests, b's time over a's time from the token count both had reached by `start` to the
     count both reached in all; None if that stretch is empty."""
+    span = _same_work_span(a, b, start)
+    if span is None:
+        return None
+    (a0, a1), (b0, b1) = span
+    return (b1 - b0) / (a1 - a0) if a1 > a0 else None
+
+
+def _same_work_cpu_ratio(a: list[tuple[float, int]], b: list[tuple[float, int]], start: float,
+                         cpu_a: list[tuple[float, float]] | None,
+                         cpu_b: list[tuple[float, float]] | None) -> float | None:
+    """`b`'s CPU seconds over `a`'s on the same work as `_same_work_ratio` (the same token range,
+    each on its own clock), from each one's (time, CPU seconds) samples; None if that stretch
+    is empty or a server has no samples."""
+    span = _same_work_span(a, b, start)
+    if span is None or not cpu_a or not cpu_b:
+        return None
+    (a0, a1), (b0, b1) = span
+    ca, cb = _cpu_at(cpu_a, a1) - _cpu_at(cpu_a, a0), _cpu_at(cpu_b, b1) - _cpu_at(cpu_b, b0)
+    return cb / ca if ca > 0 else None
+
+
+def _same_work_span(a: list[tuple[float, int]], b: list[tuple[float, int]],
+                    start: float) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """When `a`, and when `b`, reached the token count both had reached by `start` and the count
+    both reached in all: ((a's from, a's to), (b's from, b's to)); None if that range is empty."""
     def cumulative(chunks: list[tuple[float, int]]) -> tuple[list[float], list[int]]:
         return [t for t, _ in chunks], list(itertools.accumulate(n for _, n in chunks))
 
@@ -531,11 +674,10 @@ def _same_work_ratio(a: list[tuple[float, int]], b: list[tuple[float, int]], sta
     if hi <= lo:
         return None
 
-    def seconds(times: list[float], counts: list[int]) -> float:
-        return times[bisect.bisect_left(counts, hi)] - times[bisect.bisect_left(counts, lo)]
+    def span(times: list[float], counts: list[int]) -> tuple[float, float]:
+        return times[bisect.bisect_left(counts, lo)], times[bisect.bisect_left(counts, hi)]
 
-    sa, sb = seconds(ta, na), seconds(tb, nb)
-    return sb / sa if sa > 0 else None
+    return span(ta, na), span(tb, nb)
 
 
 async def _reference(server: _Server, trace: Trace, indices: list[int], concurrency: int) -> dict[int, list[int]]:
@@ -642,13 +784,16 @@ def _result(runs: dict[str, dict[str, Any]], steady: dict[str, Any] | None, trac
     eep, fixed, restart = runs.get("eep"), runs["fixed"], runs.get("restart")
     summary: dict[str, Any] = {}
     if eep is not None:
-        if steady is not None:  # the interleaved measurement; else the timed runs' own pre-fault rates
+        # the interleaved measurement; else (no slices, or no round with work in common: an
+        # overloaded host) the timed runs' own pre-fault rates
+        if steady is not None and steady["round_ratios"]:
             ratio = statistics.median(steady["round_ratios"])
         else:
             window = (_STEADY_FROM_S, eep["times"]["kill"])
             ratio = _rate(eep["tokens_per_bin"], *window) / _rate(fixed["tokens_per_bin"], *window)
         summary |= {
             "steady_state_ratio": ratio,
+            **(_cpu_summary(steady) if steady is not None else {}),
             "recovery_pause_s": eep["pause_after_kill_s"],
             "recovery_longest_gap_s": eep["longest_gap_after_kill_s"],
             "normal_gap_s": eep["normal_gap_s"],
@@ -672,12 +817,14 @@ def _result(runs: dict[str, dict[str, Any]], steady: dict[str, Any] | None, trac
     targets = {
         "recovery_pause_le_restart_over_50": ("restart_over_recovery", lambda v: v >= 50),
         "steady_state_ratio_ge_0.99": ("steady_state_ratio", lambda v: v >= 0.99),
+        "steady_state_cpu_ratio_ge_0.99": ("steady_state_cpu_ratio", lambda v: v >= 0.99),
         "no_request_lost": ("requests_lost", lambda v: v == 0),
         "no_output_differing": ("outputs_differing", lambda v: v == 0),
     }
     return {
         "summary": summary,
-        "targets_met": {name: check(summary[key]) for name, (key, check) in targets.items() if key in summary},
+        "targets_met": {name: check(summary[key]) for name, (key, check) in targets.items()
+                        if summary.get(key) is not None},
         "bin_s": BIN_S,
         "steady_state": steady,
         "systems": runs,
@@ -685,6 +832,15 @@ def _result(runs: dict[str, dict[str, Any]], steady: dict[str, Any] | None, trac
         "config": {**config, "max_model_len": trace.max_model_len},
         **_provenance(),
     }
+
+
+def _cpu_summary(steady: dict[str, Any]) -> dict[str, Any]:
+    """`steady_state_cpu_ratio` (the median of the rounds' CPU ratios) and their spread."""
+    r = steady["cpu_round_ratios"]
+    return {"steady_state_cpu_ratio": statistics.median(r) if r else None,
+            "steady_state_cpu_ratio_min": min(r, default=None), "steady_state_cpu_ratio_max": max(r, default=None),
+            "steady_state_cpu_ratio_stdev": statistics.stdev(r) if len(r) > 1 else None,
+            "steady_state_cpu_source": steady["cpu_source"]}
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -718,6 +874,9 @@ def summary_table(result: dict[str, Any]) -> str:
     if "steady_state_ratio" in s:
         rounds = f" (per round: {', '.join(f'{r:.3f}' for r in steady['round_ratios'])})" if steady else ""
         lines.append(f"steady-state ratio {s['steady_state_ratio']:.3f}{rounds}")
+    if s.get("steady_state_cpu_ratio") is not None:
+        lines.append(f"steady-state CPU ratio {s['steady_state_cpu_ratio']:.4f} (CPU seconds per token, fixed / eep; "
+                     f"per round: {', '.join(f'{r:.4f}' for r in steady['cpu_round_ratios'])})")
     met = result["targets_met"]
     lines.append("targets: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()))
     return "\n".join(lines)
@@ -730,7 +889,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"eep": "tab:blue", "fixed": "tab:gray", "restart": "tab:red"}
+    colors = {"eep": "tab:blue", "fixed": "tab:gray", "restart": "tab:red", "gloo-restart": "tab:orange"}
     smooth = int(round(_WINDOW_S / BIN_S))
     fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120)
     for name, run in result["systems"].items():

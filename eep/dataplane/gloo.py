@@ -1,9 +1,10 @@
 """The fixed-membership baseline transport: torch.distributed (gloo) all-to-all.
 
 A process group is created once at start and frozen: gloo cannot shrink a group or admit a
-new process, and a group that saw a failure must never be reused (DESIGN.md, "Facts measured
-here"). Every collective runs under the group's timeout, so a dead or stopped peer becomes a
-RuntimeError after at most `timeout_s` instead of the 30-minute default.
+new process, and a group that saw a failure must never be reused (a failure ends the instance,
+or with `--fault-policy restart` relaunches every rank). Every collective runs under the
+group's timeout, so a dead or stopped peer becomes a RuntimeError after at most `timeout_s`
+instead of the 30-minute default.
 """
 
 from __future__ import annotations

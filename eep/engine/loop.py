@@ -130,7 +130,8 @@ class EngineLoop:
         result or exception. Never blocks."""
         future: Future[Any] = Future()
         with self._cond:
-            unavailable = None if not self._closing else EngineUnavailable("the engine loop is closed")
+            # also after a failed step: the thread is gone, a queued call would wait forever
+            unavailable = self._unavailable()
             if unavailable is None:
                 self._calls.append(_Call(fn, future))
                 self._cond.notify()

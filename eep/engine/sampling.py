@@ -64,6 +64,10 @@ def _sample_row(logits: torch.Tensor, p: SamplingParams, seed: int, index: int) 
         sorted_probs, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
         drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
+        drop[0] = False  # also for a top_p that float32 rounds to 0 (5e-324), which would drop them all
         probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    if not bool(torch.isfinite(probs).all()):
+        # a temperature that float32 rounds to 0 (5e-324) makes the top logit 0/0: its limit is greedy
+        return int(logits.argmax())
     gen = torch.Generator().manual_seed((seed * _SEED_STRIDE + index) % (2**63))
     return int(torch.multinomial(probs, 1, generator=gen))

@@ -129,6 +129,7 @@ class _Proc:
     notice: DeathNotice | None = None  # readable `notice.fd` once the process died (< 1 ms)
     ready: bool = False
     warmup_s: float | None = None  # a replacement's isolated warm-up before it reported ready
+    started: float = field(default_factory=time.monotonic)
 
     @property
     def handles(self) -> list[object]:
@@ -384,6 +385,10 @@ class EPExecutor:
                 except (RankFailed, ConfigError) as e:
                     self._joiner_failed(rank, str(e))
                     continue
+            elif not p.ready and time.monotonic() - p.started > self.ep.start_timeout_s:
+                # a joiner that hangs (stopped, wedged on I/O) must not stay "joining" forever
+                self._joiner_failed(rank, f"not ready within {self.ep.start_timeout_s:g} s")
+                continue
             if p.ready:
                 self._activate(rank)
                 switched.append(rank)

@@ -61,7 +61,8 @@ class ServeConfig:
     shutdown_timeout_s: float = 30.0  # each stage of shutdown (engine loop, connection threads)
     poll_s: float = 0.5  # how often blocked server threads look for shutdown or a hung-up client
     http: str | None = None  # "HOST:PORT" of the OpenAI-compatible HTTP API (port 0: any free one)
-    api_key: str | None = None  # wanted by every HTTP endpoint as "Authorization: Bearer KEY"
+    api_key: str | None = None  # wanted by every HTTP endpoint but /admin as "Authorization: Bearer KEY"
+    admin_api_key: str | None = None  # wanted by the /admin endpoints instead (None: they answer 403)
     served_model_name: str | None = None  # the model id of the HTTP API (default: the model folder's name)
 
     def __post_init__(self) -> None:
@@ -69,6 +70,11 @@ class ServeConfig:
             host, _, port = self.http.rpartition(":")
             if not host or not port.isdigit() or int(port) > 65535:
                 raise ConfigError(f"--http must be HOST:PORT, got {self.http!r}")
+        for name in ("api_key", "admin_api_key"):
+            if getattr(self, name) == "":
+                raise ConfigError(f"{name} is empty: pass a key, or none")
+        if self.admin_api_key is not None and self.admin_api_key == self.api_key:
+            raise ConfigError("--admin-api-key must differ from --api-key: the API key must never open /admin")
         if not self.socket_path:
             raise ConfigError("the socket path is empty: pass --socket PATH")
         if len(os.fsencode(self.socket_path)) > _SUN_PATH_MAX:
@@ -125,6 +131,8 @@ def rejoin(loop: EngineLoop, rank: object) -> None:
     def start(e: LLMEngine) -> None:
         if not isinstance(e.executor, EPExecutor):
             raise RequestError("rejoin needs an expert-parallel instance (--ep-size > 1)")
+        if not 0 <= rank < e.executor.num_ranks:  # the executor would index its view with it (-1: the last)
+            raise RequestError(f"rank {rank} does not exist: this instance has ranks 0..{e.executor.num_ranks - 1}")
         try:
             e.executor.rejoin(rank)
         except ConfigError as err:
@@ -517,7 +525,8 @@ class _HttpServer:
         assert config.http is not None
         host, _, port = config.http.rpartition(":")
         name = config.served_model_name or Path(config.engine.model_path).name
-        app = create_app(loop, model_name=name, api_key=config.api_key)
+        app = create_app(loop, model_name=name, api_key=config.api_key, admin_api_key=config.admin_api_key,
+                         max_body_bytes=config.max_message_bytes)
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning",
                                                      lifespan="off", timeout_graceful_shutdown=5))
         self._thread = threading.Thread(target=self._server.run, name="eep-http", daemon=True)
