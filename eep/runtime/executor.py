@@ -469,7 +469,9 @@ class EPExecutor:
         results: dict[int, StepResult] = {}
         pending = set(ranks)
         hard_deadline = time.monotonic() + 2 * self.ep.timeout_s + 5.0
-        check_s = self.ep.failure_timeout_s / 4
+        # how often a heartbeat is looked at while waiting: a stopped rank is failed within
+        # failure_timeout_s + check_s of its last beat (each look is one read of the board)
+        check_s = self.ep.failure_timeout_s / 20
         retry = ""
         while pending and not failed and not retry:
             if time.monotonic() > hard_deadline:
