@@ -187,11 +187,11 @@ def test_the_repair_plan_is_made_ahead_and_is_the_plan_of_the_failure(
     ex._planner.join(30)
     ready = dict(ex._plans)
     assert set(ready) == {frozenset({r}) for r in range(4)}
-    placement, held = ex.placement, ex.held.clone()
+    placement, held, view = ex.placement, ex.held.clone(), ex.view
     reqs = _run(engine, PROMPTS, at_step=3, victims=(2,))
     assert _outputs(reqs) == reference
     assert ex.repairs[-1]["plan_ready"] is True and ex.repairs[-1]["dead"] == [2]
-    fresh = ex._plan(placement, held, frozenset({2}))  # what the failure would have planned
+    fresh = ex._plan(view.fail({2}), placement, held)  # what the failure would have planned
     made = ready[frozenset({2})][2]
     assert made.transfers == fresh.transfers and made.tiers == fresh.tiers
     assert torch.equal(made.placement.physical_to_logical_map, fresh.placement.physical_to_logical_map)
@@ -276,15 +276,15 @@ def test_kill_during_repair_and_during_reintegration(
     ex = _executor(engine)
     # a second rank dies while the copies of the first repair are being written
     second = {"victim": 3, "done": False}
-    repair_once = ex._repair_once
+    reconcile_once = ex._reconcile_once
 
-    def kill_then_repair(t0: float) -> None:
+    def kill_then_repair(t0: float, joined: tuple[int, ...]) -> None:
         if not second["done"]:
             second["done"] = True
             os.kill(ex.pids()[second["victim"]], signal.SIGKILL)
-        repair_once(t0)
+        reconcile_once(t0, joined)
 
-    monkeypatch.setattr(ex, "_repair_once", kill_then_repair)
+    monkeypatch.setattr(ex, "_reconcile_once", kill_then_repair)
     reqs = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, PARAMS)]
     for step in range(8):
         if step == 4:
