@@ -817,6 +817,8 @@ class EPExecutor:
         in at the first step boundary after it is ready (`at_step_boundary`)."""
         if not self.ep.elastic:
             raise ConfigError("rejoin needs fault_policy 'repair'")
+        if not 0 <= rank < self.num_ranks:  # -1 would index the last rank
+            raise ConfigError(f"rank {rank} does not exist: this instance has ranks 0..{self.num_ranks - 1}")
         if self.view.states[rank] is not RankState.FAILED:
             raise ConfigError(f"rank {rank} is {self.view.states[rank].value}: only a failed rank can rejoin")
         for p in [p for p in self._fenced if p.rank == rank]:  # the old process must be gone first
