@@ -308,10 +308,12 @@ class EPExecutor:
             if p.notice is not None:  # it holds the mutex since before it said ready
                 p.notice.watch(rank)
 
-    def _gather(self, ranks: list[int], kind: str, timeout_s: float) -> dict[int, object]:
+    def _gather(self, ranks: list[int], kind: str, timeout_s: float, heartbeats: bool = False) -> dict[int, object]:
         """One reply of `kind` from each of `ranks`, outside a step. A rank that exits, closes
         its pipe, answers out of turn or not within `timeout_s` raises RankFailed, but only
-        after every other rank's reply was read, so that no stale reply is left in a pipe."""
+        after every other rank's reply was read, so that no stale reply is left in a pipe. With
+        `heartbeats`, a rank whose heartbeat is silent for failure_timeout_s fails too (a
+        stopped rank must not hold a switch-in or a repair for timeout_s)."""
         replies: dict[int, object] = {}
         failures: list[RankFailed] = []
         refused: list[str] = []
@@ -322,7 +324,8 @@ class EPExecutor:
             if left <= 0:
                 failures += [RankFailed(r, f"no {kind!r} reply within {timeout_s:.1f} s") for r in sorted(pending)]
                 break
-            for r, p, ready in self._ready(pending, left):
+            wait_s = min(left, self.ep.failure_timeout_s / 20) if heartbeats else left
+            for r, p, ready in self._ready(pending, wait_s):
                 if p.conn in ready:
                     pending.discard(r)
                     try:
@@ -339,6 +342,10 @@ class EPExecutor:
                 elif p.exited(ready):
                     pending.discard(r)
                     failures.append(RankFailed(r, _exit_reason(p)))
+            if heartbeats:
+                for r in sorted(self._silent(pending)):
+                    pending.discard(r)
+                    failures.append(RankFailed(r, f"no heartbeat for {self.ep.failure_timeout_s:g} s"))
         if failures:
             raise failures[0]
         if refused:
@@ -797,7 +804,7 @@ class EPExecutor:
                 sent.append(r)
             except OSError as e:
                 broken.append(RankFailed(r, f"its pipe is closed ({e.__class__.__name__})"))
-        replies = self._gather(sent, reply, self.ep.timeout_s)  # read every reply before raising
+        replies = self._gather(sent, reply, self.ep.timeout_s, heartbeats=self._board is not None)  # every reply read
         if broken:
             raise broken[0]
         return replies
