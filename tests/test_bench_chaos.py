@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from eep.bench.chaos import _Chaos, gap_within, normal_gap, run_chaos_bench, stuck_stretch
+from eep.bench.chaos import _Chaos, gap_within, normal_gap, run_chaos_bench, stuck_stretch, view_timeline
 from eep.cli import build_parser
 from eep.model.default_model import init_model
 
@@ -74,6 +74,19 @@ def test_stuck_stretch_counts_only_pending_all_active_stretches_without_tokens()
     assert stuck_stretch([(0.0, False)], pending, arrivals, end=20.0)[0] == 0.0
     # a view that never comes back with no token: stuck to the end of the pending work
     assert stuck_stretch([(0.0, True)], [(2.0, 30.0)], [], end=40.0) == (28.0, 2.0, 30.0)
+
+
+def test_the_view_timeline_is_the_servers_commits_after_the_first_poll() -> None:
+    polls = [(0.5, True), (1.6, False), (2.7, True)]
+    events = [
+        {"t": 0.2, "kind": "view_committed", "detail": "start; active [0, 1, 2]"},  # before the first poll
+        {"t": 1.5, "kind": "view_committed", "detail": "failed [1]; active [0, 2]"},
+        {"t": 1.55, "kind": "paused", "detail": "no slot left; active [0]"},  # not a view
+        {"t": 2.6, "kind": "view_committed", "detail": "rank 1 switched in; active [0, 1, 2]"},
+        {"t": 3.0, "kind": "view_committed", "detail": "failed [0, 1, 2]; active []"},
+    ]
+    assert view_timeline(polls, events, 3) == [(0.5, True), (1.5, False), (2.6, True), (3.0, False)]
+    assert view_timeline(polls, [], 3) == polls  # no events: the polls
 
 
 def test_gap_within_is_clipped_to_the_action_window() -> None:

@@ -135,8 +135,8 @@ def _record_steps(engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> list[tu
     steps: list[tuple[int, int]] = []
     schedule = engine.scheduler.schedule
 
-    def recording(admit: bool = True):  # type: ignore[no-untyped-def]
-        plan = schedule(admit)
+    def recording(admit: bool = True, others_decode: bool = False):  # type: ignore[no-untyped-def]
+        plan = schedule(admit, others_decode)
         steps.append((sum(s.q_len for s in plan), len(engine.scheduler.waiting)))
         return plan
 
@@ -210,6 +210,25 @@ def test_prefill_is_chunked_only_while_others_decode_and_a_replay_admits_nothing
         a.output_ids.append(5)
         b.num_computed += plan[1].q_len
     assert chunks == [8, 8, 4]
+
+
+def test_a_rank_that_decodes_nothing_chunks_while_another_rank_decodes() -> None:
+    """The ranks of one step run in lock step: a rank just switched in and handed a queue of
+    waiting requests (it decodes nothing itself) must not prefill them all in one step while
+    another rank's streams wait for it; with no rank decoding it prefills at once."""
+    busy, fresh = (Scheduler(num_slots=4, max_batched_tokens=64, max_prefill_tokens=8) for _ in range(2))
+    a = Request("a", list(range(3, 13)), SamplingParams(), 0)
+    busy.add(a)
+    busy.schedule()
+    a.num_computed, a.output_ids = 10, [5]
+    for i in range(3):
+        fresh.add(Request(f"w{i}", list(range(3, 23)), SamplingParams(), 0))
+    assert busy.decoding() and not fresh.decoding()
+    assert sum(x.q_len for x in fresh.schedule(others_decode=True)) == 8
+    idle = Scheduler(num_slots=4, max_batched_tokens=64, max_prefill_tokens=8)
+    for i in range(3):
+        idle.add(Request(f"v{i}", list(range(3, 23)), SamplingParams(), 0))
+    assert sum(x.q_len for x in idle.schedule(others_decode=False)) == 60
 
 
 @pytest.mark.parametrize("prompt_len", [33, 100])  # 33 = 2 chunks of 16 + a 1-token chunk

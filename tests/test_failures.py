@@ -147,9 +147,10 @@ def test_the_step_after_a_failure_replays_only_the_survivors_work(
     ex = _executor(engine)
     plans: list[tuple[int, int, list[tuple[Request, int]], list[Request]]] = []
     for rank, scheduler in enumerate(engine.schedulers):
-        def recording(admit: bool = True, _s=scheduler, _r=rank, _orig=scheduler.schedule):  # type: ignore[no-untyped-def]
+        def recording(admit: bool = True, others_decode: bool = False, _s=scheduler, _r=rank,  # type: ignore[no-untyped-def]
+                      _orig=scheduler.schedule):
             running = list(_s.running)
-            plan = _orig(admit)
+            plan = _orig(admit, others_decode)
             plans.append((ex.view.epoch, _r, [(x.request, x.q_len) for x in plan], running))
             return plan
         monkeypatch.setattr(scheduler, "schedule", recording)

@@ -62,13 +62,17 @@ Figures (`summary`):
   for the same trace index (greedy outputs are bitwise independent of batch and placement);
 - `stuck_s`: the longest stretch, from the soak's start on, during which work was pending (a
   streaming request in flight: a whole completion shows its tokens only at its end), every
-  rank was `active` in the polled view (state as of the latest poll) and no token arrived at
-  any client. A stopped rank counts as active until the server fails it (failure timeout + a
-  quarter), so a healthy server reads up to about that; a pause with every rank back is a bug;
+  rank was `active` in the server's committed view (from its `view_committed` events, which
+  carry the commit time; the polled view if there are none) and no token arrived at any
+  client. A stopped rank counts as active until the server fails it, failure timeout after
+  its last heartbeat, which may come up to a step after the last token: a healthy server
+  reads below the failure timeout + one step; a pause with every rank back is a bug;
 - `normal_gap_s`: what such a stretch normally is, for scale: the median, over the 1 s windows
   inside those same stretches (work pending, every rank active), of each window's longest
   stretch without a token (a step's time as the clients see it; a host whose cores are taken
   by others shows it here first);
+- `stuck_bound_s`: the failure timeout + `normal_gap_s` (one step), and `stuck_within_bound`:
+  `stuck_s` is below it;
 - `pause_s` (per action) and `max_pause_s`: the longest stretch without any token arriving at
   any client from the action's time until the next action's (the last: until the clients
   stop starting requests);
@@ -870,6 +874,25 @@ def eligible(samples: list[tuple[float, bool]], pending: list[tuple[float, float
     return _intersect(active, _union(pending))
 
 
+_ACTIVE_IN_DETAIL = re.compile(r"active \[([0-9, ]*)\]$")
+
+
+def view_timeline(samples: list[tuple[float, bool]], events: list[dict[str, Any]],
+                  num_ranks: int) -> list[tuple[float, bool]]:
+    """(time, every rank active) at each view the server committed, from its own
+    `view_committed` events (exact times; a poll sees a change up to a poll period late), after
+    the first poll's state; the polled `samples` themselves if the events name no view."""
+    views = []
+    for e in events:
+        m = _ACTIVE_IN_DETAIL.search(str(e.get("detail", ""))) if e.get("kind") == "view_committed" else None
+        if m is not None:
+            views.append((float(e["t"]), len([x for x in m.group(1).split(",") if x.strip()]) == num_ranks))
+    if not views or not samples:
+        return samples
+    first = samples[0]
+    return [first, *sorted(v for v in views if v[0] > first[0])]
+
+
 def stuck_stretch(samples: list[tuple[float, bool]], pending: list[tuple[float, float]], arrivals: list[float],
                   end: float) -> tuple[float, float, float]:
     """(length, start, stop) of the longest stretch within `eligible(samples, pending, end)` in
@@ -936,8 +959,10 @@ def _result(chaos: _Chaos, reference: dict[int, list[int]], reference_error: str
     # from the point every client was served on (the ramp's prefills commit no token for steps)
     steady = chaos.times.get("steady", 0.0)
     pending = [(max(a, steady), b) for a, b in pending]
-    stuck, stuck_from, stuck_to = stuck_stretch(chaos.samples, pending, arrivals, load_end)
-    normal = normal_gap(arrivals, eligible(chaos.samples, pending, load_end))
+    views = view_timeline(chaos.samples, chaos.events, config["ep_size"])
+    stuck, stuck_from, stuck_to = stuck_stretch(views, pending, arrivals, load_end)
+    normal = normal_gap(arrivals, eligible(views, pending, load_end))
+    bound = None if normal is None else chaos.failure_timeout_s + normal
     actions = sorted(chaos.actions, key=lambda a: a["t"])
     for a, nxt in zip(actions, [a["t"] for a in actions[1:]] + [load_stop]):
         a["pause_s"] = round(gap_within(arrivals, a["t"], max(nxt, a["t"])), 4)
@@ -959,6 +984,8 @@ def _result(chaos: _Chaos, reference: dict[int, list[int]], reference_error: str
         "outputs_differing": len(differing) if reference_error is None else None,
         "stuck_s": round(stuck, 4),
         "normal_gap_s": None if normal is None else round(normal, 4),
+        "stuck_bound_s": None if bound is None else round(bound, 4),
+        "stuck_within_bound": None if bound is None else stuck < bound,
         "max_pause_s": max((a["pause_s"] for a in actions), default=0.0),
         "actions": len(actions),
         "healthy_at_end": chaos.healthy_at_end,

@@ -192,9 +192,10 @@ class LLMEngine:
         # not for the re-prefill of the failed ranks' requests, which starts at the next step
         # (in chunks of max_prefill_tokens).
         admit, self._replay = not self._replay, False
-        plans = [s.schedule(admit) if r in active else [] for r, s in enumerate(self.schedulers)]
+        decoding = any(self.schedulers[r].decoding() for r in active)  # then every rank chunks its prefill
+        plans = [s.schedule(admit, decoding) if r in active else [] for r, s in enumerate(self.schedulers)]
         if not any(plans) and not admit:  # the survivors had nothing running: admit at once
-            plans = [s.schedule() if r in active else [] for r, s in enumerate(self.schedulers)]
+            plans = [s.schedule(True, decoding) if r in active else [] for r, s in enumerate(self.schedulers)]
         if not any(plans):
             return []
         try:

@@ -6,7 +6,10 @@ while KV slots and the step's token budget last. In a step that decodes, prefill
 together take at most `max_prefill_tokens` (chunked prefill, as SGLang's
 `--chunked-prefill-size`): a long prompt, or the requests of a failed rank re-admitted here
 with their whole history to prefill again, never stall the running streams for more than a
-short chunk per step. A request leaves the step plan only by finishing, which frees its slot
+short chunk per step. A step runs on every rank in lock step (the experts' all-to-all), so a
+rank that decodes nothing itself still chunks while any other rank decodes (`others_decode`):
+a rank just switched in, handed a queue of waiting requests, would otherwise prefill them all
+in one step that every rank's streams wait for. A request leaves the step plan only by finishing, which frees its slot
 for the next waiting request at the next step. CPU bookkeeping only: nothing here touches
 tensors.
 """
@@ -45,8 +48,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, admit: bool = True) -> list[ScheduledSeq]:
-        """The next step's plan; `admit=False` takes no waiting request in (a replayed step)."""
+    def decoding(self) -> bool:
+        """Some running request decodes in the next step (its whole history is cached)."""
+        return any(r.num_tokens - r.num_computed == 1 for r in self.running)
+
+    def schedule(self, admit: bool = True, others_decode: bool = False) -> list[ScheduledSeq]:
+        """The next step's plan; `admit=False` takes no waiting request in (a replayed step);
+        `others_decode`: another rank of the same step decodes (prefill is chunked here too)."""
         budget = self.max_batched_tokens
         plan: list[ScheduledSeq] = []
         # Decodes first (one token each, in slot order so attention reads the cache as a view),
@@ -56,7 +64,7 @@ class Scheduler:
         for req in decodes:
             plan.append(ScheduledSeq(req, 1))
         budget -= len(decodes)
-        if decodes:
+        if decodes or others_decode:
             budget = min(budget, self.max_prefill_tokens)
         for req in (r for r in running if r.num_tokens - r.num_computed > 1):
             q_len = min(req.num_tokens - req.num_computed, budget)

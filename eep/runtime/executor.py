@@ -324,7 +324,7 @@ class EPExecutor:
             if left <= 0:
                 failures += [RankFailed(r, f"no {kind!r} reply within {timeout_s:.1f} s") for r in sorted(pending)]
                 break
-            wait_s = min(left, self.ep.failure_timeout_s / 20) if heartbeats else left
+            wait_s = min(left, self._look_s(pending)) if heartbeats else left
             for r, p, ready in self._ready(pending, wait_s):
                 if p.conn in ready:
                     pending.discard(r)
@@ -476,9 +476,6 @@ class EPExecutor:
         results: dict[int, StepResult] = {}
         pending = set(ranks)
         hard_deadline = time.monotonic() + 2 * self.ep.timeout_s + 5.0
-        # how often a heartbeat is looked at while waiting: a stopped rank is failed within
-        # failure_timeout_s + check_s of its last beat (each look is one read of the board)
-        check_s = self.ep.failure_timeout_s / 20
         retry = ""
         while pending and not failed and not retry:
             if time.monotonic() > hard_deadline:
@@ -487,7 +484,7 @@ class EPExecutor:
                     raise RankFailed(r, f"no step reply within {2 * self.ep.timeout_s + 5.0:.1f} s")
                 failed.add(r)
                 break
-            for r, p, ready in self._ready(pending, check_s):
+            for r, p, ready in self._ready(pending, self._look_s(pending)):
                 if p.conn in ready:
                     try:
                         got, payload = recv(p.conn)
@@ -520,6 +517,17 @@ class EPExecutor:
             if self.ep.elastic and not failed:
                 failed |= self._silent(pending)
         return results, failed, retry
+
+    def _look_s(self, ranks: set[int]) -> float:
+        """How long to wait for messages before the heartbeats of `ranks` are looked at again:
+        failure_timeout_s / 20, or until the oldest beat turns failure_timeout_s old if that is
+        sooner, so a stopped rank is failed right at failure_timeout_s after its last beat
+        (each look is one read of the board)."""
+        check_s = self.ep.failure_timeout_s / 20
+        if self._board is None or not ranks:
+            return check_s
+        due_s = self.ep.failure_timeout_s - max(self._board.age_s(r) for r in ranks)
+        return max(0.001, min(check_s, due_s + 0.001))
 
     def _silent(self, ranks: set[int]) -> set[int]:
         """Ranks whose heartbeat has been silent for failure_timeout_s (stopped, hung)."""
