@@ -199,6 +199,10 @@ def _cmd_bench_failure(args: argparse.Namespace) -> int:
                   f"{f', stdev {stdev:.4f}' if stdev is not None else ''}; {s['steady_state_cpu_source']})")
         else:
             print("A/A steady-state ratio: no round had work in common (slices too short?)")
+        if s["steady_state_bookkeeping_ratio"] is not None:
+            print(f"A/A steady-state bookkeeping ratio (share of CPU time serving tokens, a / b): "
+                  f"{s['steady_state_bookkeeping_ratio']:.5f} (single rounds {s['steady_state_bookkeeping_ratio_min']:.5f}"
+                  f"-{s['steady_state_bookkeeping_ratio_max']:.5f})")
         print(f"record: {args.json}")
         return 0
     plot(result, args.plot)

@@ -80,6 +80,12 @@ def test_bench_failure_runs_three_systems_and_writes_record_and_picture(model_di
     assert all(s["processes"] == 3 and s["cpu_s"] > 0 for s in slices)
     assert result["steady_state"]["round_ratios"] == [pytest.approx(summary["steady_state_ratio"])]
     assert result["steady_state"]["cpu_round_ratios"] == [pytest.approx(summary["steady_state_cpu_ratio"])]
+    # eep's own ledger: some bookkeeping, a small share of all its CPU time; none in the fixed path
+    eep_books, fixed_books = (sl["ledger"] for sl in slices)
+    assert 0 < eep_books["bookkeeping_cpu_s"] < 0.05 * eep_books["cpu_s"] and eep_books["by"]["rank_heartbeats"] > 0
+    assert fixed_books["bookkeeping_cpu_s"] == 0 and fixed_books["cpu_s"] > 0
+    assert 0.95 < summary["steady_state_bookkeeping_ratio"] < 1.0
+    assert "steady-state bookkeeping ratio" in done.stdout
     # the full restart is the fixed-membership fast path restarted (shm), not the gloo engine
     assert result["labels"]["restart"] == "full restart (shm)"
 
@@ -123,6 +129,8 @@ def test_bench_failure_calibrate_compares_two_identical_servers(model_dir: Path,
     assert (summary["steady_state_cpu_ratio_min"] <= summary["steady_state_cpu_ratio"]
             <= summary["steady_state_cpu_ratio_max"])
     assert summary["steady_state_cpu_source"] == "process_cpu_clock_ns"
+    # two fixed servers keep no bookkeeping: their served shares are both 1
+    assert summary["steady_state_bookkeeping_ratio"] == 1.0 and "A/A steady-state bookkeeping ratio" in done.stdout
 
 
 def test_longest_gap_counts_the_stretches_that_overlap_the_interval() -> None:

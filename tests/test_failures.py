@@ -198,6 +198,27 @@ def test_the_repair_plan_is_made_ahead_and_is_the_plan_of_the_failure(
     assert torch.equal(made.placement.physical_to_logical_map, fresh.placement.physical_to_logical_map)
 
 
+def test_the_ledger_charges_elastic_bookkeeping_against_all_the_work(
+    engine: LLMEngine, reference: list[list[int]]
+) -> None:
+    """While nothing fails the elastic instance's extra work is on its ledger (ranks' heartbeat
+    threads, the controller's heartbeat looks and step boundaries, the plan made ahead), a
+    small share of the CPU time of the controller and every rank."""
+    ex = _executor(engine)
+    before = ex.status()["accounting"]
+    for _ in range(5):  # until the plans are made ahead (a number of steps after the last view change)
+        assert _outputs(_run(engine, PROMPTS)) == reference
+        if ex._planner is not None:
+            break
+    assert ex._planner is not None
+    ex._planner.join(10)  # the plans are charged when made
+    after = ex.status()["accounting"]
+    books = {k: v - before["bookkeeping_cpu_s"][k] for k, v in after["bookkeeping_cpu_s"].items()}  # type: ignore[index]
+    cpu = after["cpu_s"] - before["cpu_s"]  # type: ignore[index]
+    assert all(v > 0 for v in books.values()), books
+    assert cpu > 0 and sum(books.values()) < 0.1 * cpu, (books, cpu)
+
+
 def test_two_ranks_killed_at_once(model_dir: Path, reference: list[list[int]]) -> None:
     """Two deaths in one step, one view change; spare slots for both ranks' experts."""
     engine = _instance(model_dir, num_spare_slots=16)

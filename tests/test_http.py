@@ -231,10 +231,14 @@ def test_metrics_parse_and_count_tokens(server: Http) -> None:
     families = {f.name for f in text_string_to_metric_families(text)}
     for name in ("eep_generated_tokens", "eep_running_requests", "eep_queued_requests", "eep_step_seconds",
                  "eep_membership_epoch", "eep_active_ranks", "eep_repaired_experts", "eep_recovery_pause_seconds",
-                 "eep_rejoin_pause_seconds"):
+                 "eep_rejoin_pause_seconds", "eep_bookkeeping_cpu_seconds", "eep_cpu_seconds"):
         assert name in families, name
     after = _samples(text)
     assert after["eep_generated_tokens_total"] >= before.get("eep_generated_tokens_total", 0) + 5
+    assert after["eep_cpu_seconds_total"] > before.get("eep_cpu_seconds_total", 0)
+    books = {s.labels["what"] for f in text_string_to_metric_families(text) for s in f.samples
+             if s.name == "eep_bookkeeping_cpu_seconds_total"}
+    assert books == {"rank_heartbeats", "heartbeat_looks", "step_boundary", "plan_ahead"}
     assert after["eep_active_ranks"] == 2
 
 

@@ -62,6 +62,7 @@ from eep.placement.eplb import plan_placement
 from eep.placement.repair import RepairPlan, plan_rejoin
 from eep.placement.routing import Placement, check_tables_only, with_spare_slots
 from eep.placement.topology import Topology
+from eep.runtime.accounting import Ledger
 from eep.runtime.death_notice import DeathNotice
 from eep.runtime.heartbeat import HeartbeatBoard
 from eep.runtime.rank import ExpertCopy, RankSpec, StepOrder, StepResult, recv, send
@@ -237,6 +238,7 @@ class EPExecutor:
         self._plan_at_step: int | None = None  # when to start the planner (steps completed)
         self._last_copies: dict[str, int] = {}  # what the last switch-in copied (tier2_experts, bytes_moved)
         self.last_step: list[StepResult] = []  # per active rank: the timings of the last step
+        self.ledger = Ledger()  # CPU time of elastic bookkeeping and of all the work (eep.runtime.accounting)
         try:
             self._rendezvous = self._make_rendezvous(cfg, dtype)
             if ep.elastic:
@@ -375,6 +377,10 @@ class EPExecutor:
         has finished loading. Returns the ranks switched in."""
         if not self.ep.elastic:
             return ()
+        with self.ledger.charge("step_boundary"):
+            return self._step_boundary()
+
+    def _step_boundary(self) -> tuple[int, ...]:
         if self.paused_reason is not None:
             self._check_while_paused()
         if self._pending_drain:
@@ -469,6 +475,8 @@ class EPExecutor:
             self._event("resume", None, f"serving again {time.time() - self._fault_time:.3f} s after the fault was seen")
             self._fault_time = None
         self.last_step = [results[r] for r in active]
+        for r in active:
+            self.ledger.rank_report(r, self._procs[r].proc.pid, results[r].cpu_ns, results[r].heartbeat_ns)  # type: ignore[union-attr]
         return [results[r].tokens if r in results else [] for r in range(self.num_ranks)]
 
     def _gather_step(self, ranks: list[int], failed: set[int]) -> tuple[dict[int, StepResult], set[int], str]:
@@ -526,13 +534,15 @@ class EPExecutor:
         check_s = self.ep.failure_timeout_s / 20
         if self._board is None or not ranks:
             return check_s
-        due_s = self.ep.failure_timeout_s - max(self._board.age_s(r) for r in ranks)
-        return max(0.001, min(check_s, due_s + 0.001))
+        with self.ledger.charge("heartbeat_looks"):
+            due_s = self.ep.failure_timeout_s - max(self._board.age_s(r) for r in ranks)
+            return max(0.001, min(check_s, due_s + 0.001))
 
     def _silent(self, ranks: set[int]) -> set[int]:
         """Ranks whose heartbeat has been silent for failure_timeout_s (stopped, hung)."""
         assert self._board is not None
-        silent = {r for r in ranks if self._board.age_s(r) > self.ep.failure_timeout_s}
+        with self.ledger.charge("heartbeat_looks"):
+            silent = {r for r in ranks if self._board.age_s(r) > self.ep.failure_timeout_s}
         for r in sorted(silent):
             self._event("fault_seen", r, f"no heartbeat for {self._board.age_s(r):.2f} s")
         return silent
@@ -646,14 +656,15 @@ class EPExecutor:
         self._plans = plans
 
         def run() -> None:
-            for r in view.active_ranks:
-                if self._plans is not plans:  # superseded
-                    return
-                try:
-                    after = view.fail({r})
-                except MembershipError:  # the last active rank: nothing would be left to plan for
-                    continue
-                plans[outside(after)] = (placement, held, self._plan(after, placement, held))
+            with self.ledger.charge("plan_ahead"):
+                for r in view.active_ranks:
+                    if self._plans is not plans:  # superseded
+                        return
+                    try:
+                        after = view.fail({r})
+                    except MembershipError:  # the last active rank: nothing would be left to plan for
+                        continue
+                    plans[outside(after)] = (placement, held, self._plan(after, placement, held))
 
         self._planner = threading.Thread(target=run, name="eep-repair-planner", daemon=True)
         self._planner.start()
@@ -905,6 +916,7 @@ class EPExecutor:
             "degraded": bool(self.uncovered) and self.paused_reason is None,
             "repairs": list(self.repairs),
             "events": [e.to_dict() for e in self.events],
+            "accounting": self.ledger.snapshot(),
         }
 
     # -- tables and introspection --------------------------------------------------------------

@@ -46,6 +46,7 @@ class Heartbeat:
         self._word = ctypes.c_uint64.from_buffer(self._file.mm, rank * _LINE)
         self._interval_s = interval_s
         self._stop = threading.Event()
+        self.cpu_ns = 0  # the beating thread's CPU time so far, as of its last beat
         self._word.value = time.monotonic_ns()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{rank}", daemon=True)
         self._thread.start()
@@ -53,6 +54,7 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             self._word.value = time.monotonic_ns()
+            self.cpu_ns = time.thread_time_ns()
 
     def stop(self) -> None:
         self._stop.set()

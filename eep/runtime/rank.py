@@ -54,6 +54,8 @@ class StepResult:
     compute_s: float  # wall time of the whole step on this rank
     exchange_s: tuple[float, ...]  # of which each dispatch and combine call, in order (lockstep:
     # the same sequence of calls on every rank)
+    cpu_ns: int = 0  # this process's CPU time so far (every thread, user + system)
+    heartbeat_ns: int = 0  # of which its heartbeat thread's (eep.runtime.accounting)
 
     @property
     def exchange_total_s(self) -> float:
@@ -124,8 +126,9 @@ class _Isolated:
 class RankState:
     """What a rank process holds between steps: its model worker and its data-plane exchange."""
 
-    def __init__(self, spec: RankSpec) -> None:
+    def __init__(self, spec: RankSpec, heartbeat: Heartbeat | None = None) -> None:
         self.spec = spec
+        self.heartbeat = heartbeat
         held = spec.held if spec.held is not None else spec.placement.physical_to_logical_map
         self.held = held.clone()  # the expert whose weights each of this rank's slots holds
         # Weights are loaded by `held` (only its slot map is read), the tables are allocated at
@@ -160,7 +163,8 @@ class RankState:
         work = order.work
         self.exchange_timings.clear()
         tokens = self.worker.execute(work)
-        return StepResult(tokens, time.perf_counter() - start, tuple(self.exchange_timings))
+        return StepResult(tokens, time.perf_counter() - start, tuple(self.exchange_timings), time.process_time_ns(),
+                          self.heartbeat.cpu_ns if self.heartbeat is not None else 0)
 
     def warm_up(self, num_tokens: int = 8) -> None:
         """A replacement rank's warm-up, in isolation: one forward pass through every layer and
@@ -274,7 +278,7 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
     notice = HeldNotice(spec.death_notice) if spec.death_notice else None  # noqa: F841 (kept alive)
     heartbeat = Heartbeat(spec.heartbeat, spec.rank, spec.heartbeat_interval_s) if spec.heartbeat else None
     try:
-        _serve(spec, conn, RankState(spec), parent)
+        _serve(spec, conn, RankState(spec, heartbeat), parent)
     except (BrokenPipeError, ConnectionResetError):  # the controller dropped this process: fenced
         logger.warning("rank %d: the controller closed the pipe; exiting as fenced", spec.rank)
         raise SystemExit(EXIT_FENCED) from None

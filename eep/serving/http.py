@@ -826,6 +826,7 @@ def _snapshot(engine: Any) -> dict[str, Any]:
         "epoch": status["view"]["epoch"] if status else 0,
         "active": len(status["view"]["active"]) if status else 1,
         "repairs": status["repairs"] if status else [],
+        "accounting": status.get("accounting") if status else None,
     }
 
 
@@ -851,6 +852,13 @@ class _Metrics:
                                   "new tables)", buckets=self._PAUSE_BUCKETS, registry=r)
         self.rejoin = Histogram("eep_rejoin_pause_seconds", "Time healthy ranks pause to switch a rank in",
                                 buckets=self._PAUSE_BUCKETS, registry=r)
+        # eep.runtime.accounting: what elastic membership costs while serving, against all the work
+        self.bookkeeping = Counter("eep_bookkeeping_cpu_seconds", "CPU time of elastic-membership bookkeeping "
+                                   "(heartbeats, their checks, step-boundary membership work, repair planning)",
+                                   ["what"], registry=r)
+        self.cpu = Counter("eep_cpu_seconds", "CPU time of the controller process and every rank process",
+                           registry=r)
+        self._seen_cpu: dict[str, float] = {}
         self._seen_tokens = 0
         self._seen_repairs: set[tuple[int, str]] = set()
         loop.on_step = self.step.observe
@@ -864,6 +872,11 @@ class _Metrics:
         self.waiting.set(snap["waiting"] + queued)
         self.epoch.set(snap["epoch"])
         self.active.set(snap["active"])
+        if (acct := snap.get("accounting")) is not None:
+            for what, seconds in [*acct["bookkeeping_cpu_s"].items(), ("", acct["cpu_s"])]:
+                grew = seconds - self._seen_cpu.get(what, 0.0)
+                self._seen_cpu[what] = seconds
+                (self.bookkeeping.labels(what=what) if what else self.cpu).inc(max(0.0, grew))
         for rec in snap["repairs"]:
             key = (int(rec["epoch"]), "rejoin" if "rejoined" in rec else "repair")
             if key in self._seen_repairs:
