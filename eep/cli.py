@@ -175,7 +175,7 @@ def _cmd_bench_failure(args: argparse.Namespace) -> int:
         result = run_steady_calibration(
             _model_path(args), ep_size=args.ep_size, concurrency=args.concurrency, prompt_len=args.prompt_len,
             output_len=args.output_len, rounds=args.steady_rounds, slice_s=args.steady_slice, dtype=args.dtype,
-            seed=args.seed,
+            seed=args.seed, system=args.calibrate,
         )
     else:
         result = run_failure_bench(
@@ -190,7 +190,7 @@ def _cmd_bench_failure(args: argparse.Namespace) -> int:
     if args.calibrate:
         s, rounds = result["summary"], result["steady_state"]["round_ratios"]
         if rounds:
-            print(f"A/A steady-state ratio of two fixed-membership servers: {s['aa_ratio']:.3f} over "
+            print(f"A/A steady-state ratio of two {args.calibrate} servers: {s['aa_ratio']:.3f} over "
                   f"{len(rounds)} rounds (single rounds {s['aa_round_min']:.3f}-{s['aa_round_max']:.3f})")
         if s["steady_state_cpu_ratio"] is not None:
             stdev = s["steady_state_cpu_ratio_stdev"]
@@ -364,10 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "and CPU (0: none)")
     fail.add_argument("--steady-slice", type=float, default=2.5, help="seconds per slice")
     fail.add_argument("--seed", type=int, default=0)
-    fail.add_argument("--calibrate", action="store_true",
+    fail.add_argument("--calibrate", nargs="?", const="fixed", default=None, choices=("fixed", "eep"),
                       help="instead of the experiment: the steady-state comparison between two identical "
-                           "fixed-membership servers (A/A, --steady-rounds rounds), how far this machine "
-                           "resolves steady_state_ratio and steady_state_cpu_ratio")
+                           "servers (A/A, --steady-rounds rounds; fixed-membership ones unless 'eep' is given), "
+                           "how far this machine resolves steady_state_ratio, steady_state_cpu_ratio and "
+                           "steady_state_bookkeeping_ratio")
     fail.add_argument("--json", default=None,
                       help="the whole record (default: out/failure.json, with --calibrate out/calibration.json)")
     fail.add_argument("--plot", default="out/failure.png", help="the picture (default: %(default)s)")

@@ -63,8 +63,10 @@ Figures (per system, and eep's in `summary`):
   plans made ahead), each on the CPU clock of the thread that does it, against all the CPU
   time of the controller and its ranks; the rest is the same code in both systems. Per round,
   the share of eep's CPU time that served tokens (1 - bookkeeping / all) over the fixed
-  path's (1: it keeps no bookkeeping); the median over the rounds, `_min`, `_max`, `_stdev`
-  (per slice: `ledger`). What it leaves out is what both systems do alike, and what differs
+  path's (1: it keeps no bookkeeping), over each slice after its ramp, as the token counts (a
+  server's ranks report their CPU with their steps: the heartbeats of the seconds it idled
+  through the other server's slice come with its first step, and are no part of the work);
+  the median over the rounds, `_min`, `_max`, `_stdev` (per slice: `ledger`). What it leaves out is what both systems do alike, and what differs
   without running code: eep's placement has spare slots and one more replica at most (memory,
   not work per token: each token still runs its top-k experts once);
 - `normal_gap_s` (per system): how long the clients normally wait between two steps' tokens:
@@ -275,20 +277,25 @@ def run_steady_calibration(
     slice_s: float = 2.5,
     dtype: str = "auto",
     seed: int = 0,
+    system: str = "fixed",
 ) -> dict[str, Any]:
-    """The steady-state comparison run between two identical fixed-membership servers (an A/A
-    test): what `steady_state_ratio` reads when nothing differs, i.e. how far this machine lets
-    the comparison resolve a ratio at `rounds` rounds. Returns a JSON-able dict whose `summary`
-    holds the median (`aa_ratio`) and the spread of the rounds."""
+    """The steady-state comparison run between two identical servers of `system` ("fixed" or
+    "eep"; an A/A test): what `steady_state_ratio` reads when nothing differs, i.e. how far this
+    machine lets the comparison resolve a ratio at `rounds` rounds. Two fixed servers keep no
+    bookkeeping (their `steady_state_bookkeeping_ratio` is 1 by construction); two eep servers
+    show how far that figure itself moves between identical servers. Returns a JSON-able dict
+    whose `summary` holds the median (`aa_ratio`) and the spread of the rounds."""
     if rounds < 1 or slice_s < 1.5 or concurrency < 1 or ep_size < 2:
         raise ConfigError("need rounds >= 1, slice_s >= 1.5, concurrency >= 1 and ep_size >= 2")
-    fixed = next(s for s in SYSTEMS if s.name == "fixed")
+    if system not in ("fixed", "eep"):
+        raise ConfigError(f"the A/A calibration runs two 'fixed' or two 'eep' servers, not {system!r}")
+    same = next(s for s in SYSTEMS if s.name == system)
     trace = Trace(seed, checkpoint_vocab(model_path), prompt_len, output_len)
     gc.collect()
     gc.freeze()
-    servers = [_Server(model_path, fixed, ep_size=ep_size, concurrency=concurrency, trace=trace,
+    servers = [_Server(model_path, same, ep_size=ep_size, concurrency=concurrency, trace=trace,
                        failure_timeout_s=1.0, dtype=dtype) for _ in range(2)]
-    logger.info("A/A calibration: two %s servers, %d rounds of %.1f s slices", fixed.label, rounds, slice_s)
+    logger.info("A/A calibration: two %s servers, %d rounds of %.1f s slices", same.label, rounds, slice_s)
     with servers[0] as a, servers[1] as b:
         steady = asyncio.run(_interleaved({"a": a, "b": b}, trace, concurrency=concurrency, rounds=rounds,
                                           slice_s=slice_s))
@@ -303,7 +310,7 @@ def run_steady_calibration(
         "steady_state": steady,
         "config": {"model_path": model_path, "ep_size": ep_size, "concurrency": concurrency,
                    "prompt_len": prompt_len, "output_len": output_len, "rounds": rounds, "slice_s": slice_s,
-                   "dtype": dtype, "seed": seed, "max_model_len": trace.max_model_len},
+                   "dtype": dtype, "seed": seed, "max_model_len": trace.max_model_len, "system": system},
         **_provenance(),
     }
 
@@ -595,7 +602,6 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
             pids = _descendants(srv.proc.pid)  # the server and its ranks; none starts or ends in a slice
             samples: list[tuple[float, float]] = []
             async with _client(srv, concurrency) as client:
-                books0 = await _books(client)
                 clock = time.monotonic()
 
                 async def worker() -> None:
@@ -612,7 +618,12 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
 
                 metering = asyncio.create_task(meter())
                 tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-                await asyncio.sleep(slice_s)
+                await asyncio.sleep(ramp)
+                # the ledger from the end of the ramp, as the token counts: what a server did while
+                # it idled through the other's slice (its heartbeats go on), its ranks report with
+                # their first step, and it is no part of this slice's work
+                books0 = await _books(client)
+                await asyncio.sleep(max(0.0, slice_s - (time.monotonic() - clock)))
                 metering.cancel()
                 try:
                     read_cpu()  # at the slice's end, before the requests in flight are cancelled

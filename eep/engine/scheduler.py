@@ -9,9 +9,9 @@ with their whole history to prefill again, never stall the running streams for m
 short chunk per step. A step runs on every rank in lock step (the experts' all-to-all), so a
 rank that decodes nothing itself still chunks while any other rank decodes (`others_decode`):
 a rank just switched in, handed a queue of waiting requests, would otherwise prefill them all
-in one step that every rank's streams wait for. A request leaves the step plan only by finishing, which frees its slot
-for the next waiting request at the next step. CPU bookkeeping only: nothing here touches
-tensors.
+in one step that every rank's streams wait for. A request leaves the step plan only by
+finishing, which frees its slot for the next waiting request at the next step. CPU
+bookkeeping only: nothing here touches tensors.
 """
 
 from __future__ import annotations
