@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -391,8 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds a command like Ctrl-C, so what it started (a bench's servers and their
+    # ranks) is stopped on the way out; `eep serve` installs its own handlers
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -403,3 +411,6 @@ def main(argv: list[str] | None = None) -> int:
     except EepError as e:
         print(f"eep: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("eep: interrupted", file=sys.stderr)
+        return 130

@@ -11,6 +11,18 @@ if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
+# etcd: the multi-host membership store; its tests start a private server (eep/testbed/etcd.py).
+# Debian's etcd-server, never started as a service here (no init system: the package's start fails
+# quietly, and a service would be nothing of ours).
+if ! command -v etcd >/dev/null 2>&1 && [ ! -x /usr/bin/etcd ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "eep's tests need etcd 3.4+ (Debian/Ubuntu: etcd-server); install it and run again" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q etcd-server >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q etcd-server >/dev/null; }
+fi
+
 stamp=.venv/.eep-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,33 @@ def _processes_mentioning(text: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_a_bench_stopped_by_sigterm_stops_its_servers_and_their_ranks(model_dir: Path, tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "eep", "bench", "failure", "--model-path", str(model_dir), "--ep-size", "2",
+        "--systems", "fixed", "--concurrency", "2", "--prompt-len", "8", "--output-len", "8", "--fault-at", "60",
+        "--steady-rounds", "0", "--json", str(tmp_path / "out.json"), "--plot", str(tmp_path / "out.png"),
+    ]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any("ready in" in line for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines[-20:])
+            time.sleep(0.1)
+        assert _processes_mentioning(str(model_dir))  # the server and its ranks run
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(model_dir)):
+        assert time.monotonic() < deadline, "a server or rank outlived the SIGTERMed bench"
+        time.sleep(0.1)
 
 
 @pytest.mark.slow

@@ -1,0 +1,302 @@
+"""Where the committed membership lives: `MemoryStore` on one host, `EtcdStore` across hosts.
+
+The controller commits every view change through `commit(expected_epoch, record)`: the new
+record becomes current only if the current epoch is still `expected_epoch` (a compare-and-swap
+of the epoch key, in one etcd transaction with the record itself), so two controllers, or the
+two sides of a partition, can never both commit from the same view. `wait_newer` blocks
+(with a timeout) until a newer epoch is committed: a standby or an agent follows the view by
+watching, not by polling. Each host agent registers its host under a lease it keeps alive;
+a host whose agent stops renewing (dead, partitioned away) drops out of `hosts()` when the
+lease runs out: the slow, authoritative signal of a lost host (the fast ones are the data
+plane's).
+
+etcd is reached through its JSON gateway (`/v3/...`, base64 keys and values) with httpx: no
+gRPC stack, every call bounded by `timeout_s`, and the endpoints tried in turn (an etcd client
+talks to one endpoint; failing over to the next member is the caller's job).
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import json
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from eep.errors import MembershipError
+
+logger = logging.getLogger(__name__)
+
+
+class StoreError(MembershipError):
+    """The store cannot be reached or answered out of its protocol."""
+
+
+class EpochConflict(MembershipError):
+    """A commit from an epoch that is no longer current (another controller committed first)."""
+
+    def __init__(self, expected: int | None, found: int | None) -> None:
+        super().__init__(f"commit from epoch {expected} refused: the current epoch is {found}")
+        self.expected, self.found = expected, found
+
+
+class LeaseLost(MembershipError):
+    """A host's lease ran out (or was revoked) before it was renewed: the host is out."""
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """A committed membership record: its epoch and the JSON-able view (and placement)."""
+
+    epoch: int
+    record: dict[str, Any]
+
+
+class HostLease(abc.ABC):
+    """A host's registration, alive while renewed within its TTL."""
+
+    ttl_s: float
+
+    @abc.abstractmethod
+    def keep_alive(self) -> None:
+        """Renew for another TTL; raises LeaseLost if it already ran out."""
+
+    @abc.abstractmethod
+    def revoke(self) -> None:
+        """Leave at once (a clean shutdown)."""
+
+
+class MembershipStore(abc.ABC):
+    @abc.abstractmethod
+    def current(self) -> Committed | None:
+        """The record committed last, or None before the first commit."""
+
+    @abc.abstractmethod
+    def commit(self, expected_epoch: int | None, committed: Committed) -> None:
+        """Make `committed` current iff the current epoch is `expected_epoch` (None: nothing
+        committed yet) and `committed.epoch` is newer; else raise EpochConflict."""
+
+    @abc.abstractmethod
+    def wait_newer(self, epoch: int, timeout_s: float) -> Committed | None:
+        """The current record once its epoch is newer than `epoch`, or None after `timeout_s`."""
+
+    @abc.abstractmethod
+    def register_host(self, host: str, info: dict[str, Any], ttl_s: float) -> HostLease:
+        """List `host` with `info` in `hosts()` while its lease is kept alive."""
+
+    @abc.abstractmethod
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        """Every host whose lease is alive, with its info."""
+
+    def close(self) -> None:  # noqa: B027 (nothing to release by default)
+        """Release connections."""
+
+
+def _check_commit(expected: int | None, committed: Committed) -> None:
+    if expected is not None and committed.epoch <= expected:
+        raise MembershipError(f"epoch {committed.epoch} is not newer than {expected}")
+
+
+# -- one host ---------------------------------------------------------------------------------
+class _MemoryLease(HostLease):
+    def __init__(self, store: MemoryStore, host: str, ttl_s: float) -> None:
+        self.store, self.host, self.ttl_s = store, host, ttl_s
+
+    def keep_alive(self) -> None:
+        with self.store._cond:
+            entry = self.store._hosts.get(self.host)
+            if entry is None or entry[0] is not self or entry[1] <= time.monotonic():
+                raise LeaseLost(f"the lease of host {self.host} ran out")
+            self.store._hosts[self.host] = (self, time.monotonic() + self.ttl_s, entry[2])
+
+    def revoke(self) -> None:
+        with self.store._cond:
+            entry = self.store._hosts.get(self.host)
+            if entry is not None and entry[0] is self:
+                del self.store._hosts[self.host]
+
+
+class MemoryStore(MembershipStore):
+    """The store of a single-host instance: the controller's own memory."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._current: Committed | None = None
+        self._hosts: dict[str, tuple[_MemoryLease, float, dict[str, Any]]] = {}
+
+    def current(self) -> Committed | None:
+        with self._cond:
+            return self._current
+
+    def commit(self, expected_epoch: int | None, committed: Committed) -> None:
+        _check_commit(expected_epoch, committed)
+        with self._cond:
+            found = None if self._current is None else self._current.epoch
+            if found != expected_epoch:
+                raise EpochConflict(expected_epoch, found)
+            self._current = Committed(committed.epoch, json.loads(json.dumps(committed.record)))
+            self._cond.notify_all()
+
+    def wait_newer(self, epoch: int, timeout_s: float) -> Committed | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._current is not None and self._current.epoch > epoch, timeout_s)
+            cur = self._current
+            return cur if cur is not None and cur.epoch > epoch else None
+
+    def register_host(self, host: str, info: dict[str, Any], ttl_s: float) -> HostLease:
+        lease = _MemoryLease(self, host, ttl_s)
+        with self._cond:
+            self._hosts[host] = (lease, time.monotonic() + ttl_s, dict(info))
+        return lease
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        with self._cond:
+            return {h: dict(info) for h, (_, until, info) in self._hosts.items() if until > now}
+
+
+# -- across hosts -----------------------------------------------------------------------------
+def _b64(s: str | bytes) -> str:
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+
+
+def _unb64(s: str) -> bytes:
+    return base64.b64decode(s)
+
+
+def _prefix_end(prefix: str) -> str:
+    """The first key after every key that starts with `prefix` (etcd's range_end)."""
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return _b64(bytes(raw))
+
+
+class _EtcdLease(HostLease):
+    def __init__(self, store: EtcdStore, host: str, lease_id: str, ttl_s: float) -> None:
+        self.store, self.host, self.id, self.ttl_s = store, host, lease_id, ttl_s
+
+    def keep_alive(self) -> None:
+        reply = self.store._call("/v3/lease/keepalive", {"ID": self.id})
+        if int(reply.get("result", reply).get("TTL", 0)) <= 0:
+            raise LeaseLost(f"the lease of host {self.host} ran out")
+
+    def revoke(self) -> None:
+        self.store._call("/v3/lease/revoke", {"ID": self.id})
+
+
+class EtcdStore(MembershipStore):
+    """The store of a multi-host instance, in etcd under `/eep/{instance}/`: `epoch` (the
+    committed epoch, decimal), `view` (the record, JSON) and `hosts/{host}` (each under its
+    host's lease)."""
+
+    def __init__(self, endpoints: list[str] | str, instance: str = "default", *, timeout_s: float = 2.0) -> None:
+        self.endpoints = [e.rstrip("/") for e in (endpoints.split(",") if isinstance(endpoints, str) else endpoints)]
+        if not self.endpoints:
+            raise StoreError("no etcd endpoint given")
+        self.timeout_s = timeout_s
+        self._prefix = f"/eep/{instance}/"
+        self._good = 0  # the endpoint that answered last
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s))
+
+    def close(self) -> None:
+        self._http.close()
+
+    # every call: the endpoint that answered last first, then the others in turn
+    def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        errors = []
+        for k in range(len(self.endpoints)):
+            i = (self._good + k) % len(self.endpoints)
+            try:
+                resp = self._http.post(self.endpoints[i] + path, json=body)
+            except httpx.HTTPError as e:
+                errors.append(f"{self.endpoints[i]}: {e.__class__.__name__}")
+                continue
+            if resp.status_code != 200:
+                raise StoreError(f"etcd {self.endpoints[i]}{path} answered {resp.status_code}: {resp.text[:300]}")
+            self._good = i
+            return resp.json()  # type: ignore[no-any-return]
+        raise StoreError(f"no etcd endpoint answered {path} within {self.timeout_s:g} s: {'; '.join(errors)}")
+
+    def _get(self, key: str) -> tuple[bytes | None, int]:
+        """(value or None, the store's revision)."""
+        reply = self._call("/v3/kv/range", {"key": _b64(self._prefix + key)})
+        kvs = reply.get("kvs") or []
+        return (_unb64(kvs[0].get("value", "")) if kvs else None), int(reply["header"]["revision"])
+
+    def current(self) -> Committed | None:
+        return self._current()[0]
+
+    def _current(self) -> tuple[Committed | None, int]:
+        raw, revision = self._get("view")
+        if raw is None:
+            return None, revision
+        data = json.loads(raw)
+        return Committed(int(data["epoch"]), data["record"]), revision
+
+    def commit(self, expected_epoch: int | None, committed: Committed) -> None:
+        _check_commit(expected_epoch, committed)
+        epoch_key = _b64(self._prefix + "epoch")
+        guard = ({"key": epoch_key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+                 if expected_epoch is None else
+                 {"key": epoch_key, "target": "VALUE", "result": "EQUAL", "value": _b64(str(expected_epoch))})
+        value = json.dumps({"epoch": committed.epoch, "record": committed.record})
+        reply = self._call("/v3/kv/txn", {
+            "compare": [guard],
+            "success": [
+                {"request_put": {"key": epoch_key, "value": _b64(str(committed.epoch))}},
+                {"request_put": {"key": _b64(self._prefix + "view"), "value": _b64(value)}},
+            ],
+        })
+        if not reply.get("succeeded", False):
+            raw, _ = self._get("epoch")
+            raise EpochConflict(expected_epoch, None if raw is None else int(raw))
+
+    def wait_newer(self, epoch: int, timeout_s: float) -> Committed | None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            cur, revision = self._current()
+            if cur is not None and cur.epoch > epoch:
+                return cur
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self._watch_once(revision + 1, left)
+
+    def _watch_once(self, start_revision: int, timeout_s: float) -> None:
+        """Block until the view key changes at or after `start_revision`, or `timeout_s`."""
+        body = {"create_request": {"key": _b64(self._prefix + "view"), "start_revision": str(start_revision)}}
+        timeout = httpx.Timeout(self.timeout_s, read=timeout_s)
+        endpoint = self.endpoints[self._good]
+        try:
+            with self._http.stream("POST", endpoint + "/v3/watch", json=body, timeout=timeout) as resp:
+                for line in resp.iter_lines():
+                    if not line.strip():
+                        continue
+                    result = json.loads(line).get("result", {})
+                    if result.get("events"):
+                        return
+        except httpx.ReadTimeout:
+            return
+        except httpx.HTTPError as e:  # this member is gone: the next call tries the others
+            logger.info("etcd watch on %s ended: %s", endpoint, e.__class__.__name__)
+            self._good = (self._good + 1) % len(self.endpoints)
+            time.sleep(min(0.05, timeout_s))
+
+    def register_host(self, host: str, info: dict[str, Any], ttl_s: float) -> HostLease:
+        grant = self._call("/v3/lease/grant", {"TTL": str(max(1, math.ceil(ttl_s)))})
+        lease_id = str(grant["ID"])
+        self._call("/v3/kv/put", {"key": _b64(self._prefix + "hosts/" + host), "value": _b64(json.dumps(info)),
+                                  "lease": lease_id})
+        return _EtcdLease(self, host, lease_id, ttl_s)
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        prefix = self._prefix + "hosts/"
+        reply = self._call("/v3/kv/range", {"key": _b64(prefix), "range_end": _prefix_end(prefix)})
+        return {_unb64(kv["key"]).decode()[len(prefix):]: json.loads(_unb64(kv.get("value", "")))
+                for kv in reply.get("kvs") or []}

@@ -1,0 +1,159 @@
+"""The membership store (eep.membership.store): the same contract in memory and in a real etcd
+(started by the project, eep.testbed.etcd): one commit wins per epoch, watchers wake on a
+commit, a host is listed while its lease is renewed and drops out when its holder dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from eep.membership.store import (
+    Committed, EpochConflict, EtcdStore, LeaseLost, MembershipStore, MemoryStore, StoreError,
+)
+from eep.testbed.etcd import EtcdServer
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "etcd"])
+def store(request: pytest.FixtureRequest, etcd: EtcdServer) -> Iterator[MembershipStore]:
+    # etcd is asked for by every case: a module fixture started inside a test would count as
+    # a process that test left behind (conftest)
+    if request.param == "memory":
+        s: MembershipStore = MemoryStore()
+    else:
+        s = EtcdStore(etcd.endpoint, instance=uuid.uuid4().hex)
+    yield s
+    s.close()
+
+
+def _view(epoch: int) -> Committed:
+    return Committed(epoch, {"epoch": epoch, "states": ["active"] * 4, "placement": [[0, 1], [2, 3]]})
+
+
+def test_commits_chain_by_epoch_and_a_stale_one_is_refused(store: MembershipStore) -> None:
+    assert store.current() is None
+    store.commit(None, _view(1))
+    with pytest.raises(EpochConflict) as e:
+        store.commit(None, _view(2))  # "nothing committed yet" is no longer true
+    assert e.value.found == 1
+    store.commit(1, _view(2))
+    with pytest.raises(EpochConflict):
+        store.commit(1, _view(3))  # from epoch 1 again: refused, epoch 2 stays
+    assert store.current() == _view(2)
+
+
+def test_of_controllers_racing_from_the_same_epoch_exactly_one_commits(store: MembershipStore) -> None:
+    store.commit(None, _view(1))
+    for epoch in range(1, 11):
+        won: list[int] = []
+        barrier = threading.Barrier(4)
+
+        def contend(k: int, epoch: int = epoch) -> None:
+            barrier.wait(timeout=10)
+            try:
+                store.commit(epoch, Committed(epoch + 1, {"by": k}))
+                won.append(k)
+            except EpochConflict:
+                pass
+
+        threads = [threading.Thread(target=contend, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert len(won) == 1, won
+        assert store.current() == Committed(epoch + 1, {"by": won[0]})
+
+
+def test_a_watcher_wakes_at_the_commit_and_times_out_without_one(store: MembershipStore) -> None:
+    store.commit(None, _view(1))
+    start = time.monotonic()
+    assert store.wait_newer(1, 0.3) is None
+    assert 0.25 <= time.monotonic() - start < 2.0
+    timer = threading.Timer(0.3, lambda: store.commit(1, _view(2)))
+    timer.start()
+    try:
+        start = time.monotonic()
+        assert store.wait_newer(1, 10.0) == _view(2)
+        assert time.monotonic() - start < 2.0
+    finally:
+        timer.join()
+    assert store.wait_newer(0, 0.1) == _view(2)  # already newer: at once
+
+
+def test_a_host_is_listed_while_its_lease_is_renewed(store: MembershipStore) -> None:
+    lease = store.register_host("h1", {"agent": "10.0.0.1:7000", "ranks": [0, 1]}, ttl_s=1.0)
+    store.register_host("h2", {"agent": "10.0.0.2:7000", "ranks": [2, 3]}, ttl_s=1.0).revoke()
+    assert store.hosts() == {"h1": {"agent": "10.0.0.1:7000", "ranks": [0, 1]}}
+    for _ in range(8):  # 2.4 s: more than two TTLs
+        time.sleep(0.3)
+        lease.keep_alive()
+    assert "h1" in store.hosts()
+    deadline = time.monotonic() + 5.0  # not renewed: gone after the TTL (etcd: up to ~1.3 s)
+    while "h1" in store.hosts():
+        assert time.monotonic() < deadline, "the lapsed host is still listed"
+        time.sleep(0.05)
+    with pytest.raises(LeaseLost):
+        lease.keep_alive()
+
+
+_HOLDER = """
+import sys, time
+from eep.membership.store import EtcdStore
+store = EtcdStore(sys.argv[1], instance=sys.argv[2])
+lease = store.register_host("h9", {"pid": 0}, ttl_s=1.0)
+print("registered", flush=True)
+while True:
+    time.sleep(0.25)
+    lease.keep_alive()
+"""
+
+
+def test_the_host_of_a_sigkilled_agent_drops_out_of_etcd_within_about_its_ttl(etcd: EtcdServer) -> None:
+    instance = uuid.uuid4().hex
+    store = EtcdStore(etcd.endpoint, instance=instance)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, etcd.endpoint, instance], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "registered"
+        time.sleep(1.5)  # renewed past its first TTL
+        assert "h9" in store.hosts()
+        os.kill(holder.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while "h9" in store.hosts():
+            assert time.monotonic() - killed < 4.0, "the dead agent's host is still listed"
+            time.sleep(0.02)
+        print(f"host gone {time.monotonic() - killed:.2f} s after SIGKILL")
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+        store.close()
+
+
+def test_a_dead_endpoint_is_skipped_and_none_left_raises(etcd: EtcdServer) -> None:
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    store = EtcdStore([dead, etcd.endpoint], instance=uuid.uuid4().hex, timeout_s=1.0)
+    try:
+        store.commit(None, _view(1))
+        assert store.current() == _view(1)
+    finally:
+        store.close()
+    alone = EtcdStore([dead], instance="x", timeout_s=0.5)
+    try:
+        with pytest.raises(StoreError, match="no etcd endpoint answered"):
+            alone.current()
+    finally:
+        alone.close()

@@ -1,0 +1,169 @@
+"""The multi-host test bed (eep.testbed): hosts as network namespaces joined by a bridge, a
+3-member etcd cluster on them, and what the membership store does across them: a member's
+loss is ridden out by failing over to another endpoint, and a partitioned host can neither
+commit a view nor keep its lease. Root only (CI runs as root)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pytest
+
+from eep.membership.store import Committed, EpochConflict, EtcdStore, LeaseLost, StoreError
+from eep.testbed.etcd import EtcdCluster
+from eep.testbed.netns import NamespaceHosts, available, entered
+
+pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
+
+T = TypeVar("T")
+
+
+def on_host(hosts: NamespaceHosts, i: int, fn: Callable[[], T], timeout_s: float = 60.0) -> T:
+    """Run `fn` in a thread inside host i's namespace; its result, or its exception raised here."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            with entered(hosts.names[i]):
+                box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 (handed to the caller)
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    assert not t.is_alive(), f"host {i}: still running after {timeout_s} s"
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[NamespaceHosts]:
+    with NamespaceHosts(3, prefix=f"eept{uuid.uuid4().hex[:6]}") as h:
+        yield h
+
+
+def _commit(store: EtcdStore, expected: int, committed: Committed, within_s: float = 10.0) -> float:
+    """Commit, retrying while no member answers (an election); a retry that finds its own
+    commit applied (the answer was lost) counts as done. Returns how long it took."""
+    start = time.monotonic()
+    while True:
+        try:
+            store.commit(expected, committed)
+            return time.monotonic() - start
+        except EpochConflict:
+            if store.current() == committed:
+                return time.monotonic() - start
+            raise
+        except StoreError:
+            assert time.monotonic() - start < within_s, f"no member took the commit of epoch {committed.epoch}"
+
+
+def _routes() -> str:
+    return subprocess.run(["ip", "route"], capture_output=True, text=True, timeout=10).stdout
+
+
+def test_hosts_reach_each_other_on_private_addresses_only_and_leave_nothing() -> None:
+    before = _routes()
+    h = NamespaceHosts(2, prefix=f"eepr{uuid.uuid4().hex[:6]}")
+    with h:
+        assert _routes() == before  # the root namespace's routes are untouched
+        server = on_host(h, 1, lambda: socket.create_server((h.addresses[1], 0)))
+        port = server.getsockname()[1]
+        accepted: list[bytes] = []
+        acceptor = threading.Thread(target=lambda: accepted.append(server.accept()[0].recv(5)), daemon=True)
+        acceptor.start()
+
+        def hello() -> None:
+            with socket.create_connection((h.addresses[1], port), timeout=5) as c:
+                c.sendall(b"hello")
+
+        on_host(h, 0, hello)
+        acceptor.join(10)
+        server.close()
+        assert accepted == [b"hello"]
+        h.cut(1)  # a partition: host 0 no longer reaches host 1
+
+        def unreachable() -> None:
+            with pytest.raises(OSError), socket.create_connection((h.addresses[1], port), timeout=0.5):
+                pass
+
+        on_host(h, 0, unreachable)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    assert h.prefix not in listed
+
+
+def test_the_store_rides_out_the_loss_of_an_etcd_member(hosts: NamespaceHosts) -> None:
+    """Commits from host 0 go on while etcd member 0 (host 0's own, and perhaps the leader) is
+    SIGKILLed: the client fails over to another endpoint and each epoch is committed once."""
+    with EtcdCluster(hosts) as cluster:
+        def run() -> tuple[int, float]:
+            store = EtcdStore(cluster.endpoints, instance=uuid.uuid4().hex, timeout_s=0.5)
+            longest = 0.0
+            try:
+                store.commit(None, Committed(1, {"n": 1}))
+                for epoch in range(1, 41):
+                    if epoch == 10:
+                        cluster.servers[0].kill()
+                    longest = max(longest, _commit(store, epoch, Committed(epoch + 1, {"n": epoch + 1})))
+                return store.current().epoch, longest  # type: ignore[union-attr]
+            finally:
+                store.close()
+
+        epoch, longest = on_host(hosts, 0, run)
+    assert epoch == 41
+    assert longest < 3.0, f"a commit waited {longest:.2f} s across the member's loss"
+    print(f"longest commit across the loss of a member: {longest:.3f} s")
+
+
+def test_a_partitioned_host_can_neither_commit_nor_keep_its_lease(hosts: NamespaceHosts) -> None:
+    """Host 2 is cut off: its store cannot commit (its etcd member has no quorum) and its lease
+    lapses for the others, who commit on; healed, its commit from the old epoch is refused and
+    it learns the newer view by watching."""
+    with EtcdCluster(hosts) as cluster:
+        instance = uuid.uuid4().hex
+        stores = {i: on_host(hosts, i, lambda: EtcdStore(cluster.endpoints[i:i + 1], instance=instance,
+                                                         timeout_s=0.5)) for i in (0, 2)}
+        try:
+            on_host(hosts, 0, lambda: stores[0].commit(None, Committed(1, {"by": 0})))  # every member up
+            lease = on_host(hosts, 2, lambda: stores[2].register_host("h2", {"ranks": [4, 5]}, ttl_s=1.0))
+            assert "h2" in on_host(hosts, 0, stores[0].hosts)
+            hosts.cut(2)
+            with pytest.raises(StoreError):  # no quorum on its side: nothing commits
+                on_host(hosts, 2, lambda: stores[2].commit(1, Committed(2, {"by": 2})))
+            on_host(hosts, 0, lambda: _commit(stores[0], 1, Committed(2, {"by": 0})))
+            deadline = time.monotonic() + 5.0
+
+            def lapsed() -> bool:
+                return "h2" not in stores[0].hosts()
+
+            while not on_host(hosts, 0, lapsed):
+                assert time.monotonic() < deadline, "the cut-off host is still listed"
+                time.sleep(0.1)
+            hosts.heal(2)
+
+            def after_heal() -> Committed | None:
+                end = time.monotonic() + 10
+                while True:  # its member catches up with the cluster first
+                    try:
+                        with pytest.raises(EpochConflict):
+                            stores[2].commit(1, Committed(2, {"by": 2}))
+                        return stores[2].wait_newer(1, 5.0)
+                    except StoreError:
+                        assert time.monotonic() < end, "host 2's member did not rejoin the cluster"
+                        time.sleep(0.1)
+
+            assert on_host(hosts, 2, after_heal) == Committed(2, {"by": 0})
+            with pytest.raises((LeaseLost, StoreError)):
+                on_host(hosts, 2, lease.keep_alive)
+        finally:
+            hosts.heal(2)
+            for s in stores.values():
+                s.close()
