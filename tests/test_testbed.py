@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -167,3 +169,27 @@ def test_a_partitioned_host_can_neither_commit_nor_keep_its_lease(hosts: Namespa
             hosts.heal(2)
             for s in stores.values():
                 s.close()
+
+
+def test_the_script_makes_hosts_with_an_etcd_cluster_and_removes_everything() -> None:
+    prefix = f"eeps{uuid.uuid4().hex[:6]}"
+    script = [str(Path(__file__).resolve().parents[1] / "scripts" / "netns-hosts.sh")]
+    try:
+        up = subprocess.run([*script, "up", "3", "--etcd", "--prefix", prefix], capture_output=True, text=True,
+                            timeout=120)
+        assert up.returncode == 0, up.stderr
+        assert f"{prefix}-h0=10.77.0.1" in up.stdout and "etcd endpoints: http://10.77.0.1:2379" in up.stdout
+        probe = subprocess.run(  # a client on host 1 commits through the cluster
+            ["ip", "netns", "exec", f"{prefix}-h1", sys.executable, "-c",
+             "from eep.membership.store import EtcdStore, Committed\n"
+             "s = EtcdStore('http://10.77.0.1:2379,http://10.77.0.2:2379,http://10.77.0.3:2379')\n"
+             "s.commit(None, Committed(1, {'ok': True})); print(s.current().record)"],
+            capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 0 and "{'ok': True}" in probe.stdout, probe.stderr
+    finally:
+        down = subprocess.run([*script, "down", "--prefix", prefix], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+    assert prefix not in listed
+    running = subprocess.run(["pgrep", "-f", f"{prefix}-etcd"], capture_output=True, text=True, timeout=10).stdout
+    assert not running.strip(), f"etcd members left running: {running}"

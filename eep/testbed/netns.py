@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -98,7 +99,7 @@ class NamespaceHosts:
         self.bridge_ns = f"{self.prefix}-br"
         self.names = [f"{self.prefix}-h{i}" for i in range(n)]
         self.addresses = [f"{SUBNET}.{i + 1}" for i in range(n)]
-        self._tag = f"{abs(hash(self.prefix)) % 10**6:06d}"  # interface names: at most 15 characters
+        self._tag = f"{zlib.crc32(self.prefix.encode()) % 10**6:06d}"  # interface names: at most 15 characters
 
     def __enter__(self) -> NamespaceHosts:
         self.up()
