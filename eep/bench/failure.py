@@ -57,18 +57,19 @@ Figures (per system, and eep's in `summary`):
 - `steady_state_bookkeeping_ratio`: the figure that resolves 1% where the two above cannot
   (they compare two noisy measurements of whole servers; on a shared 2-core VM the same work's
   wall and CPU time both swing by tens of percent between slices). Each server keeps a ledger
-  (`eep.runtime.accounting`, read from `/membership` at each slice's start and end) of the CPU
-  time of every piece of work that only elastic membership does (the ranks' heartbeat
-  threads, the controller's heartbeat looks and step-boundary membership work, the repair
-  plans made ahead), each on the CPU clock of the thread that does it, against all the CPU
-  time of the controller and its ranks; the rest is the same code in both systems. Per round,
-  the share of eep's CPU time that served tokens (1 - bookkeeping / all) over the fixed
-  path's (1: it keeps no bookkeeping), over each slice after its ramp, as the token counts (a
-  server's ranks report their CPU with their steps: the heartbeats of the seconds it idled
-  through the other server's slice come with its first step, and are no part of the work);
-  the median over the rounds, `_min`, `_max`, `_stdev` (per slice: `ledger`). What it leaves out is what both systems do alike, and what differs
-  without running code: eep's placement has spare slots and one more replica at most (memory,
-  not work per token: each token still runs its top-k experts once);
+  (`eep.runtime.accounting`, read from `/membership` at the end of each slice's ramp and at
+  its end) of the CPU time of every piece of work that only elastic membership does (the
+  ranks' heartbeat threads, the controller's heartbeat looks and step-boundary membership
+  work, the repair plans made ahead), each on the CPU clock of the thread that does it,
+  against all the CPU time of the controller and its ranks; the rest is the same code in both
+  systems. Per round, the share of eep's CPU time that served tokens (1 - bookkeeping / all)
+  over the fixed path's (1: it keeps no bookkeeping). From the ramp's end, as the token
+  counts: a server's ranks report their CPU with their steps, so the heartbeats of the
+  seconds it idled through the other server's slice come with its first step, and are no
+  part of the work. The median over the rounds, `_min`, `_max`, `_stdev` (per slice:
+  `ledger`). What it leaves out is what both systems do alike, and what differs without
+  running code: eep's placement has spare slots and one more replica at most (memory, not
+  work per token: each token still runs its top-k experts once);
 - `normal_gap_s` (per system): how long the clients normally wait between two steps' tokens:
   the median, over the half-second windows of steady serving before the kill, of each window's
   longest stretch without a token arriving;
