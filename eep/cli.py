@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from eep.errors import EepError
+from eep.errors import ConfigError, EepError
 
 logger = logging.getLogger("eep")
 
@@ -79,6 +79,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from eep.runtime.executor import EPConfig
     from eep.serving.server import ServeConfig, serve
 
+    if args.node_rank > 0:  # a host agent: this host's ranks, for the controller on node 0
+        from eep.runtime.agent import main as agent_main
+
+        if not args.dist_init_addr:
+            raise ConfigError("--node-rank > 0 needs --dist-init-addr HOST:PORT (node 0's)")
+        return agent_main(args.node_rank, args.dist_init_addr)
+
     config = ServeConfig(
         EngineConfig(
             _model_path(args), dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
@@ -90,6 +97,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             fault_policy=args.fault_policy, failure_timeout_s=args.failure_timeout, rejoin=args.rejoin,
             on_uncoverable=args.on_uncoverable, num_spare_slots=args.ep_spare_slots,
             expert_backup=not args.no_expert_backup, cpu_affinity=not args.no_cpu_affinity,
+            nnodes=args.nnodes, dist_init_addr=args.dist_init_addr,
+            etcd_endpoints=tuple(e for e in (args.etcd_endpoints or "").split(",") if e), instance=args.instance,
         ),
         request_timeout_s=args.request_timeout,
         http=args.http, api_key=args.api_key or os.environ.get("EEP_API_KEY"),
@@ -231,6 +240,23 @@ def _cmd_bench_chaos(args: argparse.Namespace) -> int:
     return 0  # the figures decide, not the exit code
 
 
+def _cmd_bench_hosts(args: argparse.Namespace) -> int:
+    from eep.bench.hosts import add_targets, plot, run_hosts_bench, summary_table
+
+    result = add_targets(run_hosts_bench(
+        _model_path(args), hosts=args.hosts, ranks_per_host=args.ranks_per_host, concurrency=args.concurrency,
+        prompt_len=args.prompt_len, output_len=args.output_len, failure_timeout_s=args.failure_timeout,
+        steady_rounds=args.steady_rounds, steady_slice_s=args.steady_slice, dtype=args.dtype, seed=args.seed,
+    ))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.plot)
+    print(summary_table(result))
+    print(f"\nsummary: {json.dumps(result['summary'])}")
+    print(f"record: {args.json}\npicture: {args.plot}")
+    return 0
+
+
 def _write_json(result: dict[str, object], path: str | None) -> None:
     text = json.dumps(result, indent=2)
     if path:
@@ -279,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--on-uncoverable", choices=["pause", "degrade"], default=_default(EPConfig, "on_uncoverable"),
                      help="when survivors cannot hold every expert: pause admission, or serve degraded")
     srv.add_argument("--ep-spare-slots", type=int, default=None,
-                     help="empty expert slots per rank kept for repairs (default: enough for one rank's experts)")
+                     help="empty expert slots per rank kept for repairs (default: enough to re-home one rank's experts; "
+                          "across hosts, one host's)")
     srv.add_argument("--http", metavar="HOST:PORT", help="also serve the OpenAI-compatible HTTP API (e.g. 127.0.0.1:8000)")
     srv.add_argument("--api-key",
                      help="every HTTP endpoint but /admin wants 'Authorization: Bearer KEY' (or set EEP_API_KEY)")
@@ -294,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-prefill-tokens", type=int, default=_default(EngineConfig, "max_prefill_tokens"),
                      help="prefill tokens per rank in a step that also decodes (chunked prefill)")
     srv.add_argument("--socket", default=default_socket(), help="Unix socket path (default: %(default)s)")
+    srv.add_argument("--nnodes", type=int, default=1, help="hosts of the instance; --ep-size counts the ranks of all")
+    srv.add_argument("--node-rank", type=int, default=0,
+                     help="0: the head (frontend, controller and its host's ranks); i > 0: a host agent and its ranks")
+    srv.add_argument("--dist-init-addr", metavar="HOST:PORT",
+                     help="node 0's address for the agents (data-plane ports follow it: PORT+1+rank)")
+    srv.add_argument("--etcd-endpoints", metavar="URL[,URL...]",
+                     help="etcd members that hold the committed membership (default: in memory)")
+    srv.add_argument("--instance", default="default", help="the instance's name in etcd")
     srv.add_argument(
         "--request-timeout", type=float, default=_default(ServeConfig, "request_timeout_s"),
         help="seconds before a generate request is aborted",
@@ -389,6 +424,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the whole record (default: %(default)s); the server's log of a failed run goes next "
                             "to it (.serve.log)")
     chaos.set_defaults(func=_cmd_bench_chaos)
+    hb = bench_sub.add_parser(
+        "hosts", help="the failure experiment across hosts (network namespaces, root): a host lost, returned, "
+                      "partitioned; steady speed against one host and against gloo (JSON + picture)"
+    )
+    _add_model_args(hb)
+    hb.set_defaults(dtype="float32")  # bf16 matmul is ~80x slower than fp32 on CPUs without AVX-512 BF16
+    hb.add_argument("--hosts", type=int, default=2)
+    hb.add_argument("--ranks-per-host", type=int, default=2)
+    hb.add_argument("--concurrency", type=int, default=16, help="clients in the closed loop")
+    hb.add_argument("--prompt-len", type=int, default=32)
+    hb.add_argument("--output-len", type=int, default=32, help="mean output length (uniform in 0.5x..1.5x)")
+    hb.add_argument("--failure-timeout", type=float, default=1.0)
+    hb.add_argument("--steady-rounds", type=int, default=4, help="alternating slices against each baseline")
+    hb.add_argument("--steady-slice", type=float, default=2.5, help="seconds per slice")
+    hb.add_argument("--seed", type=int, default=0)
+    hb.add_argument("--json", default="out/hosts.json", help="the whole record (default: %(default)s)")
+    hb.add_argument("--plot", default="out/hosts.png", help="the picture (default: %(default)s)")
+    hb.set_defaults(func=_cmd_bench_hosts)
     return parser
 
 

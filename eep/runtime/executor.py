@@ -31,6 +31,7 @@ fault_policy "none" keeps the fixed membership: any failure raises `RankFailed`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -64,7 +65,9 @@ from eep.placement.routing import Placement, check_tables_only, with_spare_slots
 from eep.placement.topology import Topology
 from eep.runtime.accounting import Ledger
 from eep.runtime.death_notice import DeathNotice
+from eep.membership.store import Committed, EpochConflict, EtcdStore, MemoryStore, MembershipStore, StoreError
 from eep.runtime.heartbeat import HeartbeatBoard
+from eep.runtime.hosts import HostError, HostListener, RemoteProcess
 from eep.runtime.rank import ExpertCopy, RankSpec, StepOrder, StepResult, recv, send
 
 logger = logging.getLogger(__name__)
@@ -93,6 +96,12 @@ class EPConfig:
     expert_backup: bool = True  # keep a host-memory copy of every expert (a fast tier-2 source)
     cpu_affinity: bool = True  # pin active ranks to the cores round-robin; re-spread at every view change
     topology: Topology = field(default_factory=Topology)
+    # across hosts (eep.runtime.agent): ranks r * nnodes // ep_size live on node r // (ep_size // nnodes);
+    # node 0 (this process) listens on dist_init_addr for the other nodes' agents
+    nnodes: int = 1
+    dist_init_addr: str | None = None
+    etcd_endpoints: tuple[str, ...] = ()  # the membership store (memory when empty)
+    instance: str = "default"  # the store's key prefix
 
     def __post_init__(self) -> None:
         if self.fault_policy is None:
@@ -113,10 +122,17 @@ class EPConfig:
             raise ConfigError("failure_timeout_s and timeout_s must be > 0")
         if self.num_spare_slots is not None and self.num_spare_slots < 0:
             raise ConfigError(f"num_spare_slots must be >= 0, got {self.num_spare_slots}")
+        if self.nnodes < 1 or self.ep_size % self.nnodes:
+            raise ConfigError(f"nnodes must divide ep_size: {self.ep_size} ranks on {self.nnodes} nodes")
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            raise ConfigError("more than one node needs --dist-init-addr HOST:PORT (node 0's address)")
 
     @property
     def elastic(self) -> bool:
         return self.fault_policy == "repair"
+
+    def node_of(self, rank: int) -> int:
+        return rank // (self.ep_size // self.nnodes)
 
 
 @dataclass(slots=True)
@@ -124,32 +140,48 @@ class _Proc:
     """One rank process as the supervisor sees it."""
 
     rank: int
-    proc: subprocess.Popen[bytes]
-    pidfd: int
+    proc: subprocess.Popen[bytes] | RemoteProcess
+    pidfd: int | None  # None: on another host (its agent relays the exit, `wake` wakes us)
     conn: Connection
     notice: DeathNotice | None = None  # readable `notice.fd` once the process died (< 1 ms)
     ready: bool = False
     warmup_s: float | None = None  # a replacement's isolated warm-up before it reported ready
     started: float = field(default_factory=time.monotonic)
+    wake: int | None = None  # remote: readable after any relayed exit
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.proc, RemoteProcess)
 
     @property
     def handles(self) -> list[object]:
         """What to wait on for a message or an exit of this process."""
-        return [self.conn, self.pidfd] + ([self.notice.fd] if self.notice is not None else [])
+        return ([self.conn] + [h for h in (self.pidfd, self.wake) if h is not None]
+                + ([self.notice.fd] if self.notice is not None else []))
 
     def exited(self, ready: list[object]) -> bool:
         """True when `ready` (from `wait(handles)`) says the process died."""
+        if self.remote:
+            return self.proc.poll() is not None
         return self.pidfd in ready or (self.notice is not None and self.notice.fd in ready)
 
     def close(self, kill: bool) -> int | None:
         if kill and self.proc.poll() is None:
             self.proc.kill()
+        if self.remote:  # its host may be unreachable: its agent reaps it, or is gone with it
+            try:
+                code: int | None = self.proc.wait(timeout=10 if not kill else 2)
+            except subprocess.TimeoutExpired:
+                code = None
+            self.conn.close()
+            return code
         try:
             code = self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait(timeout=5)
         self.conn.close()
+        assert self.pidfd is not None
         os.close(self.pidfd)
         if self.notice is not None:
             self.notice.close()
@@ -207,8 +239,10 @@ class EPExecutor:
             cfg.num_experts, ep.ep_size, num_layers=len(cfg.moe_layers), num_redundant=ep.num_redundant_experts
         )
         spare = ep.num_spare_slots
-        if spare is None:  # room to re-home one rank's experts on the others
-            spare = math.ceil(balanced.num_physical // ep.ep_size / (ep.ep_size - 1)) if ep.elastic and ep.ep_size > 1 else 0
+        if spare is None:  # room to re-home one rank's experts on the others; across hosts, one host's
+            lost = ep.ep_size // ep.nnodes if ep.nnodes > 1 else 1
+            spare = (math.ceil(balanced.num_physical // ep.ep_size * lost / (ep.ep_size - lost))
+                     if ep.elastic and ep.ep_size > 1 else 0)
         self.target = with_spare_slots(balanced, ep.ep_size, spare, balanced.max_replicas + (1 if ep.elastic else 0))
         self.placement = self.target  # the routing tables in use
         self.held = self.target.physical_to_logical_map.clone()  # the expert each slot's weights are
@@ -220,6 +254,7 @@ class EPExecutor:
         self.uncovered: tuple[tuple[int, int], ...] = ()
         self.paused_reason: str | None = None
         self.steps = 0
+        self.steps_from_fenced = 0  # committed steps with an answer from a process outside the view (must stay 0)
         self._segment: ShmSegment | None = None
         self._board: HeartbeatBoard | None = None
         self._backup = None
@@ -239,6 +274,11 @@ class EPExecutor:
         self._last_copies: dict[str, int] = {}  # what the last switch-in copied (tier2_experts, bytes_moved)
         self.last_step: list[StepResult] = []  # per active rank: the timings of the last step
         self.ledger = Ledger()  # CPU time of elastic bookkeeping and of all the work (eep.runtime.accounting)
+        self._hosts: HostListener | None = None  # the other nodes' agents (multi-host)
+        self._aborts = None  # multi-host: ZeroMQ ABORTs to every rank's data address at each new epoch
+        self._data_addresses: tuple[str, ...] | None = None
+        self._store: MembershipStore = (EtcdStore(list(ep.etcd_endpoints), ep.instance, timeout_s=ep.failure_timeout_s)
+                                        if ep.etcd_endpoints else MemoryStore())
         try:
             self._rendezvous = self._make_rendezvous(cfg, dtype)
             if ep.elastic:
@@ -247,10 +287,17 @@ class EPExecutor:
                     from eep.runtime.expert_backup import ExpertBackup
 
                     self._backup = ExpertBackup.build(config.model_path, config.dtype)
+            if ep.nnodes > 1:
+                self._join_hosts()
             for rank in range(self.num_ranks):
                 self._spawn(rank, self.placement, None)
             self._await_ready(range(self.num_ranks), self.ep.start_timeout_s)
-            self.view = MembershipView.initial(tuple(self._procs[r].proc.pid for r in range(self.num_ranks)))  # type: ignore[union-attr]
+            committed = self._store.current()  # an instance restarted under the same name goes on from its epoch
+            initial = MembershipView.initial(tuple(self._procs[r].proc.pid for r in range(self.num_ranks)))  # type: ignore[union-attr]
+            if committed is not None:
+                initial = dataclasses.replace(initial, epoch=committed.epoch + 1)
+            self._store_commit(committed.epoch if committed is not None else None, initial)
+            self.view = initial
             self._settle()
         except BaseException:
             self.close()
@@ -258,9 +305,73 @@ class EPExecutor:
         logger.info("%d ranks ready (%s, %d slots, policy %s)", self.num_ranks, ep.backend,
                     self.placement.num_physical, ep.fault_policy)
 
+    # -- hosts ---------------------------------------------------------------------------------
+    def _join_hosts(self) -> None:
+        """Multi-host start: wait for every other node's agent, set its host up, and fix each
+        rank's data-plane address (`data_port_base + rank` on its node's address)."""
+        from eep.dataplane.network import AbortPusher, data_address
+        from eep.runtime import wire
+
+        ep = self.ep
+        assert ep.dist_init_addr is not None
+        host0, port = wire.split_addr(ep.dist_init_addr)
+        setup = wire.HostSetup(
+            self.view.epoch, self._layout, self.num_ranks, self.config.model_path, self.config.dtype,
+            self._backup is not None, self._heartbeat_interval_s, ep.failure_timeout_s, ep.etcd_endpoints, ep.instance,
+        )
+        self._hosts = HostListener(ep.dist_init_addr, self._heartbeat_interval_s, setup)  # also takes hosts back later
+        agents = self._hosts.wait_agents(range(1, ep.nnodes), ep.start_timeout_s)
+        address = {0: host0, **{n: link.address for n, link in agents.items()}}
+        self._data_addresses = tuple(data_address(address[ep.node_of(r)], port + 1, r) for r in range(self.num_ranks))
+        if ep.backend == "shm":
+            self._aborts = AbortPusher(self._data_addresses)
+        logger.info("nodes up: %s", ", ".join(f"{n}={a}" for n, a in sorted(address.items())))
+
+    def _node_up(self, node: int) -> bool:
+        """Node 0 (this process) always; another node while its agent is connected."""
+        return node == 0 or (self._hosts is not None and self._hosts.agent(node) is not None)
+
+    @property
+    def _heartbeat_interval_s(self) -> float:
+        return min(0.1, self.ep.failure_timeout_s / 5)
+
+    def _age_s(self, rank: int) -> float:
+        """Seconds since `rank`'s last heartbeat (an upper bound for a rank on another host)."""
+        p = self._procs[rank]
+        if p is not None and p.remote:
+            return p.proc.link.age_s(rank)  # type: ignore[union-attr]
+        assert self._board is not None
+        return self._board.age_s(rank)
+
+    def _store_commit(self, expected: int | None, view: MembershipView) -> None:
+        """Commit `view` in the membership store, by compare-and-swap of the epoch. The store is
+        the authority across hosts: a controller that finds another epoch there is not the
+        instance's controller any more and stops. An unreachable store is retried (other
+        endpoints first) for failure_timeout_s."""
+        record = Committed(view.epoch, {"view": view.to_dict(), "nodes": self.ep.nnodes})
+        deadline = time.monotonic() + self.ep.failure_timeout_s
+        while True:
+            try:
+                self._store.commit(expected, record)
+                return
+            except EpochConflict as e:
+                raise MembershipError(f"the membership store refused epoch {view.epoch}: {e}; another controller "
+                                      f"commits this instance's views") from None
+            except StoreError as e:
+                if time.monotonic() > deadline:
+                    raise MembershipError(f"the membership store is unreachable: {e}") from None
+                logger.warning("membership store: %s; retrying", e)
+                time.sleep(0.05)
+
     # -- processes ----------------------------------------------------------------------------
     def _make_rendezvous(self, cfg: ModelConfig, dtype: torch.dtype) -> str:
         if self.ep.backend == "gloo":
+            self._layout = ShmLayout(num_ranks=self.num_ranks, region_bytes=64)  # the agents' (unused) segments
+            if self.ep.nnodes > 1:  # gloo's TCP store, on node 0 after the data-plane ports
+                from eep.runtime.wire import split_addr
+
+                host, port = split_addr(self.ep.dist_init_addr)  # type: ignore[arg-type]
+                return f"tcp://{host}:{port + 1 + self.num_ranks}"
             return f"file://{self._tmpdir}/gloo-store"
         # A region carries at most one step's tokens of one rank: dispatch sends ids + weights +
         # hidden row per token, combine one hidden row per (token, k) pair (not pre-summed, see
@@ -268,6 +379,7 @@ class EPExecutor:
         hidden_bytes = cfg.hidden_size * torch.empty(0, dtype=dtype).element_size()
         row = max(cfg.top_k * 12 + hidden_bytes, cfg.top_k * hidden_bytes)
         layout = ShmLayout(num_ranks=self.num_ranks, region_bytes=self.config.max_num_batched_tokens * row)
+        self._layout = layout  # every host's segment has it (global rank numbering)
         sweep_orphans()  # segments of controllers that were SIGKILLed (they could not remove them)
         self._segment = ShmSegment.create(layout)
         return self._segment.name
@@ -277,15 +389,20 @@ class EPExecutor:
         # children: nothing of the caller's __main__ is re-imported, and a replacement rank is
         # started the same way at any time. Control travels over a socketpair; a death is seen
         # through its death notice (< 1 ms), and through its pidfd once the exit is complete.
-        notice = DeathNotice.create()
+        remote = self.ep.node_of(rank) != 0
+        notice = DeathNotice.create() if not remote else None
         spec = RankSpec(
             rank, self.num_ranks, self.config.model_path, self.config.dtype, self.config.max_num_seqs,
             self.config.max_model_len, placement, self.ep.backend, self._rendezvous, self.ep.timeout_s,
             heartbeat=self._board.name if self._board else None,
-            heartbeat_interval_s=min(0.1, self.ep.failure_timeout_s / 5),
+            heartbeat_interval_s=self._heartbeat_interval_s,
             backup=self._backup.name if self._backup is not None else None, held=held,
             death_notice=notice.name if notice is not None else None,
+            data_addresses=self._data_addresses if self.ep.backend == "shm" else None,
+            node_of=tuple(self.ep.node_of(r) for r in range(self.num_ranks)) if self._data_addresses else None,
         )
+        if remote:
+            return self._spawn_remote(spec)
         if self._board is not None:
             self._board.reset(rank)
         ours, theirs = socket.socketpair()
@@ -299,6 +416,29 @@ class EPExecutor:
             conn = Connection(os.dup(ours.fileno()))
         p = _Proc(rank, proc, os.pidfd_open(proc.pid), conn, notice)
         self._procs[rank] = p
+        send(conn, spec)
+        return p
+
+    def _spawn_remote(self, spec: RankSpec) -> _Proc:
+        """Start `spec.rank` through its node's agent; it connects back to us over TCP, and that
+        connection is its control pipe. The host's own names (segment, board, backup) replace
+        ours in the spec."""
+        assert self._hosts is not None
+        node = self.ep.node_of(spec.rank)
+        try:
+            conn, hello = self._hosts.spawn(node, spec.rank, self.view.epoch)
+        except HostError as e:
+            raise RankFailed(spec.rank, str(e)) from None
+        local = {k: v for k, v in hello.host_local.items() if k != "rendezvous" or self.ep.backend == "shm"}
+        spec = dataclasses.replace(spec, **local)  # gloo keeps its TCP rendezvous on node 0
+        link = self._hosts.agents[node]
+        assert self._data_addresses is not None
+        if f"//{link.address}:" not in self._data_addresses[spec.rank]:
+            conn.close()
+            raise RankFailed(spec.rank, f"node {node} came back as {link.address}, not at the address its ranks' "
+                                        f"data plane has ({self._data_addresses[spec.rank]})")
+        p = _Proc(spec.rank, RemoteProcess(link, spec.rank, hello.pid), None, conn, None, wake=self._hosts.wake_r)
+        self._procs[spec.rank] = p
         send(conn, spec)
         return p
 
@@ -359,7 +499,9 @@ class EPExecutor:
         order, each rank with its process and what became ready (check `p.conn in ready` and
         `p.exited(ready)`)."""
         procs = {r: self._procs[r] for r in ranks}
-        ready = wait([h for p in procs.values() if p for h in p.handles], timeout_s)
+        ready = wait(list({h: None for p in procs.values() if p for h in p.handles}), timeout_s)
+        if self._hosts is not None and self._hosts.wake_r in ready:
+            self._hosts.drain_wake()
         return [(r, p, ready) for r, p in sorted(procs.items()) if p is not None]
 
     def _event(self, kind: str, rank: int | None = None, detail: str = "") -> None:
@@ -386,8 +528,14 @@ class EPExecutor:
         if self._pending_drain:
             self._drain_now()
         for rank in sorted(self._pending_rejoin):
+            if not self._node_up(self.ep.node_of(rank)):
+                continue  # its host is gone: it rejoins once the host's agent is back
             self._pending_rejoin.discard(rank)
-            self.rejoin(rank)
+            try:
+                self.rejoin(rank)
+            except ConfigError as e:  # its host went away again meanwhile: try once it is back
+                logger.warning("rank %d: %s", rank, e)
+                self._pending_rejoin.add(rank)
         switched = []
         for rank in self.view.ranks_in(RankState.JOINING):
             p = self._procs[rank]
@@ -475,6 +623,8 @@ class EPExecutor:
             self._event("resume", None, f"serving again {time.time() - self._fault_time:.3f} s after the fault was seen")
             self._fault_time = None
         self.last_step = [results[r] for r in active]
+        # an invariant kept as a figure: every answer committed came from the process the view names
+        self.steps_from_fenced += any(self._procs[r].proc.pid != self.view.incarnations[r] for r in active)  # type: ignore[union-attr]
         for r in active:
             self.ledger.rank_report(r, self._procs[r].proc.pid, results[r].cpu_ns, results[r].heartbeat_ns)  # type: ignore[union-attr]
         return [results[r].tokens if r in results else [] for r in range(self.num_ranks)]
@@ -535,17 +685,29 @@ class EPExecutor:
         if self._board is None or not ranks:
             return check_s
         with self.ledger.charge("heartbeat_looks"):
-            due_s = self.ep.failure_timeout_s - max(self._board.age_s(r) for r in ranks)
+            due_s = self.ep.failure_timeout_s - max(self._age_s(r) for r in ranks)
             return max(0.001, min(check_s, due_s + 0.001))
 
     def _silent(self, ranks: set[int]) -> set[int]:
         """Ranks whose heartbeat has been silent for failure_timeout_s (stopped, hung)."""
         assert self._board is not None
         with self.ledger.charge("heartbeat_looks"):
-            silent = {r for r in ranks if self._board.age_s(r) > self.ep.failure_timeout_s}
+            silent = {r for r in ranks if self._age_s(r) > self.ep.failure_timeout_s}
+            silent |= self._with_silent_hosts(silent, ranks)
         for r in sorted(silent):
-            self._event("fault_seen", r, f"no heartbeat for {self._board.age_s(r):.2f} s")
+            self._event("fault_seen", r, f"no heartbeat for {self._age_s(r):.2f} s")
         return silent
+
+    def _with_silent_hosts(self, silent: set[int], ranks: set[int]) -> set[int]:
+        """A silent remote rank whose agent is silent too: its whole host is gone (or cut off),
+        and every rank of it among `ranks` fails with it, in one view change."""
+        more: set[int] = set()
+        for r in silent:
+            p = self._procs[r]
+            if p is not None and p.remote and p.proc.link.silent_s() > 2 * self._heartbeat_interval_s:  # type: ignore[union-attr]
+                node = self.ep.node_of(r)
+                more |= {q for q in ranks if self.ep.node_of(q) == node}
+        return more - silent
 
     def _drain(self, ranks: list[int]) -> tuple[dict[int, object], set[int]]:
         """Read each of `ranks`' answer to an abandoned step (thrown away); returns the answers
@@ -598,9 +760,24 @@ class EPExecutor:
         its epoch is new it is announced in the segment (every rank blocked in a step of an older
         epoch abandons it at once), and the change is logged as a structured event."""
         bumped = view.epoch != self.view.epoch
+        if bumped:
+            self._store_commit(self.view.epoch, view)
         self.view = view
         if bumped and self._segment is not None:
             self._segment.announce_epoch(view.epoch)
+        if bumped and self._hosts is not None:
+            from eep.runtime import wire
+
+            if self._aborts is not None:
+                self._aborts.abort(view.epoch)
+            self._hosts.epoch = view.epoch
+            for link in list(self._hosts.agents.values()):
+                link.epoch = view.epoch
+                if not link.closed:
+                    try:
+                        link.send(wire.Announce(view.epoch))
+                    except OSError:
+                        pass
         self._event("view_committed", None, f"{what}; active {list(view.active_ranks)}")
 
     def _commit_failure(self, ranks: set[int]) -> None:
@@ -622,7 +799,8 @@ class EPExecutor:
                 continue
             self._procs[r] = None
             if p.proc.poll() is None:
-                _lowest_priority(p.proc.pid)
+                if not p.remote:
+                    _lowest_priority(p.proc.pid)
                 try:
                     send(p.conn, ("fenced", f"epoch {self.view.epoch}"))
                 except OSError:
@@ -689,13 +867,13 @@ class EPExecutor:
         if not self.ep.cpu_affinity:
             return
         cores = sorted(os.sched_getaffinity(0))
-        active = self.view.active_ranks
+        active = tuple(r for r in self.view.active_ranks if self.ep.node_of(r) == 0)  # this host's
         self._core_of = {r: c for r, c in self._core_of.items() if r in active and c in cores}
         moved = spread_over_cores(active, cores, self._core_of)
         self._core_of.update(moved)
         for r, core in moved.items():
             p = self._procs[r]
-            if p is None:
+            if p is None or p.remote:
                 continue
             try:  # every thread of it (the heartbeat's, torch's): setaffinity is per thread
                 for tid in os.listdir(f"/proc/{p.proc.pid}/task"):
@@ -847,6 +1025,10 @@ class EPExecutor:
             raise ConfigError(f"rank {rank} does not exist: this instance has ranks 0..{self.num_ranks - 1}")
         if self.view.states[rank] is not RankState.FAILED:
             raise ConfigError(f"rank {rank} is {self.view.states[rank].value}: only a failed rank can rejoin")
+        node = self.ep.node_of(rank)
+        if not self._node_up(node):
+            raise ConfigError(f"rank {rank} lives on node {node}, whose agent is not connected: start "
+                              f"`eep serve --node-rank {node} --dist-init-addr {self.ep.dist_init_addr}` there first")
         for p in [p for p in self._fenced if p.rank == rank]:  # the old process must be gone first
             code = p.close(kill=True)
             self._fenced.remove(p)
@@ -854,7 +1036,11 @@ class EPExecutor:
         # The joiner loads its slots of the balanced target placement and starts with the tables
         # in use (its own slots unlisted); the tables that list them are made when it is ready.
         _, held_after = plan_rejoin(self.placement, self.held, self.num_ranks, rank, self.target.physical_to_logical_map)
-        p = self._spawn(rank, self.placement, held_after)
+        try:
+            p = self._spawn(rank, self.placement, held_after)
+        except RankFailed as e:  # its host's agent did not start it
+            self._event("rejoin_failed", rank, str(e))
+            raise ConfigError(f"rank {rank} could not be started: {e}") from None
         self._commit(self.view.begin_join(rank, p.proc.pid), f"rank {rank} joining (pid {p.proc.pid})")
         self._event("rejoin_started", rank, f"pid {p.proc.pid}")
 
@@ -917,6 +1103,8 @@ class EPExecutor:
             "repairs": list(self.repairs),
             "events": [e.to_dict() for e in self.events],
             "accounting": self.ledger.snapshot(),
+            "steps_committed_by_fenced_ranks": self.steps_from_fenced,
+            "nodes": self.ep.nnodes,
         }
 
     # -- tables and introspection --------------------------------------------------------------
@@ -946,6 +1134,8 @@ class EPExecutor:
             self._planner.join(10.0)
         if self._segment is not None:  # release any rank blocked on a dead peer, so it reads "stop"
             self._segment.announce_epoch(self._segment.control_epoch + 1)
+            if self._aborts is not None:
+                self._aborts.abort(self._segment.control_epoch)
         live = [p for p in self._procs if p is not None]
         for p in live:
             if p.proc.poll() is None:
@@ -956,7 +1146,7 @@ class EPExecutor:
         for p in live:
             p.close(kill=False)
         for p in self._fenced:
-            if p.proc.poll() is None:
+            if p.proc.poll() is None and not p.remote:
                 os.kill(p.proc.pid, signal.SIGKILL)  # also wakes and kills a stopped process
             p.close(kill=True)
         self._procs, self._fenced = [None] * self.num_ranks, []
@@ -970,4 +1160,11 @@ class EPExecutor:
         if self._backup is not None:
             self._backup.close()
             self._backup = None
+        if self._aborts is not None:
+            self._aborts.close()
+            self._aborts = None
+        if self._hosts is not None:
+            self._hosts.close()
+            self._hosts = None
+        self._store.close()
         shutil.rmtree(self._tmpdir, ignore_errors=True)

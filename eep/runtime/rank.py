@@ -82,6 +82,8 @@ class RankSpec:
     backup: str | None = None  # the host expert backup (shm file name), a repair source
     death_notice: str | None = None  # the mutex this process holds for life (eep.runtime.death_notice)
     held: torch.Tensor | None = None  # [L, P] experts to load into the slots (default: placement's)
+    data_addresses: tuple[str, ...] | None = None  # multi-host: every rank's ZeroMQ address
+    node_of: tuple[int, ...] | None = None  # multi-host: every rank's node (shm within one, ZeroMQ across)
 
     @property
     def slots(self) -> SlotRange:
@@ -96,8 +98,17 @@ def _exchange(spec: RankSpec):  # type: ignore[no-untyped-def]
         return GlooExchange(spec.rank, spec.num_ranks, spec.rendezvous, timeout_s=spec.timeout_s)
     from eep.dataplane.shm import Endpoint, ShmExchange, ShmSegment
 
-    endpoint = Endpoint(ShmSegment.attach(spec.rendezvous), spec.rank, timeout_s=spec.timeout_s)
-    return ShmExchange(endpoint, spec.num_ranks)
+    segment = ShmSegment.attach(spec.rendezvous)
+    endpoint = Endpoint(segment, spec.rank, timeout_s=spec.timeout_s)
+    if spec.data_addresses is None:
+        return ShmExchange(endpoint, spec.num_ranks)
+    from eep.dataplane.network import HybridExchange, ZmqLink
+
+    assert spec.node_of is not None
+    me = spec.node_of[spec.rank]
+    link = ZmqLink(spec.rank, spec.data_addresses, [r for r in range(spec.num_ranks) if spec.node_of[r] != me],
+                   timeout_s=spec.timeout_s, announced=lambda: segment.control_epoch)
+    return HybridExchange(endpoint, link, spec.num_ranks, spec.node_of)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,12 +27,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from eep.errors import ConfigError
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +85,28 @@ def entered(name: str) -> Iterator[None]:
             _setns(own)
     finally:
         os.close(own)
+
+
+def run_in(name: str, fn: Callable[[], T], timeout_s: float = 600.0) -> T:
+    """`fn()` in a thread inside namespace `name` (its sockets are that host's); its result, or
+    its exception raised here."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            with entered(name):
+                box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 (handed to the caller)
+            box["error"] = e
+
+    t = threading.Thread(target=run, name=f"in-{name}", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise TimeoutError(f"{name}: still running after {timeout_s:g} s")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
 
 
 def pids_in(name: str) -> list[int]:

@@ -1,0 +1,374 @@
+"""The failure experiment across hosts: one eep instance on namespace hosts, over HTTP.
+
+What `run_hosts_bench` promises. `hosts` network namespaces joined by a bridge
+(`eep.testbed.netns`), `ranks_per_host` ranks on each, and three real servers started and
+stopped here, all answering over HTTP on host 0:
+- `cross_host`: eep across the hosts (`--nnodes`, shm within a host, ZeroMQ between hosts),
+  `--rejoin auto`, with enough spare slots that the survivors of one host's loss hold every
+  expert;
+- `single_host`: the same ranks as one instance on host 0 (shm only): the speed a host split
+  should not lose; it also serves the fault-free reference outputs;
+- `gloo`: the same ranks across the same hosts on gloo's all_to_all, fixed membership.
+Steady decode speed: `cross_host` against each other server in alternating slices of the same
+closed-loop load on the same requests (as `eep bench failure`: `_interleaved`, the median of
+the rounds' same-work ratios). Then one timed run of `cross_host` under the same trace and
+clients as `eep bench failure`, through this schedule:
+  1. `kill_at_s`: a rank on host 1 SIGKILLed (it is restarted at once: rejoin auto);
+  2. once it is back, +`gap_s`: host 1 lost: its link taken down (no FIN, no RST reaches
+     anyone) and every process in it SIGKILLed;
+  3. `return_after_s` later its link comes back and a new agent starts there; its ranks rejoin;
+  4. once they are back, +`gap_s`: host 1 partitioned (link down, processes alive) for
+     `partition_s` (> the failure timeout), then healed; its agent, cut off from the
+     controller, has stopped its ranks and exited by then; a new agent is started; its
+     ranks rejoin;
+  5. `tail_s` more of load.
+Figures (`summary`): `cross_host_over_single_host`, `cross_host_over_gloo` (steady ratios);
+`host_loss_detection_s` (the loss to the controller's first `fault_seen` of it, from the
+server's events); `host_loss_pause_s`, `partition_pause_s`, `remote_kill_pause_s` (the
+longest stretch without a token after the fault and before the return, less `normal_gap_s`,
+never below 0, as `eep bench failure`'s `recovery_pause_s`); `host_rejoin_pause_s` (the
+longest such stretch within 1 s of each `rejoined` event of the host's ranks, less the
+normal gap); `single_host_kill_pause_s` (the same SIGKILL of a rank on the one-host instance,
+for the remote kill's target); `steps_committed_by_fenced_ranks` (the controller's count of
+committed steps with an answer from a process outside the view); `requests_lost`;
+`outputs_differing` (against the single-host server, fault-free).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eep.bench import failure as fb
+from eep.bench.steady import checkpoint_vocab
+from eep.errors import ConfigError
+from eep.testbed.instance import HostsInstance
+from eep.testbed.netns import NamespaceHosts, available, run_in
+
+logger = logging.getLogger(__name__)
+
+_BACK_TIMEOUT_S = 120.0
+
+
+@dataclass
+class _Srv:
+    """The part of `eep.bench.failure._Server` its load functions use, for a namespace instance."""
+
+    inst: HostsInstance
+    url: str
+    model_name: str
+    admin_key: str
+    warmed: bool = False
+
+    @property
+    def proc(self) -> Any:
+        return self.inst.head
+
+    def log_tail(self, lines: int = 30) -> str:
+        return self.inst.log_tail(0)
+
+
+def _server(hosts: NamespaceHosts, model_path: str, *, nnodes: int, ep_size: int, port: int, http_port: int,
+            args: list[str], env: dict[str, str] | None = None) -> _Srv:
+    admin = uuid.uuid4().hex
+    inst = HostsInstance(hosts, model_path, ep_size=ep_size, nnodes=nnodes, port=port, env=env, args=[
+        *args, "--http", f"{hosts.addresses[0]}:{http_port}", "--admin-api-key", admin])
+    inst.start()
+    url = inst.ready_line.rsplit(" http ", 1)[1].strip()
+    logger.info("  ready: %s", inst.ready_line.strip())
+    return _Srv(inst, url, Path(model_path).name, admin)
+
+
+def run_hosts_bench(
+    model_path: str,
+    *,
+    hosts: int = 2,
+    ranks_per_host: int = 2,
+    concurrency: int = 16,
+    prompt_len: int = 32,
+    output_len: int = 32,
+    failure_timeout_s: float = 1.0,
+    steady_rounds: int = 4,
+    steady_slice_s: float = 2.5,
+    kill_at_s: float = 5.0,
+    gap_s: float = 3.0,
+    return_after_s: float = 3.0,
+    partition_s: float = 2.5,
+    tail_s: float = 3.0,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> dict[str, Any]:
+    if (why := available()) is not None:
+        raise ConfigError(f"eep bench hosts needs network namespaces: {why}")
+    if hosts < 2 or ranks_per_host < 1 or partition_s <= failure_timeout_s:
+        raise ConfigError("need >= 2 hosts, >= 1 rank per host and partition_s > failure_timeout_s")
+    ep_size = hosts * ranks_per_host
+    trace = fb.Trace(seed, checkpoint_vocab(model_path), prompt_len, output_len)
+    survivors = ep_size - ranks_per_host
+    per_rank = -(-concurrency // survivors)  # the survivors of a host's loss hold every running request
+    common = ["--dtype", dtype, "--max-model-len", str(trace.max_model_len), "--max-num-seqs", str(per_rank),
+              "--failure-timeout", str(failure_timeout_s)]
+    result: dict[str, Any] = {"config": {
+        "hosts": hosts, "ranks_per_host": ranks_per_host, "concurrency": concurrency, "prompt_len": prompt_len,
+        "output_len": output_len, "failure_timeout_s": failure_timeout_s, "steady_rounds": steady_rounds,
+        "steady_slice_s": steady_slice_s, "dtype": dtype, "seed": seed,
+    }}
+    with NamespaceHosts(hosts, prefix=f"eepb{uuid.uuid4().hex[:5]}") as net, contextlib.ExitStack() as stack:
+        h0 = net.names[0]
+
+        def stop(srv: _Srv) -> None:
+            srv.inst.stop()
+            srv.inst.remove()
+
+        logger.info("[1/4] servers: cross-host eep, the same ranks on one host, gloo across hosts")
+        cross = _server(net, model_path, nnodes=hosts, ep_size=ep_size, port=29500, http_port=8100,
+                        args=[*common, "--rejoin", "auto"])  # default spare slots: one host's loss is covered
+        stack.callback(stop, cross)
+        single = _server(net, model_path, nnodes=1, ep_size=ep_size, port=29600, http_port=8200, args=common)
+        stack.callback(stop, single)
+        gloo = _server(net, model_path, nnodes=hosts, ep_size=ep_size, port=29700, http_port=8300,
+                       args=[*common, "--ep-backend", "gloo", "--fault-policy", "none"],
+                       env={"GLOO_SOCKET_IFNAME": "eth0"})
+        stack.callback(stop, gloo)  # stopped after the steady state; a second stop is a no-op
+
+        logger.info("[2/4] steady state: %d rounds of %.1f s slices against each", steady_rounds, steady_slice_s)
+        steady = {}
+        for name, other in (("single_host", single), ("gloo", gloo)):
+            steady[name] = run_in(h0, lambda o=other: asyncio.run(fb._interleaved(  # type: ignore[misc]
+                {"cross_host": cross, name: o}, trace, concurrency=concurrency, rounds=steady_rounds,
+                slice_s=steady_slice_s)))
+        stop(gloo)
+
+        logger.info("[3/4] the same kill on one host (the remote kill's reference)")
+        local = run_in(h0, lambda: asyncio.run(_single_kill(single, trace, concurrency, kill_at_s, ranks_per_host)))
+
+        logger.info("[4/4] cross-host: remote rank kill, host loss and return, partition and heal")
+        run, records = run_in(h0, lambda: asyncio.run(_timeline(
+            net, cross, trace, concurrency=concurrency, ranks_per_host=ranks_per_host, kill_at_s=kill_at_s,
+            gap_s=gap_s, return_after_s=return_after_s, partition_s=partition_s, tail_s=tail_s)))
+        reference_needed = sorted({r.index for r in records if r.complete})
+        reference = run_in(h0, lambda: asyncio.run(fb._reference(single, trace, reference_needed, concurrency)))
+        run["outputs_differing"] = sum(r.token_ids != reference[r.index] for r in records if r.complete)
+    result |= _summary(run, local, steady)
+    result["steady_state"] = steady
+    result["run"] = run
+    result["single_host_kill"] = local
+    result["bin_s"] = fb.BIN_S
+    result |= fb._provenance()
+    return result
+
+
+async def _single_kill(srv: _Srv, trace: fb.Trace, concurrency: int, kill_at_s: float,
+                       ranks_per_host: int) -> dict[str, Any]:
+    """SIGKILL of the rank the cross-host run kills, on the one-host instance: its pause."""
+    victim = ranks_per_host  # the first rank of host 1 in the cross-host instance
+    system = fb.System("single_host", "one host (shm)", (), kill=True, rejoin=False)
+    run, _ = await fb._drive(srv, system, trace, concurrency=concurrency, victim=victim,  # type: ignore[arg-type]
+                             fault_at_s=kill_at_s, rejoin_after_s=3.0, tail_s=0.5)
+    return {k: run.get(k) for k in ("pause_after_kill_s", "longest_gap_after_kill_s", "normal_gap_s",
+                                    "requests_lost", "times")}
+
+
+async def _timeline(net: NamespaceHosts, srv: _Srv, trace: fb.Trace, *, concurrency: int, ranks_per_host: int,
+                    kill_at_s: float, gap_s: float, return_after_s: float, partition_s: float,
+                    tail_s: float) -> tuple[dict[str, Any], list[fb._Record]]:
+    host1 = list(range(ranks_per_host, 2 * ranks_per_host))
+    async with fb._client(srv, concurrency) as client:  # type: ignore[arg-type]
+        await fb._warm(client, srv, trace, concurrency)  # type: ignore[arg-type]
+        counter = itertools.count()
+        records: list[fb._Record] = []
+        clock, wall0 = time.monotonic(), time.time()
+        times: dict[str, float] = {}
+        running = {"on": True}
+
+        async def worker() -> None:
+            while running["on"]:
+                await fb._complete(client, srv.model_name, trace, next(counter), clock, records)
+
+        def now() -> float:
+            return time.monotonic() - clock
+
+        async def active() -> list[int]:
+            return (await client.get("/membership")).json()["view"]["active"]  # type: ignore[no-any-return]
+
+        async def until_back(what: str) -> None:
+            deadline = now() + _BACK_TIMEOUT_S
+            while not set(host1) <= set(await active()):
+                if now() > deadline:
+                    raise fb.BenchFailed(f"host 1's ranks not back within {_BACK_TIMEOUT_S:.0f} s after {what}; "
+                                         f"log:\n{srv.log_tail()}")
+                await asyncio.sleep(0.1)
+            times[f"{what}_back"] = now()
+            logger.info("  t=%5.1f s  host 1's ranks are back (%s)", now(), what)
+
+        async def schedule() -> None:
+            await asyncio.sleep(kill_at_s)
+            pids = (await client.get("/membership")).json()["pids"]
+            times["remote_kill"] = now()
+            os.kill(pids[host1[0]], signal.SIGKILL)
+            logger.info("  t=%5.1f s  SIGKILL rank %d on host 1", now(), host1[0])
+            await until_back("remote_kill")
+            await asyncio.sleep(gap_s)
+            times["host_loss"] = now()
+            net.cut(1)
+            net.kill_all(1)
+            logger.info("  t=%5.1f s  host 1 lost (link down, every process killed)", now())
+            await asyncio.to_thread(srv.inst.agents[1].wait, 10)
+            await asyncio.sleep(return_after_s)
+            net.heal(1)
+            times["host_return"] = now()
+            srv.inst.start_agent(1)
+            logger.info("  t=%5.1f s  host 1 returns (a new agent)", now())
+            await until_back("host_return")
+            await asyncio.sleep(gap_s)
+            times["partition"] = now()
+            net.cut(1)
+            logger.info("  t=%5.1f s  host 1 partitioned", now())
+            await asyncio.sleep(partition_s)
+            net.heal(1)
+            times["heal"] = now()
+            logger.info("  t=%5.1f s  healed", now())
+            code = await asyncio.to_thread(srv.inst.agents[1].wait, 30)
+            times["fenced_agent_exit_code"] = code
+            srv.inst.start_agent(1)
+            times["partition_return"] = now()
+            await until_back("partition_return")
+            await asyncio.sleep(tail_s)
+            running["on"] = False
+
+        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        try:
+            await schedule()
+        finally:
+            running["on"] = False
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), fb._REQUEST_TIMEOUT_S)
+        status = (await client.get("/membership")).json()
+    times["load_end"] = max(t for r in records for t, _ in r.chunks) if records else now()
+    events = [{**e, "t": e["time"] - wall0} for e in status.get("events", [])]
+    return _analyse(records, times, events, host1, status), records
+
+
+def _analyse(records: list[fb._Record], times: dict[str, float], events: list[dict[str, Any]], host1: list[int],
+             status: dict[str, Any]) -> dict[str, Any]:
+    arrivals = sorted(t for r in records for t, _ in r.chunks)
+    bins = [0] * (int(times["load_end"] / fb.BIN_S) + 1)
+    for r in records:
+        for t, n in r.chunks:
+            bins[int(t / fb.BIN_S)] += n
+    normal = fb._normal_gap(arrivals, fb._STEADY_FROM_S, times["remote_kill"])
+
+    def pause(start: str, stop: str) -> tuple[float, float]:
+        gap = fb._longest_gap(arrivals, times[start], times[stop])
+        return gap, max(0.0, gap - normal)
+
+    seen = [e for e in events if e["kind"] == "fault_seen" and e["rank"] in host1]
+    loss_seen = [e["t"] for e in seen if times["host_loss"] <= e["t"] < times["host_return"]]
+    partition_seen = [e["t"] for e in seen if times["partition"] <= e["t"] < times["partition_return"]]
+    rejoins = [e["t"] for e in events if e["kind"] == "rejoined" and e["rank"] in host1
+               and e["t"] >= times["host_return"]]
+    run: dict[str, Any] = {
+        "times": times, "events": events, "tokens_per_bin": bins, "normal_gap_s": normal,
+        "tokens_per_s_steady": fb._rate(bins, fb._STEADY_FROM_S, times["remote_kill"]),
+        "requests": len(records), "requests_completed": sum(r.complete for r in records),
+        "requests_lost": sum(not r.complete for r in records),
+        "errors": sorted({r.error for r in records if r.error})[:5],
+        "host_loss_detection_s": min(loss_seen) - times["host_loss"] if loss_seen else None,
+        "partition_detection_s": min(partition_seen) - times["partition"] if partition_seen else None,
+        "host_rejoin_pauses_s": [max(0.0, fb._longest_gap(arrivals, t - 1.0, t + 1.0) - normal) for t in rejoins],
+        "steps_committed_by_fenced_ranks": status.get("steps_committed_by_fenced_ranks"),
+    }
+    run["remote_kill_longest_gap_s"], run["remote_kill_pause_s"] = pause("remote_kill", "remote_kill_back")
+    run["host_loss_longest_gap_s"], run["host_loss_pause_s"] = pause("host_loss", "host_return")
+    run["partition_longest_gap_s"], run["partition_pause_s"] = pause("partition", "heal")
+    return run
+
+
+def _summary(run: dict[str, Any], local: dict[str, Any], steady: dict[str, Any]) -> dict[str, Any]:
+    ratios = {name: statistics.median(s["round_ratios"]) if s["round_ratios"] else None for name, s in steady.items()}
+    summary = {
+        "cross_host_over_single_host": ratios.get("single_host"),
+        "cross_host_over_gloo": ratios.get("gloo"),
+        "host_loss_detection_s": run["host_loss_detection_s"],
+        "host_loss_pause_s": run["host_loss_pause_s"],
+        "host_rejoin_pause_s": max(run["host_rejoin_pauses_s"], default=None),
+        "partition_pause_s": run["partition_pause_s"],
+        "remote_kill_pause_s": run["remote_kill_pause_s"],
+        "single_host_kill_pause_s": local["pause_after_kill_s"],
+        "steps_committed_by_fenced_ranks": run["steps_committed_by_fenced_ranks"],
+        "requests_lost": run["requests_lost"],
+        "outputs_differing": run["outputs_differing"],
+        "normal_gap_s": run["normal_gap_s"],
+    }
+    return {"summary": summary}
+
+
+def add_targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each met or not, from `summary` and the configured failure timeout."""
+    s, ft = result["summary"], result["config"]["failure_timeout_s"]
+    checks = {
+        "cross_host_over_gloo_ge_2": ("cross_host_over_gloo", lambda v: v >= 2),
+        "cross_host_over_single_host_ge_0.8": ("cross_host_over_single_host", lambda v: v >= 0.8),
+        "host_loss_detection_le_ft_plus_0.2": ("host_loss_detection_s", lambda v: v <= ft + 0.2),
+        "host_loss_pause_le_ft_plus_0.5": ("host_loss_pause_s", lambda v: v <= ft + 0.5),
+        "remote_kill_pause_within_2x_single_host": (
+            "remote_kill_pause_s", lambda v: v <= 2 * max(s["single_host_kill_pause_s"] or 0.0, s["normal_gap_s"])),
+        "no_step_from_fenced_ranks": ("steps_committed_by_fenced_ranks", lambda v: v == 0),
+        "host_rejoin_pause_le_0.1": ("host_rejoin_pause_s", lambda v: v <= 0.1),
+        "no_request_lost": ("requests_lost", lambda v: v == 0),
+        "no_output_differing": ("outputs_differing", lambda v: v == 0),
+    }
+    result["targets_met"] = {name: check(s[key]) for name, (key, check) in checks.items() if s.get(key) is not None}
+    return result
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    lines = [f"{k:34s} {v:.3f}" if isinstance(v, float) else f"{k:34s} {v}" for k, v in result["summary"].items()]
+    lines += [f"target {k:27s} {'met' if v else 'NOT MET'}" for k, v in result.get("targets_met", {}).items()]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Throughput over time of the cross-host run, each fault and return marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = result["run"]
+    bins, smooth = run["tokens_per_bin"], int(round(fb._WINDOW_S / fb.BIN_S))
+    rates = [sum(bins[max(0, i - smooth + 1):i + 1]) / (min(i + 1, smooth) * fb.BIN_S) for i in range(len(bins))]
+    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120)
+    ax.plot([(i + 1) * fb.BIN_S for i in range(len(bins))], rates, color="tab:blue", linewidth=1.5,
+            label=f"eep on {result['config']['hosts']} hosts x {result['config']['ranks_per_host']} ranks")
+    t = run["times"]
+    marks = [("remote_kill", "SIGKILL rank on host 1", "black", "-"), ("host_loss", "host 1 lost", "tab:red", "-"),
+             ("host_return", "host 1 returns", "tab:green", ":"), ("partition", "partition", "tab:purple", "-"),
+             ("heal", "healed", "tab:purple", ":"), ("partition_return", "agent restarted", "tab:green", ":")]
+    for key, text, color, style in marks:
+        if key in t:
+            ax.axvline(t[key], color=color, linestyle=style, linewidth=1)
+            ax.annotate(text, (t[key], 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=8,
+                        va="top", ha="right", color=color)
+    s = result["summary"]
+    ax.set_title(f"committed tokens/s across hosts (0.5 s average) — host loss pause {s['host_loss_pause_s']:.2f} s, "
+                 f"partition pause {s['partition_pause_s']:.2f} s", fontsize=10)
+    ax.set_xlabel("time since the load started (s)")
+    ax.set_ylabel("tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+

@@ -1,0 +1,244 @@
+"""The data plane across hosts: ZeroMQ over TCP between hosts, shared memory within a host,
+combined in one all-to-all (as DeepEP splits its intranode and internode paths).
+
+What this module promises:
+- `ZmqLink` is one rank's network side: a PULL socket bound at its data address, on which
+  every remote peer's messages and the controller's aborts arrive, and one PUSH socket per
+  remote peer. Every message carries (kind, source, epoch, step); a receiver files what
+  arrives by source and takes exactly the (epoch, step) it waits for: older messages are
+  dropped, a newer epoch raises `StaleEpoch`, a later step of the same epoch `OutOfStep`.
+- Every wait is bounded: nothing from a peer within `timeout_s` raises `PeerTimeout` naming
+  it; a send that cannot be queued within `timeout_s` (the peer's queue is full) too.
+- The controller aborts a blocked wait at once by pushing an ABORT of a newer epoch to the
+  rank's address (`send_abort`); waits also look at the host segment's announced epoch at
+  least every 50 ms (the agent announces every committed epoch there), so an abort is seen
+  even if the push was lost.
+- `HybridExchange` is the `Exchange` a rank of a multi-host instance uses: peers on its own
+  host through the shm `Endpoint`, the others through its `ZmqLink`, in one call. A single-host
+  instance never builds one (it keeps `ShmExchange` and its speed).
+
+Sockets: `LINGER 0` (a closing rank never blocks on a dead peer), `RECONNECT_IVL` 50 ms (a
+replacement at the same address is reached quickly), ZeroMQ heartbeats off (liveness is the
+controller's: heartbeats through the agents, and `PeerTimeout`).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import zmq
+
+from eep.errors import OutOfStep, PeerTimeout, RankFenced, StaleEpoch, StepAborted
+
+logger = logging.getLogger(__name__)
+
+DATA, ABORT = 1, 2
+_HEADER = struct.Struct("<BIQQ")  # kind, source rank, epoch, step
+_ABORT_CHECK_S = 0.05  # a wait looks at the announced epoch at least this often
+
+
+def data_address(host: str, base_port: int, rank: int) -> str:
+    """The ZeroMQ address rank `rank` binds on `host`: one port per rank, `base_port + rank`."""
+    return f"tcp://{host}:{base_port + rank}"
+
+
+def send_abort(ctx: zmq.Context, addresses: Iterable[str], epoch: int, timeout_s: float = 0.2) -> None:
+    """Push an ABORT of `epoch` to every address (the controller, at a new epoch): a rank
+    blocked on a peer of an older epoch gives up the step at once. Best effort, never blocks
+    longer than `timeout_s` per address (a dead rank's queue is dropped)."""
+    msg = _HEADER.pack(ABORT, 0, epoch, 0)
+    for addr in addresses:
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, int(timeout_s * 1000))
+        s.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+        try:
+            s.connect(addr)
+            s.send(msg, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        finally:
+            s.close()
+
+
+class AbortPusher:
+    """The controller's standing PUSH sockets to every rank's data address, for ABORTs (one
+    connection each, kept: an abort must not wait for a TCP handshake)."""
+
+    def __init__(self, addresses: Sequence[str]) -> None:
+        self.ctx = zmq.Context.instance()
+        self._socks: list[zmq.Socket] = []
+        for addr in addresses:
+            s = self.ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 16)
+            s.setsockopt(zmq.RECONNECT_IVL, 50)
+            s.connect(addr)
+            self._socks.append(s)
+
+    def abort(self, epoch: int) -> None:
+        msg = _HEADER.pack(ABORT, 0, epoch, 0)
+        for s in self._socks:
+            try:
+                s.send(msg, zmq.NOBLOCK)
+            except zmq.Again:  # that rank is not connected (dead, loading): nothing waits there
+                pass
+
+    def close(self) -> None:
+        for s in self._socks:
+            s.close(0)
+        self._socks = []
+
+
+class ZmqLink:
+    """Rank `rank`'s network side: receive on `addresses[rank]`, send to the ranks in `remote`."""
+
+    def __init__(self, rank: int, addresses: Sequence[str], remote: Iterable[int], *, timeout_s: float,
+                 announced: Callable[[], int] | None = None) -> None:
+        self.rank, self.timeout_s = rank, timeout_s
+        self.ctx = zmq.Context.instance()
+        self._announced = announced or (lambda: 0)
+        self._pull = self.ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.setsockopt(zmq.RCVHWM, 0)
+        self._pull.bind(addresses[rank])
+        self._push: dict[int, zmq.Socket] = {}
+        for r in remote:
+            s = self.ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.SNDHWM, 64)
+            s.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+            s.setsockopt(zmq.RECONNECT_IVL, 50)
+            s.connect(addresses[r])
+            self._push[r] = s
+        self._inbox: dict[int, deque[tuple[int, int, zmq.Frame]]] = {r: deque() for r in self._push}
+        self._aborted = 0  # the newest epoch an ABORT named
+        self._poller = zmq.Poller()
+        self._poller.register(self._pull, zmq.POLLIN)
+        self.dropped = 0
+
+    def send(self, dst: int, data: torch.Tensor, *, epoch: int, step: int) -> None:
+        try:
+            self._push[dst].send_multipart([_HEADER.pack(DATA, self.rank, epoch, step), memoryview(data.numpy())])
+        except zmq.Again:
+            raise PeerTimeout(peer=dst, rank=self.rank, epoch=epoch, step=step, waited_s=self.timeout_s,
+                              op="send") from None
+
+    def _drain(self) -> None:
+        """File everything that arrived, without waiting."""
+        while True:
+            try:
+                parts = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            kind, src, epoch, step = _HEADER.unpack(parts[0].bytes)
+            if kind == ABORT:
+                self._aborted = max(self._aborted, epoch)
+            elif src in self._inbox and len(parts) == 2:
+                self._inbox[src].append((epoch, step, parts[1]))
+            else:
+                self.dropped += 1
+
+    def discard_older(self, epoch: int) -> None:
+        """A new epoch starts: forget whatever older messages were filed."""
+        self._drain()
+        for box in self._inbox.values():
+            while box and box[0][0] < epoch:
+                box.popleft()
+                self.dropped += 1
+
+    def recv(self, src: int, *, epoch: int, step: int) -> torch.Tensor:
+        """`src`'s message of exactly (epoch, step), as a uint8 tensor it owns."""
+        box = self._inbox[src]
+        start = time.monotonic()
+        deadline = start + self.timeout_s
+        while True:
+            while box:
+                e, s, frame = box[0]
+                if e < epoch or (e == epoch and s < step):
+                    box.popleft()
+                    self.dropped += 1
+                    continue
+                if e > epoch:
+                    raise StaleEpoch(rank=self.rank, peer=src, epoch=epoch, seen_epoch=e)
+                if s > step:
+                    raise OutOfStep(f"rank {self.rank} waits for step {step} of epoch {epoch} but rank {src} "
+                                    f"already sent step {s}: the ranks left lockstep; abort the step")
+                box.popleft()
+                if not len(frame.buffer):
+                    return torch.empty(0, dtype=torch.uint8)
+                return torch.frombuffer(bytearray(frame.buffer), dtype=torch.uint8)
+            announced = max(self._aborted, self._announced())
+            if announced > epoch:
+                raise StepAborted(rank=self.rank, epoch=epoch, step=step, peer=src, announced=announced)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerTimeout(peer=src, rank=self.rank, epoch=epoch, step=step, waited_s=time.monotonic() - start)
+            if self._poller.poll(int(min(left, _ABORT_CHECK_S) * 1000) + 1):
+                self._drain()
+
+    def close(self) -> None:
+        for s in self._push.values():
+            s.close(0)
+        self._pull.close(0)
+        self._push = {}
+
+
+class HybridExchange:
+    """An `Exchange` over shared memory for the ranks of this host and ZeroMQ for the others.
+
+    Lockstep as `ShmExchange`: every active rank makes the same sequence of calls; each call is
+    one step of the exchange counter within the epoch. All sends go out first (network sends
+    first, so their transfer overlaps the shm copies), then the receives.
+    """
+
+    def __init__(self, endpoint: object, link: ZmqLink, num_ranks: int, host_of: Sequence[int]) -> None:
+        self.endpoint, self.link = endpoint, link
+        self.rank, self.num_ranks = link.rank, num_ranks
+        self.host_of = tuple(host_of)
+        self.epoch, self.step = 0, 0
+        self._local: list[int] = []
+        self._remote: list[int] = []
+        self.set_peers(range(num_ranks))
+        self._empty = torch.empty(0, dtype=torch.uint8)
+
+    def set_peers(self, active: Iterable[int]) -> None:
+        n, members, me = self.num_ranks, set(active), self.host_of[self.rank]
+        peers = [(self.rank + i) % n for i in range(1, n) if (self.rank + i) % n in members]
+        self._local = [p for p in peers if self.host_of[p] == me]
+        self._remote = [p for p in peers if self.host_of[p] != me]
+
+    def set_view(self, epoch: int, active: Sequence[int]) -> None:
+        if epoch < self.epoch:
+            raise StaleEpoch(rank=self.rank, peer=self.rank, epoch=self.epoch, seen_epoch=epoch)
+        if self.rank not in active:
+            raise RankFenced(f"rank {self.rank} is not in the view of epoch {epoch}: it must rejoin")
+        if epoch != self.epoch:
+            self.epoch, self.step = epoch, 0
+            for src in range(self.num_ranks):
+                if src != self.rank and self.host_of[src] == self.host_of[self.rank]:
+                    self.endpoint.discard_older(src, epoch)  # type: ignore[attr-defined]
+            self.link.discard_older(epoch)
+        self.set_peers(active)
+
+    def all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
+        step, epoch = self.step, self.epoch
+        for d in self._remote:
+            self.link.send(d, send[d], epoch=epoch, step=step)
+        for d in self._local:
+            self.endpoint.send(d, send[d], epoch=epoch, step=step)  # type: ignore[attr-defined]
+        recv: list[torch.Tensor] = [self._empty] * self.num_ranks
+        recv[self.rank] = send[self.rank]
+        for s in self._local:
+            recv[s] = self.endpoint.recv(s, epoch=epoch, step=step)  # type: ignore[attr-defined]
+        for s in self._remote:
+            recv[s] = self.link.recv(s, epoch=epoch, step=step)
+        self.step += 1
+        return recv
+
+    def close(self) -> None:
+        self.link.close()

@@ -1,0 +1,271 @@
+"""The host agent: one per host of a multi-host instance, beside that host's rank processes.
+
+What this module promises:
+- The agent owns what must live on its host: the host's data-plane segment (created here, so a
+  rank's death leaves it intact, as the controller does on one host), the heartbeat board of
+  its ranks, the host-memory expert backup. It starts rank processes when the controller asks
+  (`SpawnRank`), kills them when asked (`KillRank`), and announces every committed epoch in its
+  segment (`Announce`), so a rank blocked on a dead peer of its own host gives up at once.
+- It reports, every heartbeat interval, the heartbeat ages of its ranks (`Beats`): the
+  controller fails a stopped rank from them, and a whole host whose agent fell silent (its
+  link down, the host gone) after `failure_timeout_s`. A rank's exit is relayed at once
+  (`RankExited`, from the pidfd), besides the controller seeing the rank's own TCP connection
+  close.
+- A rank talks to the controller over its own TCP connection (opened here, handed to the rank
+  as its control pipe, introduced by `RankConnect`): steps never pass through the agent.
+- The agent follows the controller: no message (`Announce` comes every heartbeat interval as
+  a ping) for `controller_timeout_s`, or its connection closed, and the agent kills its ranks,
+  removes what it created and exits. Nothing is left behind on a host whose head is gone.
+
+Run as `eep serve --nnodes N --node-rank i --dist-init-addr HOST:PORT` (i >= 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+from eep.dataplane.shm import ShmSegment, sweep_orphans
+from eep.errors import EepError, MembershipError
+from eep.runtime import wire
+from eep.runtime.heartbeat import HeartbeatBoard
+
+logger = logging.getLogger(__name__)
+
+
+class AgentError(EepError):
+    """The agent cannot reach its controller or set its host up."""
+
+
+@dataclass(slots=True)
+class _Rank:
+    rank: int
+    proc: subprocess.Popen[bytes]
+    pidfd: int
+
+
+class HostAgent:
+    def __init__(self, node: int, controller: str, *, start_timeout_s: float = 120.0,
+                 controller_timeout_s: float | None = None) -> None:
+        self.node, self.controller = node, controller
+        self.start_timeout_s = start_timeout_s
+        self.controller_timeout_s = controller_timeout_s
+        self.epoch = 0
+        self._ranks: dict[int, _Rank] = {}
+        self._segment: ShmSegment | None = None
+        self._board: HeartbeatBoard | None = None
+        self._backup = None
+        self._conn: Connection | None = None
+        self._store = None  # etcd, when the instance keeps its membership there
+        self._lease = None  # this host's registration in it
+        self._clean = False  # the controller shut the instance down (its ranks were stopped)
+
+    # -- life ----------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve the controller until it shuts the instance down (0) or is lost (1)."""
+        try:
+            setup = self._join()
+            return self._serve(setup)
+        finally:
+            self.close()
+
+    def _join(self) -> wire.HostSetup:
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                sock = wire.connect(self.controller, timeout_s=2.0)
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise AgentError(f"node {self.node}: no controller at {self.controller} within "
+                                     f"{self.start_timeout_s:g} s ({e})") from None
+                time.sleep(0.2)
+        address = sock.getsockname()[0]  # the interface that reaches the controller
+        self._conn = wire.accepted(sock)
+        wire.send(self._conn, wire.AgentHello(0, self.node, address, os.getpid()))
+        setup = None
+        while not isinstance(setup, wire.HostSetup):  # pings (Announce) may come first
+            if not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                raise AgentError(f"node {self.node}: the controller sent no host set-up within {self.start_timeout_s:g} s")
+            setup = wire.recv(self._conn)
+            if not isinstance(setup, (wire.HostSetup, wire.Announce)):
+                raise AgentError(f"node {self.node}: expected HostSetup, got {type(setup).__name__}")
+        self.epoch = setup.epoch
+        if self.controller_timeout_s is None:
+            self.controller_timeout_s = 2 * setup.failure_timeout_s
+        sweep_orphans()
+        self._segment = ShmSegment.create(setup.layout)
+        self._board = HeartbeatBoard(setup.num_ranks)
+        if setup.expert_backup:
+            from eep.runtime.expert_backup import ExpertBackup
+
+            self._backup = ExpertBackup.build(setup.model_path, setup.dtype)
+        if setup.etcd_endpoints:
+            self._register(setup, address)
+        logger.info("node %d: joined controller %s as %s (segment %s)", self.node, self.controller, address,
+                    self._segment.name)
+        return setup
+
+    def _register(self, setup: wire.HostSetup, address: str) -> None:
+        """List this host in etcd under a lease it keeps alive (`hosts()` of the store): the slow,
+        authoritative record of which hosts are up, for operators and a standby head."""
+        from eep.membership.store import EtcdStore
+
+        self._store = EtcdStore(list(setup.etcd_endpoints), setup.instance, timeout_s=setup.failure_timeout_s)
+        self._lease = self._store.register_host(f"node{self.node}", {"address": address, "pid": os.getpid()},
+                                                ttl_s=max(2.0, 2 * setup.failure_timeout_s))
+
+    def _renew(self) -> bool:
+        """Keep the lease alive; False once it ran out (this host is out of the instance's record)."""
+        from eep.membership.store import LeaseLost, StoreError
+
+        try:
+            self._lease.keep_alive()  # type: ignore[union-attr]
+        except LeaseLost as e:
+            logger.error("node %d: %s", self.node, e)
+            return False
+        except StoreError as e:  # etcd unreachable for now: the next renewal tries the other members
+            logger.warning("node %d: lease not renewed: %s", self.node, e)
+        return True
+
+    def _serve(self, setup: wire.HostSetup) -> int:
+        assert self._conn is not None and self._board is not None
+        interval = setup.heartbeat_interval_s
+        last_heard = time.monotonic()
+        next_beat = next_renewal = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self._lease is not None and now >= next_renewal:
+                if not self._renew():
+                    return 1
+                next_renewal = time.monotonic() + self._lease.ttl_s / 3
+            if now - last_heard > self.controller_timeout_s:  # type: ignore[operator]
+                logger.error("node %d: nothing from the controller for %.2f s: it is gone; stopping this host's ranks",
+                             self.node, now - last_heard)
+                return 1
+            if now >= next_beat:
+                ages = {r: self._board.age_s(r) for r in self._ranks}
+                try:
+                    wire.send(self._conn, wire.Beats(self.epoch, ages))
+                except OSError:
+                    logger.error("node %d: the controller's connection is closed", self.node)
+                    return 1
+                next_beat = now + interval
+            handles: list[object] = [self._conn, *(r.pidfd for r in self._ranks.values())]
+            ready = wait(handles, max(0.0, next_beat - time.monotonic()))  # type: ignore[arg-type]
+            for r in [r for r in self._ranks.values() if r.pidfd in ready]:
+                self._reap(r)
+            if self._conn in ready:
+                try:
+                    msg = wire.recv(self._conn)
+                except (EOFError, OSError):
+                    logger.error("node %d: the controller closed its connection", self.node)
+                    return 1
+                last_heard = time.monotonic()
+                if isinstance(msg, wire.Shutdown):
+                    logger.info("node %d: shutdown (%s)", self.node, msg.reason)
+                    self._clean = True
+                    return 0
+                self._handle(msg)
+
+    def _handle(self, msg: object) -> None:
+        assert self._segment is not None
+        if isinstance(msg, wire.Announce):
+            if msg.epoch > self.epoch:
+                self.epoch = msg.epoch
+                self._segment.announce_epoch(msg.epoch)
+        elif isinstance(msg, wire.SpawnRank):
+            self._spawn(msg)
+        elif isinstance(msg, wire.KillRank):
+            r = self._ranks.get(msg.rank)
+            if r is not None and r.proc.pid == msg.pid and r.proc.poll() is None:
+                r.proc.kill()
+        else:
+            logger.warning("node %d: unexpected %s from the controller", self.node, type(msg).__name__)
+
+    # -- ranks ---------------------------------------------------------------------------------
+    def _spawn(self, msg: wire.SpawnRank) -> None:
+        assert self._segment is not None and self._board is not None and self._conn is not None
+        old = self._ranks.get(msg.rank)
+        if old is not None:  # the controller reaps before it replaces; make sure
+            old.proc.kill()
+            self._reap(old)
+        self._board.reset(msg.rank)
+        sock = wire.connect(self.controller, timeout_s=5.0)
+        with sock:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "eep.runtime", str(sock.fileno())], pass_fds=[sock.fileno()],
+                start_new_session=True,
+            )
+            conn = Connection(os.dup(sock.fileno()))
+        host_local = {"rendezvous": self._segment.name, "heartbeat": self._board.name,
+                      "backup": self._backup.name if self._backup is not None else None, "death_notice": None}
+        try:
+            wire.send(conn, wire.RankConnect(self.epoch, msg.rank, msg.nonce, proc.pid, host_local))
+        finally:
+            conn.close()
+        self._ranks[msg.rank] = _Rank(msg.rank, proc, os.pidfd_open(proc.pid))
+        logger.info("node %d: started rank %d (pid %d)", self.node, msg.rank, proc.pid)
+
+    def _reap(self, r: _Rank) -> None:
+        try:
+            code = r.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            r.proc.kill()
+            code = r.proc.wait(timeout=5)
+        os.close(r.pidfd)
+        if self._ranks.get(r.rank) is r:
+            del self._ranks[r.rank]
+        logger.info("node %d: rank %d (pid %d) exited with code %s", self.node, r.rank, r.proc.pid, code)
+        if self._conn is not None:
+            try:
+                wire.send(self._conn, wire.RankExited(self.epoch, r.rank, r.proc.pid, code))
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Stop every rank (they were told to stop by the controller, or it is gone), remove the
+        segment, the board and the backup. Idempotent."""
+        # After a Shutdown the controller has stopped the ranks already; once it is lost nobody
+        # will: a rank blocked in a step would wait out its data-plane timeout.
+        deadline = time.monotonic() + (2.0 if self._clean else 0.0)
+        for r in list(self._ranks.values()):
+            try:
+                r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.kill(r.proc.pid, signal.SIGKILL)  # also ends a stopped one
+                r.proc.wait(timeout=5)
+            os.close(r.pidfd)
+        self._ranks = {}
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lease is not None:
+            with contextlib.suppress(MembershipError):  # etcd unreachable: the lease ends at its TTL anyway
+                self._lease.revoke()
+            self._lease = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        for res in (self._segment, self._board, self._backup):
+            if res is not None:
+                res.close()
+        if self._segment is not None:
+            self._segment.unlink()
+        self._segment = self._board = self._backup = None
+
+
+def main(node: int, controller: str) -> int:
+    agent = HostAgent(node, controller)
+    try:
+        return agent.run()
+    except AgentError as e:
+        logger.error("%s", e)
+        return 2

@@ -1,0 +1,257 @@
+"""The other hosts of a multi-host instance, as the controller sees them.
+
+What this module promises:
+- `HostListener` listens on the instance's `--dist-init-addr`. A connection introduces itself
+  by its first message: an agent (`AgentHello`) becomes an `AgentLink`; a rank's own control
+  connection (`RankConnect`) waits, by its nonce, for the `spawn` that asked for it.
+- `AgentLink` reads its agent in a thread of its own: heartbeat ages (`Beats`), exits
+  (`RankExited`, which also wakes the controller through `wake_fd`), and pings the agent with
+  the committed epoch every heartbeat interval (`Announce`). `age_s(rank)` is an upper bound
+  of the time since the rank's last heartbeat: the age the agent read plus the time since
+  that report, so a host whose agent went silent (link down, host gone) ages as a whole.
+- `RemoteProcess` gives a remote rank the surface of `subprocess.Popen` the executor uses
+  (`pid`, `poll`, `kill`, `wait`): exit codes come from the agent; `wait` never blocks longer
+  than asked, also when the host is unreachable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from multiprocessing.connection import Connection
+
+from eep.errors import EepError
+from eep.runtime import wire
+
+logger = logging.getLogger(__name__)
+
+
+class HostError(EepError):
+    """A host agent is missing, or did not do what was asked in time."""
+
+
+class AgentLink:
+    def __init__(self, hello: wire.AgentHello, conn: Connection, interval_s: float, wake_w: int) -> None:
+        self.node, self.address, self.pid = hello.node, hello.address, hello.pid
+        self.conn, self.interval_s = conn, interval_s
+        self.epoch = 0  # the controller's committed epoch, sent as the ping
+        self.last_heard = time.monotonic()
+        self.closed = False
+        self._wake_w = wake_w
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._ages: dict[int, tuple[float, float]] = {}  # rank -> (reported age, monotonic at receipt)
+        self._exits: dict[int, int | None] = {}  # pid -> exit code
+        self._thread = threading.Thread(target=self._run, name=f"eep-agent-{self.node}", daemon=True)
+        self._thread.start()
+
+    def send(self, message: object) -> None:
+        with self._send_lock:
+            wire.send(self.conn, message)
+
+    def _run(self) -> None:
+        next_ping = time.monotonic()
+        while not self.closed:
+            try:
+                if time.monotonic() >= next_ping:
+                    self.send(wire.Announce(self.epoch))
+                    next_ping = time.monotonic() + self.interval_s
+                if not self.conn.poll(max(0.0, next_ping - time.monotonic())):
+                    continue
+                msg = wire.recv(self.conn)
+            except (EOFError, OSError):
+                if not self.closed:
+                    logger.warning("node %d: the agent's connection closed", self.node)
+                break
+            now = time.monotonic()
+            self.last_heard = now
+            if isinstance(msg, wire.Beats):
+                with self._cond:
+                    for r, age in msg.ages_s.items():
+                        self._ages[r] = (age, now)
+            elif isinstance(msg, wire.RankExited):
+                with self._cond:
+                    self._exits[msg.pid] = msg.code
+                    self._cond.notify_all()
+                os.write(self._wake_w, b"x")
+        self.closed = True
+        with self._cond:
+            self._cond.notify_all()
+
+    def expect(self, rank: int) -> None:
+        """A new process for `rank` is starting: it counts as beating from now on."""
+        with self._cond:
+            self._ages[rank] = (0.0, time.monotonic())
+
+    def age_s(self, rank: int) -> float:
+        with self._cond:
+            age, at = self._ages.get(rank, (0.0, self.last_heard))
+        return age + time.monotonic() - at
+
+    def silent_s(self) -> float:
+        return time.monotonic() - self.last_heard
+
+    def exit_code(self, pid: int) -> tuple[bool, int | None]:
+        with self._cond:
+            return pid in self._exits, self._exits.get(pid)
+
+    def wait_exit(self, pid: int, timeout_s: float) -> bool:
+        """Wait for `pid`'s exit to be relayed; False after `timeout_s`, or at once if the agent is
+        gone or has been silent for a second (its host is unreachable: nothing will be relayed)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while pid not in self._exits and not self.closed:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.silent_s() > max(1.0, 5 * self.interval_s):
+                    return False
+                self._cond.wait(min(left, self.interval_s))
+            return pid in self._exits
+
+    def close(self) -> None:
+        self.closed = True
+        self._thread.join(2 * self.interval_s + 1.0)
+        self.conn.close()
+
+
+class RemoteProcess:
+    """A rank process on another host (the part of `subprocess.Popen` the executor uses)."""
+
+    def __init__(self, link: AgentLink, rank: int, pid: int) -> None:
+        self.link, self.rank, self.pid = link, rank, pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        exited, code = self.link.exit_code(self.pid)
+        if exited:
+            self.returncode = code if code is not None else -9
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None and not self.link.closed:
+            try:
+                self.link.send(wire.KillRank(self.link.epoch, self.rank, self.pid))
+            except OSError:
+                pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self.link.wait_exit(self.pid, 30.0 if timeout is None else timeout):
+            raise subprocess.TimeoutExpired(f"rank {self.rank} on node {self.link.node}", timeout or 30.0)
+        return self.poll()  # type: ignore[return-value]
+
+
+class HostListener:
+    """Accepts agents and ranks' control connections on the instance's address."""
+
+    def __init__(self, addr: str, interval_s: float, setup: wire.HostSetup) -> None:
+        self.addr, self.interval_s, self.setup = addr, interval_s, setup
+        self._sock = wire.listen(addr)
+        self._sock.settimeout(0.2)
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.agents: dict[int, AgentLink] = {}
+        self._ranks: dict[str, tuple[Connection, wire.RankConnect]] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self.epoch = setup.epoch  # the committed epoch (the controller keeps it current)
+        self._thread = threading.Thread(target=self._accept, name="eep-host-listener", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                sock, peer = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn = wire.accepted(sock)
+            try:
+                first = wire.recv(conn) if conn.poll(5.0) else None
+            except (EOFError, OSError):
+                first = None
+            if isinstance(first, wire.AgentHello):
+                try:
+                    wire.send(conn, dataclasses.replace(self.setup, epoch=self.epoch))
+                except OSError:
+                    conn.close()
+                    continue
+                link = AgentLink(first, conn, self.interval_s, self.wake_w)
+                link.epoch = self.epoch
+                with self._cond:
+                    old = self.agents.get(first.node)
+                    self.agents[first.node] = link
+                    self._cond.notify_all()
+                if old is not None:
+                    old.close()
+                logger.info("node %d: agent %s (pid %d) connected", first.node, first.address, first.pid)
+            elif isinstance(first, wire.RankConnect):
+                with self._cond:
+                    self._ranks[first.nonce] = (conn, first)
+                    self._cond.notify_all()
+            else:
+                logger.warning("a connection from %s did not introduce itself; closed", peer)
+                conn.close()
+
+    def wait_agents(self, nodes: range | list[int], timeout_s: float) -> dict[int, AgentLink]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: all(n in self.agents for n in nodes), timeout_s):
+                missing = [n for n in nodes if n not in self.agents]
+                raise HostError(f"no agent of node(s) {missing} connected to {self.addr} within {timeout_s:g} s: "
+                                f"start `eep serve --node-rank N --dist-init-addr {self.addr}` on each")
+            return {n: self.agents[n] for n in nodes}
+
+    def agent(self, node: int) -> AgentLink | None:
+        """node's agent while it is connected and talking (silent for 5 heartbeat intervals:
+        its host is unreachable, and asking it to start a rank would only wait)."""
+        link = self.agents.get(node)
+        if link is None or link.closed or link.silent_s() > 5 * self.interval_s:
+            return None
+        return link
+
+    def spawn(self, node: int, rank: int, epoch: int, timeout_s: float = 5.0) -> tuple[Connection, wire.RankConnect]:
+        """Ask node's agent to start `rank`; returns the rank's control connection to us."""
+        link = self.agent(node)
+        if link is None:
+            raise HostError(f"node {node} has no agent: rank {rank} cannot be started")
+        nonce = secrets.token_hex(8)
+        try:
+            link.send(wire.SpawnRank(epoch, rank, nonce))
+        except OSError as e:
+            raise HostError(f"node {node}'s agent is unreachable ({e})") from None
+        with self._cond:
+            if not self._cond.wait_for(lambda: nonce in self._ranks, timeout_s):
+                raise HostError(f"node {node} did not start rank {rank} within {timeout_s:g} s")
+            conn, hello = self._ranks.pop(nonce)
+        link.expect(rank)
+        return conn, hello
+
+    def drain_wake(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self, reason: str = "the instance stops") -> None:
+        self._closed = True
+        self._thread.join(1.0)
+        self._sock.close()
+        for link in list(self.agents.values()):
+            if not link.closed:
+                try:
+                    link.send(wire.Shutdown(link.epoch, reason))
+                except OSError:
+                    pass
+            link.close()
+        self.agents = {}
+        with self._cond:
+            for conn, _ in self._ranks.values():
+                conn.close()
+            self._ranks = {}
+        os.close(self.wake_r)
+        os.close(self.wake_w)
