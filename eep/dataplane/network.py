@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import zmq
 
-from eep.errors import OutOfStep, PeerTimeout, RankFenced, StaleEpoch, StepAborted
+from eep.errors import DataPlaneError, OutOfStep, PeerTimeout, RankFenced, StaleEpoch, StepAborted
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class ZmqLink:
         self._pull = self.ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.setsockopt(zmq.RCVHWM, 0)
-        self._pull.bind(addresses[rank])
+        self._bind(addresses[rank])
         self._push: dict[int, zmq.Socket] = {}
         for r in remote:
             s = self.ctx.socket(zmq.PUSH)
@@ -120,6 +120,21 @@ class ZmqLink:
         self._poller = zmq.Poller()
         self._poller.register(self._pull, zmq.POLLIN)
         self.dropped = 0
+
+    def _bind(self, address: str, timeout_s: float = 5.0) -> None:
+        """Bind, waiting (bounded) while the address is still held: the rank this process replaces
+        may be a moment from releasing it (a killed process's sockets go with its teardown; a
+        closed ZeroMQ socket unbinds in the background)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._pull.bind(address)
+                return
+            except zmq.ZMQError as e:
+                if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    self._pull.close(0)
+                    raise DataPlaneError(f"rank {self.rank} cannot listen on {address}: {e}") from None
+                time.sleep(0.02)
 
     def send(self, dst: int, data: torch.Tensor, *, epoch: int, step: int) -> None:
         try:

@@ -68,6 +68,7 @@ from eep.runtime.death_notice import DeathNotice
 from eep.membership.store import Committed, EpochConflict, EtcdStore, MemoryStore, MembershipStore, StoreError
 from eep.runtime.heartbeat import HeartbeatBoard
 from eep.runtime.hosts import HostError, HostListener, RemoteProcess
+from eep.runtime import wire
 from eep.runtime.rank import ExpertCopy, RankSpec, StepOrder, StepResult, recv, send
 
 logger = logging.getLogger(__name__)
@@ -310,7 +311,6 @@ class EPExecutor:
         """Multi-host start: wait for every other node's agent, set its host up, and fix each
         rank's data-plane address (`data_port_base + rank` on its node's address)."""
         from eep.dataplane.network import AbortPusher, data_address
-        from eep.runtime import wire
 
         ep = self.ep
         assert ep.dist_init_addr is not None
@@ -398,7 +398,7 @@ class EPExecutor:
             heartbeat_interval_s=self._heartbeat_interval_s,
             backup=self._backup.name if self._backup is not None else None, held=held,
             death_notice=notice.name if notice is not None else None,
-            data_addresses=self._data_addresses if self.ep.backend == "shm" else None,
+            data_addresses=self._data_addresses if self.ep.backend == "shm" else None, epoch=self.view.epoch,
             node_of=tuple(self.ep.node_of(r) for r in range(self.num_ranks)) if self._data_addresses else None,
         )
         if remote:
@@ -443,14 +443,14 @@ class EPExecutor:
         return p
 
     def _await_ready(self, ranks: range | list[int], timeout_s: float) -> None:
-        for rank, payload in self._gather(list(ranks), "ready", timeout_s).items():
+        for rank, ready in self._gather(list(ranks), wire.Ready, timeout_s).items():
             p = self._procs[rank]
             assert p is not None
-            p.ready, p.warmup_s = True, payload["warmup_s"]  # type: ignore[index]
+            p.ready, p.warmup_s = True, ready.warmup_s  # type: ignore[attr-defined]
             if p.notice is not None:  # it holds the mutex since before it said ready
                 p.notice.watch(rank)
 
-    def _gather(self, ranks: list[int], kind: str, timeout_s: float, heartbeats: bool = False) -> dict[int, object]:
+    def _gather(self, ranks: list[int], kind: type, timeout_s: float, heartbeats: bool = False) -> dict[int, object]:
         """One reply of `kind` from each of `ranks`, outside a step. A rank that exits, closes
         its pipe, answers out of turn or not within `timeout_s` raises RankFailed, but only
         after every other rank's reply was read, so that no stale reply is left in a pipe. With
@@ -464,23 +464,23 @@ class EPExecutor:
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
-                failures += [RankFailed(r, f"no {kind!r} reply within {timeout_s:.1f} s") for r in sorted(pending)]
+                failures += [RankFailed(r, f"no {kind.__name__} reply within {timeout_s:.1f} s") for r in sorted(pending)]
                 break
             wait_s = min(left, self._look_s(pending)) if heartbeats else left
             for r, p, ready in self._ready(pending, wait_s):
                 if p.conn in ready:
                     pending.discard(r)
                     try:
-                        got, payload = recv(p.conn)
+                        msg = recv(p.conn)
                     except (EOFError, OSError):
                         failures.append(RankFailed(r, "its pipe closed"))
                         continue
-                    if got == "error":
-                        refused.append(f"rank {r} refused a {kind!r} request: {payload}")
-                    elif got != kind:
-                        failures.append(RankFailed(r, f"answered {got!r} instead of {kind!r}"))
+                    if isinstance(msg, wire.Refused):
+                        refused.append(f"rank {r} refused the request for {kind.__name__}: {msg.reason}")
+                    elif not isinstance(msg, kind):
+                        failures.append(RankFailed(r, f"answered {type(msg).__name__} instead of {kind.__name__}"))
                     else:
-                        replies[r] = payload
+                        replies[r] = msg
                 elif p.exited(ready):
                     pending.discard(r)
                     failures.append(RankFailed(r, _exit_reason(p)))
@@ -596,7 +596,7 @@ class EPExecutor:
         for rank in active:
             p = self._procs[rank]
             try:
-                send(p.conn, ("step", StepOrder(order_epoch, active, work[rank])))  # type: ignore[union-attr]
+                send(p.conn, StepOrder(order_epoch, active, work[rank]))  # type: ignore[union-attr]
             except OSError as e:  # its end of the pipe is gone: the process died between steps
                 if not self.ep.elastic:
                     raise RankFailed(rank, f"its pipe is closed ({e.__class__.__name__})") from None
@@ -645,28 +645,29 @@ class EPExecutor:
             for r, p, ready in self._ready(pending, self._look_s(pending)):
                 if p.conn in ready:
                     try:
-                        got, payload = recv(p.conn)
+                        msg = recv(p.conn)
                     except (EOFError, OSError):
-                        got, payload = "exited", None
-                    if got == "tokens":
-                        results[r] = payload
+                        msg = None  # it exited
+                    if isinstance(msg, wire.StepDone):
+                        results[r] = msg.result
                         pending.discard(r)
-                    elif got == "peer_timeout":  # a live peer silent for timeout_s: it is broken
+                    elif isinstance(msg, wire.PeerSilent):  # a live peer silent for timeout_s: it is broken
                         if not self.ep.elastic:
-                            raise RankFailed(payload, f"silent on the data plane (reported by rank {r})")
-                        failed.add(int(payload))
-                        self._event("fault_seen", int(payload), f"silent on the data plane for {self.ep.timeout_s:g} s (rank {r})")
+                            raise RankFailed(msg.peer, f"silent on the data plane (reported by rank {r})")
+                        failed.add(msg.peer)
+                        self._event("fault_seen", msg.peer, f"silent on the data plane for {self.ep.timeout_s:g} s (rank {r})")
                         pending.discard(r)
-                    elif got == "aborted":
+                    elif isinstance(msg, wire.StepAbandoned):
                         if not self.ep.elastic:
-                            raise DataPlaneError(f"rank {r} abandoned the step: {payload}")
-                        retry = f"rank {r} abandoned the step: {payload}"
+                            raise DataPlaneError(f"rank {r} abandoned the step: {msg.reason}")
+                        retry = f"rank {r} abandoned the step: {msg.reason}"
                         pending.discard(r)
                     else:
+                        what = "pipe closed" if msg is None else f"answered {type(msg).__name__}"
                         if not self.ep.elastic:
-                            raise RankFailed(r, "its pipe closed" if got == "exited" else f"answered {got!r}")
+                            raise RankFailed(r, "its pipe closed" if msg is None else what)
                         failed.add(r)
-                        self._event("fault_seen", r, "pipe closed" if got == "exited" else f"answered {got!r}")
+                        self._event("fault_seen", r, what)
                 elif p.exited(ready):
                     if not self.ep.elastic:
                         raise RankFailed(r, _exit_reason(p))
@@ -720,14 +721,14 @@ class EPExecutor:
             for r, p, ready in self._ready(pending, self.ep.failure_timeout_s / 4):
                 if p.conn in ready:
                     try:
-                        got, payload = recv(p.conn)
+                        msg = recv(p.conn)
                     except (EOFError, OSError):
                         failed.add(r)
                         pending.discard(r)
                         continue
-                    if got == "peer_timeout":
-                        failed.add(int(payload))
-                    results[r] = payload
+                    if isinstance(msg, wire.PeerSilent):
+                        failed.add(msg.peer)
+                    results[r] = msg
                     pending.discard(r)
                 elif p.exited(ready):
                     failed.add(r)
@@ -766,8 +767,6 @@ class EPExecutor:
         if bumped and self._segment is not None:
             self._segment.announce_epoch(view.epoch)
         if bumped and self._hosts is not None:
-            from eep.runtime import wire
-
             if self._aborts is not None:
                 self._aborts.abort(view.epoch)
             self._hosts.epoch = view.epoch
@@ -802,7 +801,7 @@ class EPExecutor:
                 if not p.remote:
                     _lowest_priority(p.proc.pid)
                 try:
-                    send(p.conn, ("fenced", f"epoch {self.view.epoch}"))
+                    send(p.conn, wire.Fence(self.view.epoch, f"not in the view of epoch {self.view.epoch}"))
                 except OSError:
                     pass
             self._fenced.append(p)
@@ -933,9 +932,9 @@ class EPExecutor:
                     self.held[c.layer, c.slot] = -1
             check_tables_only(Placement(plan.held_after, plan.placement.logical_to_physical_map,
                                         plan.placement.logical_replica_count), plan.placement)
-            orders = {r: (plan.interim, copies.get(r, []), plan.placement) for r in active}
-            for rank, seconds in self._exchange_all(list(active), "repair", "repaired", orders).items():
-                for c, sec in zip(copies.get(rank, []), seconds):  # type: ignore[call-overload]
+            orders = {r: wire.Repair(self.view.epoch, plan.interim, copies.get(r, []), plan.placement) for r in active}
+            for rank, done in self._exchange_all(orders, wire.Repaired).items():
+                for c, sec in zip(copies.get(rank, []), done.seconds):  # type: ignore[attr-defined]
                     self.held[c.layer, c.slot] = c.expert
                     experts.append({"layer": c.layer, "expert": c.expert, "tier": 2, "source": c.source,
                                     "rank": rank, "seconds": sec})
@@ -990,14 +989,13 @@ class EPExecutor:
     def _per_rank(self) -> int:
         return self.placement.num_physical // self.num_ranks
 
-    def _exchange_all(self, ranks: list[int], kind: str, reply: str, payloads: dict[int, object] | None,
-                      message: object = None) -> dict[int, object]:
-        """Send each rank a control message and collect the replies; a rank that fails here is
-        handled like a failure in a step (repair again) by the caller's next step."""
+    def _exchange_all(self, messages: dict[int, object], reply: type) -> dict[int, object]:
+        """Send each rank its control message and collect the replies (of type `reply`); a rank
+        that fails here is handled like a failure in a step (repair again) by the caller's next step."""
         sent, broken = [], []
-        for r in ranks:
+        for r, message in messages.items():
             try:
-                send(self._procs[r].conn, (kind, payloads[r] if payloads is not None else message))  # type: ignore[union-attr]
+                send(self._procs[r].conn, message)  # type: ignore[union-attr]
                 sent.append(r)
             except OSError as e:
                 broken.append(RankFailed(r, f"its pipe is closed ({e.__class__.__name__})"))
@@ -1008,7 +1006,7 @@ class EPExecutor:
 
     def _update_routing_on(self, ranks: tuple[int, ...] | list[int], placement: Placement) -> None:
         check_tables_only(self._held_placement(placement), placement)
-        self._exchange_all(list(ranks), "routing", "routing", None, placement)
+        self._exchange_all({r: wire.SetRouting(self.view.epoch, placement) for r in ranks}, wire.RoutingSet)
 
     def _held_placement(self, like: Placement) -> Placement:
         """`held` as a Placement (for `check_tables_only`); replica lists may overflow, so only
@@ -1053,7 +1051,7 @@ class EPExecutor:
             self._procs[rank] = None
             if p is not None:
                 try:
-                    send(p.conn, ("stop", None))
+                    send(p.conn, wire.Stop(self.view.epoch))
                 except OSError:
                     pass
                 code = p.close(kill=False)
@@ -1120,8 +1118,8 @@ class EPExecutor:
 
     def storage_ptrs(self) -> list[list[int]]:
         """Per active rank: data_ptr of its routing tables, expert slots and buffers."""
-        replies = self._exchange_all(list(self.view.active_ranks), "ptrs", "ptrs", None)
-        return [replies[r] for r in self.view.active_ranks]  # type: ignore[misc]
+        replies = self._exchange_all({r: wire.QueryPtrs(self.view.epoch) for r in self.view.active_ranks}, wire.Ptrs)
+        return [replies[r].ptrs for r in self.view.active_ranks]  # type: ignore[attr-defined]
 
     def pids(self) -> list[int]:
         """The pid of each rank's current process (0 where there is none)."""
@@ -1140,7 +1138,7 @@ class EPExecutor:
         for p in live:
             if p.proc.poll() is None:
                 try:
-                    send(p.conn, ("stop", None))
+                    send(p.conn, wire.Stop(self.view.epoch))
                 except OSError:
                     pass
         for p in live:

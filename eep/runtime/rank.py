@@ -30,6 +30,7 @@ from eep.model.loader import SlotRange, load_expert, load_model
 from eep.placement.routing import Placement, check_tables_only
 from eep.runtime.death_notice import HeldNotice
 from eep.runtime.expert_backup import ExpertBackup
+from eep.runtime import wire
 from eep.runtime.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class RankSpec:
     backup: str | None = None  # the host expert backup (shm file name), a repair source
     death_notice: str | None = None  # the mutex this process holds for life (eep.runtime.death_notice)
     held: torch.Tensor | None = None  # [L, P] experts to load into the slots (default: placement's)
+    epoch: int = 0  # the controller's epoch when it started this process (its `Ready` carries it)
     data_addresses: tuple[str, ...] | None = None  # multi-host: every rank's ZeroMQ address
     node_of: tuple[int, ...] | None = None  # multi-host: every rank's node (shm within one, ZeroMQ across)
 
@@ -306,46 +308,48 @@ def _serve(spec: RankSpec, conn: Connection, state: RankState, parent: int) -> N
         warmup_s = time.perf_counter() - start
     gc.collect()
     gc.freeze()  # torch and the model live as long as the process: a full collection skips them
-    send(conn, ("ready", {"pid": os.getpid(), "warmup_s": warmup_s}))
+    send(conn, wire.Ready(spec.epoch, os.getpid(), warmup_s))
     while True:
         if not conn.poll(spec.poll_s):
-            if os.getppid() != parent:  # the executor is gone: nobody will ever send a step
+            if os.getppid() != parent:  # the executor (or agent) is gone: nobody will ever send a step
                 return
             continue
         try:
-            kind, payload = recv(conn)
+            msg = recv(conn)
         except EOFError:  # the executor closed our pipe: it is gone or has replaced us
             return
-        if kind == "step":
+        if isinstance(msg, StepOrder):
             try:
-                send(conn, ("tokens", state.step(payload)))
+                send(conn, wire.StepDone(msg.epoch, state.step(msg)))
             except PeerTimeout as e:  # a silent peer: report it; the executor decides what follows
                 logger.warning("step aborted: %s", e)
-                send(conn, ("peer_timeout", e.peer))
+                send(conn, wire.PeerSilent(msg.epoch, e.peer))
             except RankFenced as e:  # a newer view or process excludes this one: it must go
                 logger.warning("fenced: %s", e)
                 raise SystemExit(EXIT_FENCED) from None
             except DataPlaneError as e:  # aborted by the controller, or out of step: nothing committed
                 logger.warning("step aborted: %s", e)
-                send(conn, ("aborted", str(e)))
-        elif kind == "routing":
+                send(conn, wire.StepAbandoned(msg.epoch, str(e)))
+        elif isinstance(msg, wire.SetRouting):
             try:
-                state.update_routing(payload)
-                send(conn, ("routing", None))
+                state.update_routing(msg.placement)
+                send(conn, wire.RoutingSet(msg.epoch))
             except ConfigError as e:
-                send(conn, ("error", str(e)))
-        elif kind == "repair":
+                send(conn, wire.Refused(msg.epoch, str(e)))
+        elif isinstance(msg, wire.Repair):
             try:
-                send(conn, ("repaired", state.repair(*payload)))
+                send(conn, wire.Repaired(msg.epoch, state.repair(msg.interim, msg.copies, msg.placement)))
             except ConfigError as e:
-                send(conn, ("error", str(e)))
-        elif kind == "ptrs":
-            send(conn, ("ptrs", state.storage_ptrs()))
-        elif kind == "stop":
+                send(conn, wire.Refused(msg.epoch, str(e)))
+        elif isinstance(msg, wire.QueryPtrs):
+            send(conn, wire.Ptrs(msg.epoch, state.storage_ptrs()))
+        elif isinstance(msg, wire.Stop):
             return
-        elif kind == "fenced":  # the view moved on without this process
-            logger.warning("rank %d fenced by the controller: %s", spec.rank, payload)
+        elif isinstance(msg, wire.Fence):  # the view moved on without this process
+            logger.warning("rank %d fenced by the controller in epoch %d: %s", spec.rank, msg.epoch, msg.reason)
             raise SystemExit(EXIT_FENCED)
+        else:
+            logger.warning("rank %d: ignored an unknown control message %s", spec.rank, type(msg).__name__)
 
 
 def main(argv: list[str]) -> None:
