@@ -75,16 +75,15 @@ def default_socket() -> str:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from eep.config import EngineConfig
-    from eep.runtime.executor import EPConfig
-    from eep.serving.server import ServeConfig, serve
-
     if args.node_rank > 0:  # a host agent: this host's ranks, for the controller on node 0
         from eep.runtime.agent import main as agent_main
 
         if not args.dist_init_addr:
             raise ConfigError("--node-rank > 0 needs --dist-init-addr HOST:PORT (node 0's)")
         return agent_main(args.node_rank, args.dist_init_addr)
+    from eep.config import EngineConfig
+    from eep.runtime.executor import EPConfig
+    from eep.serving.server import ServeConfig, serve
 
     config = ServeConfig(
         EngineConfig(

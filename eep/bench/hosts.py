@@ -29,7 +29,11 @@ longest stretch without a token after the fault and before the return, less `nor
 never below 0, as `eep bench failure`'s `recovery_pause_s`); `host_rejoin_pause_s` (the
 longest such stretch within 1 s of each `rejoined` event of the host's ranks, less the
 normal gap); `single_host_kill_pause_s` (the same SIGKILL of a rank on the one-host instance,
-for the remote kill's target); `steps_committed_by_fenced_ranks` (the controller's count of
+also `--rejoin auto`, for the remote kill's target); `exchange_critical_ms` per server and
+`cross_host_exchange_speedup_over_gloo` / `cross_host_exchange_over_single_host`: the data
+plane alone, per committed step over the steady slices (the sum over its dispatch/combine calls
+of the shortest time any rank spent in the call: the last to arrive waits for no one), from the
+servers' `dataplane` counters in `/membership`; `steps_committed_by_fenced_ranks` (the controller's count of
 committed steps with an answer from a process outside the view); `requests_lost`;
 `outputs_differing` (against the single-host server, fault-free).
 """
@@ -134,7 +138,9 @@ def run_hosts_bench(
         cross = _server(net, model_path, nnodes=hosts, ep_size=ep_size, port=29500, http_port=8100,
                         args=[*common, "--rejoin", "auto"])  # default spare slots: one host's loss is covered
         stack.callback(stop, cross)
-        single = _server(net, model_path, nnodes=1, ep_size=ep_size, port=29600, http_port=8200, args=common)
+        # --rejoin auto as the cross-host server: after the same kill both start a new rank at once
+        single = _server(net, model_path, nnodes=1, ep_size=ep_size, port=29600, http_port=8200,
+                         args=[*common, "--rejoin", "auto"])
         stack.callback(stop, single)
         gloo = _server(net, model_path, nnodes=hosts, ep_size=ep_size, port=29700, http_port=8300,
                        args=[*common, "--ep-backend", "gloo", "--fault-policy", "none"],
@@ -142,11 +148,16 @@ def run_hosts_bench(
         stack.callback(stop, gloo)  # stopped after the steady state; a second stop is a no-op
 
         logger.info("[2/4] steady state: %d rounds of %.1f s slices against each", steady_rounds, steady_slice_s)
-        steady = {}
+        steady: dict[str, Any] = {}
+        servers = {"cross_host": cross, "single_host": single, "gloo": gloo}
+        run_in(h0, lambda: asyncio.run(_warm_all(servers, trace, concurrency)))
+        before = run_in(h0, lambda: asyncio.run(_dataplanes(servers)))
         for name, other in (("single_host", single), ("gloo", gloo)):
             steady[name] = run_in(h0, lambda o=other: asyncio.run(fb._interleaved(  # type: ignore[misc]
                 {"cross_host": cross, name: o}, trace, concurrency=concurrency, rounds=steady_rounds,
                 slice_s=steady_slice_s)))
+        after = run_in(h0, lambda: asyncio.run(_dataplanes(servers)))
+        steady["dataplane"] = {name: _per_step(before[name], after[name]) for name in servers}
         stop(gloo)
 
         logger.info("[3/4] the same kill on one host (the remote kill's reference)")
@@ -166,6 +177,30 @@ def run_hosts_bench(
     result["bin_s"] = fb.BIN_S
     result |= fb._provenance()
     return result
+
+
+async def _warm_all(servers: dict[str, _Srv], trace: fb.Trace, concurrency: int) -> None:
+    for srv in servers.values():
+        async with fb._client(srv, concurrency) as client:  # type: ignore[arg-type]
+            await fb._warm(client, srv, trace, concurrency)  # type: ignore[arg-type]
+
+
+async def _dataplanes(servers: dict[str, _Srv]) -> dict[str, dict[str, float]]:
+    """Each server's data-plane counters (`dataplane` of /membership: committed steps, seconds
+    inside dispatch/combine, and the transport's own part of them)."""
+    out = {}
+    for name, srv in servers.items():
+        async with fb._client(srv, 1) as client:  # type: ignore[arg-type]
+            out[name] = (await client.get("/membership")).json()["dataplane"]
+    return out
+
+
+def _per_step(a: dict[str, float], b: dict[str, float]) -> dict[str, float | None]:
+    steps = b["steps"] - a["steps"]
+    if steps <= 0:
+        return {"steps": 0, "exchange_ms": None, "exchange_critical_ms": None}
+    return {"steps": steps, "exchange_ms": 1e3 * (b["exchange_s"] - a["exchange_s"]) / steps,
+            "exchange_critical_ms": 1e3 * (b["exchange_critical_s"] - a["exchange_critical_s"]) / steps}
 
 
 async def _single_kill(srv: _Srv, trace: fb.Trace, concurrency: int, kill_at_s: float,
@@ -294,10 +329,21 @@ def _analyse(records: list[fb._Record], times: dict[str, float], events: list[di
 
 
 def _summary(run: dict[str, Any], local: dict[str, Any], steady: dict[str, Any]) -> dict[str, Any]:
-    ratios = {name: statistics.median(s["round_ratios"]) if s["round_ratios"] else None for name, s in steady.items()}
+    ratios = {name: statistics.median(s["round_ratios"]) if s["round_ratios"] else None
+              for name, s in steady.items() if name != "dataplane"}
+    plane = steady.get("dataplane", {})
+
+    def speedup(of: str) -> float | None:  # the other's transport time per step over the cross-host one's
+        a, b = plane.get(of, {}).get("exchange_critical_ms"), plane.get("cross_host", {}).get("exchange_critical_ms")
+        return a / b if a and b else None
+
     summary = {
         "cross_host_over_single_host": ratios.get("single_host"),
         "cross_host_over_gloo": ratios.get("gloo"),
+        # the data plane alone: its own time per step (eep bench steady's exchange_critical_ms)
+        "exchange_critical_ms": {name: v.get("exchange_critical_ms") for name, v in plane.items()},
+        "cross_host_exchange_speedup_over_gloo": speedup("gloo"),
+        "cross_host_exchange_over_single_host": (1 / s) if (s := speedup("single_host")) else None,
         "host_loss_detection_s": run["host_loss_detection_s"],
         "host_loss_pause_s": run["host_loss_pause_s"],
         "host_rejoin_pause_s": max(run["host_rejoin_pauses_s"], default=None),

@@ -66,6 +66,7 @@ class HostAgent:
         self._store = None  # etcd, when the instance keeps its membership there
         self._lease = None  # this host's registration in it
         self._clean = False  # the controller shut the instance down (its ranks were stopped)
+        self._setup: wire.HostSetup | None = None
 
     # -- life ----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -98,13 +99,18 @@ class HostAgent:
             if not isinstance(setup, (wire.HostSetup, wire.Announce)):
                 raise AgentError(f"node {self.node}: expected HostSetup, got {type(setup).__name__}")
         self.epoch = setup.epoch
+        self._setup = setup
         if self.controller_timeout_s is None:
             self.controller_timeout_s = 2 * setup.failure_timeout_s
         sweep_orphans()
         self._segment = ShmSegment.create(setup.layout)
         self._board = HeartbeatBoard(setup.num_ranks)
         if setup.expert_backup:
+            import torch
+
             from eep.runtime.expert_backup import ExpertBackup
+
+            torch.set_num_threads(1)  # a host that returns builds this while its peers serve: one core at most
 
             self._backup = ExpertBackup.build(setup.model_path, setup.dtype)
         if setup.etcd_endpoints:
@@ -212,6 +218,12 @@ class HostAgent:
         finally:
             conn.close()
         self._ranks[msg.rank] = _Rank(msg.rank, proc, os.pidfd_open(proc.pid))
+        if self._setup is not None and self._setup.cpu_affinity:
+            # one core per rank, round-robin, as node 0 pins its own; set before the rank starts
+            # any thread, so every thread it makes (heartbeat, torch, ZeroMQ) inherits it
+            cores = sorted(os.sched_getaffinity(0))
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(proc.pid, {cores[msg.rank % len(cores)]})
         logger.info("node %d: started rank %d (pid %d)", self.node, msg.rank, proc.pid)
 
     def _reap(self, r: _Rank) -> None:

@@ -256,6 +256,8 @@ class EPExecutor:
         self.paused_reason: str | None = None
         self.steps = 0
         self.steps_from_fenced = 0  # committed steps with an answer from a process outside the view (must stay 0)
+        # the data plane's time over the committed steps (status()["dataplane"]; eep.bench.steady's figures)
+        self.dataplane = {"steps": 0, "exchange_critical_s": 0.0, "exchange_s": 0.0}
         self._segment: ShmSegment | None = None
         self._board: HeartbeatBoard | None = None
         self._backup = None
@@ -318,6 +320,7 @@ class EPExecutor:
         setup = wire.HostSetup(
             self.view.epoch, self._layout, self.num_ranks, self.config.model_path, self.config.dtype,
             self._backup is not None, self._heartbeat_interval_s, ep.failure_timeout_s, ep.etcd_endpoints, ep.instance,
+            ep.cpu_affinity,
         )
         self._hosts = HostListener(ep.dist_init_addr, self._heartbeat_interval_s, setup)  # also takes hosts back later
         agents = self._hosts.wait_agents(range(1, ep.nnodes), ep.start_timeout_s)
@@ -623,6 +626,7 @@ class EPExecutor:
             self._event("resume", None, f"serving again {time.time() - self._fault_time:.3f} s after the fault was seen")
             self._fault_time = None
         self.last_step = [results[r] for r in active]
+        self._count_exchanges([results[r].exchange_s for r in active])
         # an invariant kept as a figure: every answer committed came from the process the view names
         self.steps_from_fenced += any(self._procs[r].proc.pid != self.view.incarnations[r] for r in active)  # type: ignore[union-attr]
         for r in active:
@@ -676,6 +680,17 @@ class EPExecutor:
             if self.ep.elastic and not failed:
                 failed |= self._silent(pending)
         return results, failed, retry
+
+    def _count_exchanges(self, timings: list[tuple[float, ...]]) -> None:
+        """Add a committed step's dispatch/combine times: `exchange_s`, the mean over ranks of
+        their time inside the calls (waiting for peers included), and `exchange_critical_s`, per
+        call the shortest time any rank spent in it (the last to arrive waits for no one: the
+        transport's own cost)."""
+        calls = min((len(t) for t in timings), default=0)
+        self.dataplane["steps"] += 1
+        if calls:
+            self.dataplane["exchange_critical_s"] += sum(min(t[i] for t in timings) for i in range(calls))
+            self.dataplane["exchange_s"] += sum(sum(t) for t in timings) / len(timings)
 
     def _look_s(self, ranks: set[int]) -> float:
         """How long to wait for messages before the heartbeats of `ranks` are looked at again:
@@ -1102,6 +1117,7 @@ class EPExecutor:
             "events": [e.to_dict() for e in self.events],
             "accounting": self.ledger.snapshot(),
             "steps_committed_by_fenced_ranks": self.steps_from_fenced,
+            "dataplane": dict(self.dataplane),
             "nodes": self.ep.nnodes,
         }
 

@@ -43,6 +43,7 @@ class AgentLink:
         self.epoch = 0  # the controller's committed epoch, sent as the ping
         self.last_heard = time.monotonic()
         self.closed = False
+        self.ready = threading.Event()  # its host is set up (its first Beats came)
         self._wake_w = wake_w
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
@@ -75,6 +76,7 @@ class AgentLink:
                 with self._cond:
                     for r, age in msg.ages_s.items():
                         self._ages[r] = (age, now)
+                self.ready.set()
             elif isinstance(msg, wire.RankExited):
                 with self._cond:
                     self._exits[msg.pid] = msg.code
@@ -150,6 +152,8 @@ class HostListener:
 
     def __init__(self, addr: str, interval_s: float, setup: wire.HostSetup) -> None:
         self.addr, self.interval_s, self.setup = addr, interval_s, setup
+        # an agent this long silent is not asked to start anything (a start would only wait for it)
+        self.silent_after_s = min(setup.failure_timeout_s / 2, 5 * interval_s)
         self._sock = wire.listen(addr)
         self._sock.settimeout(0.2)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -198,18 +202,24 @@ class HostListener:
                 conn.close()
 
     def wait_agents(self, nodes: range | list[int], timeout_s: float) -> dict[int, AgentLink]:
+        """Every node's agent, connected and its host set up (segment, board, backup made)."""
+        deadline = time.monotonic() + timeout_s
         with self._cond:
             if not self._cond.wait_for(lambda: all(n in self.agents for n in nodes), timeout_s):
                 missing = [n for n in nodes if n not in self.agents]
                 raise HostError(f"no agent of node(s) {missing} connected to {self.addr} within {timeout_s:g} s: "
                                 f"start `eep serve --node-rank N --dist-init-addr {self.addr}` on each")
-            return {n: self.agents[n] for n in nodes}
+            agents = {n: self.agents[n] for n in nodes}
+        for n, link in agents.items():
+            if not link.ready.wait(max(0.0, deadline - time.monotonic())):
+                raise HostError(f"node {n}'s agent did not set its host up within {timeout_s:g} s")
+        return agents
 
     def agent(self, node: int) -> AgentLink | None:
-        """node's agent while it is connected and talking (silent for 5 heartbeat intervals:
-        its host is unreachable, and asking it to start a rank would only wait)."""
+        """node's agent once its host is set up and while it talks (silent for half the failure
+        timeout: its host is unreachable, and asking it to start a rank would only wait)."""
         link = self.agents.get(node)
-        if link is None or link.closed or link.silent_s() > 5 * self.interval_s:
+        if link is None or link.closed or not link.ready.is_set() or link.silent_s() > self.silent_after_s:
             return None
         return link
 

@@ -54,6 +54,7 @@ class HostSetup:
     failure_timeout_s: float
     etcd_endpoints: tuple[str, ...] = ()  # where the agent keeps its host's lease (none: no lease)
     instance: str = "default"
+    cpu_affinity: bool = True  # pin each rank to one of the host's cores, round-robin
 
 
 @dataclass(frozen=True, slots=True)
