@@ -56,6 +56,7 @@ from eep.errors import (  # noqa: F401 (RankFailed re-exported)
     ConfigError, DataPlaneError, EepError, MembershipError, RankFailed, RanksFailed, StepRetry,
 )
 from eep.membership.coverage import outside, pause_reason, plan_coverage
+from eep.membership.store import Committed, EpochConflict, EtcdStore, MemoryStore, MembershipStore, StoreError
 from eep.membership.view import MembershipEvent, MembershipView, RankState
 from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
@@ -65,7 +66,6 @@ from eep.placement.routing import Placement, check_tables_only, with_spare_slots
 from eep.placement.topology import Topology
 from eep.runtime.accounting import Ledger
 from eep.runtime.death_notice import DeathNotice
-from eep.membership.store import Committed, EpochConflict, EtcdStore, MemoryStore, MembershipStore, StoreError
 from eep.runtime.heartbeat import HeartbeatBoard
 from eep.runtime.hosts import HostError, HostListener, RemoteProcess
 from eep.runtime import wire

@@ -28,9 +28,9 @@ from eep.errors import ConfigError, DataPlaneError, PeerTimeout, RankFenced
 from eep.model.checkpoint import CheckpointReader
 from eep.model.loader import SlotRange, load_expert, load_model
 from eep.placement.routing import Placement, check_tables_only
+from eep.runtime import wire
 from eep.runtime.death_notice import HeldNotice
 from eep.runtime.expert_backup import ExpertBackup
-from eep.runtime import wire
 from eep.runtime.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
