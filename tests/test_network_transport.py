@@ -116,6 +116,9 @@ def test_a_replacement_at_the_same_address_is_reached(addresses: list[str]) -> N
         a.send(1, _bytes(1), epoch=0, step=0)
         assert b.recv(0, epoch=0, step=0).tolist() == [1]
         b.close()  # rank 1 dies; a new process binds its address
+        # a replacement starts seconds after the death, long after rank 0's sender saw the old
+        # connection close (here the same process rebinds at once: give the sender that moment)
+        time.sleep(0.5)
         b = ZmqLink(1, addresses, [0], timeout_s=5.0)
         a.send(1, _bytes(2), epoch=1, step=0)
         assert b.recv(0, epoch=1, step=0).tolist() == [2]

@@ -10,7 +10,7 @@ What this module promises:
 - Every wait is bounded: nothing from a peer within `timeout_s` raises `PeerTimeout` naming
   it; a send that cannot be queued within `timeout_s` (the peer's queue is full) too.
 - The controller aborts a blocked wait at once by pushing an ABORT of a newer epoch to the
-  rank's address (`send_abort`); waits also look at the host segment's announced epoch at
+  rank's address (`AbortPusher`); waits also look at the host segment's announced epoch at
   least every 50 ms (the agent announces every committed epoch there), so an abort is seen
   even if the push was lost.
 - `HybridExchange` is the `Exchange` a rank of a multi-host instance uses: peers on its own
@@ -18,8 +18,11 @@ What this module promises:
   instance never builds one (it keeps `ShmExchange` and its speed).
 
 Sockets: `LINGER 0` (a closing rank never blocks on a dead peer), `RECONNECT_IVL` 50 ms (a
-replacement at the same address is reached quickly), ZeroMQ heartbeats off (liveness is the
-controller's: heartbeats through the agents, and `PeerTimeout`).
+replacement at the same address is reached quickly), and on every sending socket ZeroMQ
+heartbeats (200 ms, dropped after 1 s) with a 1 s connect timeout: not as a failure detector
+(liveness is the controller's: heartbeats through the agents, and `PeerTimeout`) but so that a
+connection to a host that vanished without a FIN or RST is dropped and made again, and the
+first message to a replacement never goes into a dead connection.
 """
 
 from __future__ import annotations
@@ -42,27 +45,20 @@ _HEADER = struct.Struct("<BIQQ")  # kind, source rank, epoch, step
 _ABORT_CHECK_S = 0.05  # a wait looks at the announced epoch at least this often
 
 
+def _sender(ctx: zmq.Context, hwm: int) -> zmq.Socket:
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.SNDHWM, hwm)
+    s.setsockopt(zmq.RECONNECT_IVL, 50)
+    s.setsockopt(zmq.CONNECT_TIMEOUT, 1000)
+    s.setsockopt(zmq.HEARTBEAT_IVL, 200)
+    s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 1000)
+    return s
+
+
 def data_address(host: str, base_port: int, rank: int) -> str:
     """The ZeroMQ address rank `rank` binds on `host`: one port per rank, `base_port + rank`."""
     return f"tcp://{host}:{base_port + rank}"
-
-
-def send_abort(ctx: zmq.Context, addresses: Iterable[str], epoch: int, timeout_s: float = 0.2) -> None:
-    """Push an ABORT of `epoch` to every address (the controller, at a new epoch): a rank
-    blocked on a peer of an older epoch gives up the step at once. Best effort, never blocks
-    longer than `timeout_s` per address (a dead rank's queue is dropped)."""
-    msg = _HEADER.pack(ABORT, 0, epoch, 0)
-    for addr in addresses:
-        s = ctx.socket(zmq.PUSH)
-        s.setsockopt(zmq.LINGER, int(timeout_s * 1000))
-        s.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
-        try:
-            s.connect(addr)
-            s.send(msg, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        finally:
-            s.close()
 
 
 class AbortPusher:
@@ -73,10 +69,7 @@ class AbortPusher:
         self.ctx = zmq.Context.instance()
         self._socks: list[zmq.Socket] = []
         for addr in addresses:
-            s = self.ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 16)
-            s.setsockopt(zmq.RECONNECT_IVL, 50)
+            s = _sender(self.ctx, 16)
             s.connect(addr)
             self._socks.append(s)
 
@@ -108,11 +101,8 @@ class ZmqLink:
         self._bind(addresses[rank])
         self._push: dict[int, zmq.Socket] = {}
         for r in remote:
-            s = self.ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.SNDHWM, 64)
+            s = _sender(self.ctx, 64)
             s.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
-            s.setsockopt(zmq.RECONNECT_IVL, 50)
             s.connect(addresses[r])
             self._push[r] = s
         self._inbox: dict[int, deque[tuple[int, int, zmq.Frame]]] = {r: deque() for r in self._push}
