@@ -11,6 +11,8 @@ What this module promises:
   link down, the host gone) after `failure_timeout_s`. A rank's exit is relayed at once
   (`RankExited`, from the pidfd), besides the controller seeing the rank's own TCP connection
   close.
+- With etcd, it keeps its host listed (`hosts/node{i}`) under a lease it renews every third of
+  its TTL: the record of live hosts for operators and a standby head.
 - A rank talks to the controller over its own TCP connection (opened here, handed to the rank
   as its control pipe, introduced by `RankConnect`): steps never pass through the agent.
 - The agent follows the controller: no message (`Announce` comes every heartbeat interval as
