@@ -444,15 +444,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so a command unwinds as from Ctrl-C. A subclass
+    on purpose: CPython 3.11 marks a plain KeyboardInterrupt that ends an `exec()` of a string
+    (a dataclass being built by a lazy import, say) as unhandled even once it is caught, and
+    then exits by SIGINT whatever code `main` returned; it checks the exact type."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM unwinds a command like Ctrl-C, so what it started (a bench's servers and their
     # ranks) is stopped on the way out; `eep serve` installs its own handlers
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,23 @@ def test_bad_input_is_a_clear_error_not_a_traceback(cache: Path, args: list[str]
     out = _run(args, cache)
     assert out.returncode == 2
     assert fragment in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sigterm_inside_exec_of_a_string_still_exits_130(tmp_path: Path) -> None:
+    # SIGTERM lands while code built by exec() runs (as when a lazy import builds a dataclass):
+    # a plain KeyboardInterrupt there makes CPython 3.11 exit by SIGINT (-2) whatever main returned
+    # (run with -m, as the console script and `python -m eep` run; a script file exits differently)
+    (tmp_path / "prog.py").write_text(textwrap.dedent("""
+        import argparse
+        import eep.cli as cli
+
+        def command(args):
+            exec("import os, signal\\nos.kill(os.getpid(), signal.SIGTERM)\\nfor _ in range(10**7): pass")
+            return 0
+
+        argparse.ArgumentParser.parse_args = lambda self, argv=None: argparse.Namespace(verbose=False, func=command)
+        raise SystemExit(cli.main([]))
+    """))
+    out = subprocess.run([sys.executable, "-m", "prog"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 130, out.stderr
+    assert "eep: interrupted" in out.stderr
