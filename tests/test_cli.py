@@ -81,7 +81,7 @@ def test_bad_input_is_a_clear_error_not_a_traceback(cache: Path, args: list[str]
 def test_sigterm_inside_exec_of_a_string_still_exits_130(tmp_path: Path) -> None:
     # SIGTERM lands while code built by exec() runs (as when a lazy import builds a dataclass):
     # a plain KeyboardInterrupt there makes CPython 3.11 exit by SIGINT (-2) whatever main returned
-    # (run with -m, as the console script and `python -m eep` run; a script file exits differently)
+    # (run with -m as `python -m eep` is: a script file reaches its exit by another path)
     (tmp_path / "prog.py").write_text(textwrap.dedent("""
         import argparse
         import eep.cli as cli
