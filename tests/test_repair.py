@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from eep.errors import ConfigError
 from eep.placement.eplb import plan_placement
 from eep.placement.repair import Relocation, RepairPlan, plan_rejoin, plan_repair, schedule_transfers
-from eep.placement.routing import Placement, check_tables_only, placement_from_phy2log, without_slots
+from eep.placement.routing import (
+    Placement,
+    check_tables_only,
+    placement_from_phy2log,
+    spare_slots_for,
+    with_spare_slots,
+    without_slots,
+)
 from eep.placement.topology import Topology
 
 GB = 10**9
@@ -566,3 +573,34 @@ def test_rejoin_after_repair_lists_only_held_weights_and_restores_the_rank(sc: d
                     held_any[layer, expert] = True
         assert bool(((again.logical_replica_count > 0) == held_any).all())  # every held expert is served
         tables, held = again, again_held
+
+
+@settings(max_examples=60, deadline=None)
+@given(nnodes=st.integers(2, 4), ranks_per_host=st.integers(1, 3), per_rank=st.integers(1, 4),
+       redundant=st.integers(0, 3), host=st.integers(0, 3), seed=st.integers(0, 99))
+def test_spare_slots_for_a_host_rehome_all_its_slots(nnodes: int, ranks_per_host: int, per_rank: int,
+                                                     redundant: int, host: int, seed: int) -> None:
+    # the default spare room across hosts: one whole host's slots fit into the survivors' empty
+    # ones, so its loss leaves every expert served and costs no other expert a replica
+    num_ranks, host = nnodes * ranks_per_host, host % nnodes
+    slots = num_ranks * per_rank
+    assume(redundant < slots)
+    load = torch.rand(slots - redundant, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    balanced = plan_placement(slots - redundant, num_ranks, num_layers=2, num_redundant=redundant, load=load,
+                              max_replicas=slots)
+    spare = spare_slots_for(per_rank, num_ranks, ranks_per_host)
+    assert spare * (num_ranks - ranks_per_host) >= per_rank * ranks_per_host > (spare - 1) * (num_ranks - ranks_per_host)
+    tables = with_spare_slots(balanced, num_ranks, spare, balanced.max_replicas + 1)
+    dead = frozenset(range(host * ranks_per_host, (host + 1) * ranks_per_host))
+    plan = plan_repair(tables, tables.physical_to_logical_map, num_ranks, dead, expert_bytes=GB, topology=HAND)
+    assert plan.uncovered == ()
+    before = tables.logical_replica_count
+    after = plan.placement.logical_replica_count
+    lost = torch.zeros_like(before)
+    for layer, row in enumerate(tables.physical_to_logical_map.tolist()):
+        for slot, expert in enumerate(row):
+            if expert >= 0 and slot // (per_rank + spare) in dead:
+                lost[layer, expert] += 1
+    assert bool((after >= before - lost).all()) and bool((after >= 1).all())
+    with pytest.raises(ConfigError):
+        spare_slots_for(per_rank, num_ranks, num_ranks)

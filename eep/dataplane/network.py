@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import zmq
 
-from eep.errors import DataPlaneError, OutOfStep, PeerTimeout, RankFenced, StaleEpoch, StepAborted
+from eep.dataplane.shm import check_view, peer_order
+from eep.errors import DataPlaneError, OutOfStep, PeerTimeout, StaleEpoch, StepAborted
 
 logger = logging.getLogger(__name__)
 
@@ -212,16 +213,13 @@ class HybridExchange:
         self._empty = torch.empty(0, dtype=torch.uint8)
 
     def set_peers(self, active: Iterable[int]) -> None:
-        n, members, me = self.num_ranks, set(active), self.host_of[self.rank]
-        peers = [(self.rank + i) % n for i in range(1, n) if (self.rank + i) % n in members]
+        me = self.host_of[self.rank]
+        peers = peer_order(self.rank, self.num_ranks, active)
         self._local = [p for p in peers if self.host_of[p] == me]
         self._remote = [p for p in peers if self.host_of[p] != me]
 
     def set_view(self, epoch: int, active: Sequence[int]) -> None:
-        if epoch < self.epoch:
-            raise StaleEpoch(rank=self.rank, peer=self.rank, epoch=self.epoch, seen_epoch=epoch)
-        if self.rank not in active:
-            raise RankFenced(f"rank {self.rank} is not in the view of epoch {epoch}: it must rejoin")
+        check_view(self.rank, self.epoch, epoch, active)
         if epoch != self.epoch:
             self.epoch, self.step = epoch, 0
             for src in range(self.num_ranks):

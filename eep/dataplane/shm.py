@@ -562,39 +562,48 @@ class Endpoint:
                 self.release(s)
 
 
+def peer_order(rank: int, num_ranks: int, active: Iterable[int]) -> list[int]:
+    """The members of `active` other than `rank`, in the order `rank` visits them: starting
+    after itself, so that N ranks do not all queue on rank 0 first (measured: 8 ranks 1.3 ms vs
+    2.0 ms)."""
+    members = set(active)
+    return [(rank + i) % num_ranks for i in range(1, num_ranks) if (rank + i) % num_ranks in members]
+
+
+def check_view(rank: int, current_epoch: int, epoch: int, active: Sequence[int]) -> None:
+    """What every exchange checks before taking the view of `epoch`: it is not older than the
+    one it has, and it names `rank` (a rank left out must rejoin, never serve on)."""
+    if epoch < current_epoch:
+        raise StaleEpoch(rank=rank, peer=rank, epoch=current_epoch, seen_epoch=epoch)
+    if rank not in active:
+        raise RankFenced(f"rank {rank} is not in the view of epoch {epoch}: it must rejoin")
+
+
 class ShmExchange:
     """The `Exchange` of `EPDispatcher` over an `Endpoint`: one all-to-all per call.
 
     Each call is one step of this rank's exchange counter within `epoch`; every active rank
     makes the same sequence of calls (lockstep). Only the ranks of the current view take part:
     nothing is sent to or awaited from an inactive rank, and what it is "received" from one is
-    empty. Peers are visited starting after this rank, so that N ranks do not all queue on
-    rank 0 first (measured: 8 ranks 1.3 ms vs 2.0 ms).
+    empty. Peers are visited in `peer_order`.
     """
 
     def __init__(self, endpoint: Endpoint, num_ranks: int, epoch: int = 0) -> None:
         self.endpoint, self.rank, self.num_ranks = endpoint, endpoint.rank, num_ranks
         self.epoch, self.step = epoch, 0
-        self._peers = self._order(range(num_ranks))
+        self._peers = peer_order(self.rank, num_ranks, range(num_ranks))
         self._empty = torch.empty(0, dtype=torch.uint8)
-
-    def _order(self, active: Iterable[int]) -> list[int]:
-        n, members = self.num_ranks, set(active)
-        return [(self.rank + i) % n for i in range(1, n) if (self.rank + i) % n in members]
 
     def set_view(self, epoch: int, active: Sequence[int]) -> None:
         """Exchange among `active` ranks, stamped `epoch`, from the next call on. A new epoch
         restarts the step counter; messages of older epochs are dropped on receipt."""
-        if epoch < self.epoch:
-            raise StaleEpoch(rank=self.rank, peer=self.rank, epoch=self.epoch, seen_epoch=epoch)
-        if self.rank not in active:
-            raise RankFenced(f"rank {self.rank} is not in the view of epoch {epoch}: it must rejoin")
+        check_view(self.rank, self.epoch, epoch, active)
         if epoch != self.epoch:
             self.epoch, self.step = epoch, 0
             for src in range(self.num_ranks):  # leftovers of an aborted step, from anyone
                 if src != self.rank:
                     self.endpoint.discard_older(src, epoch)
-        self._peers = self._order(active)
+        self._peers = peer_order(self.rank, self.num_ranks, active)
 
     def all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]:
         """`send[d]` goes to rank d; returns what each rank sent here. The payloads from peers

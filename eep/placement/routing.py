@@ -15,6 +15,8 @@ same tokens routed through the same tables reach the same slots on every process
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +164,15 @@ class RoutingTables:
         replica = spread % count.clamp(min=1)
         slots = self.logical_to_physical_map[layer][ids, replica]  # [T, K]
         return torch.where(valid & (count > 0), slots, torch.full_like(slots, -1))
+
+
+def spare_slots_for(slots_per_rank: int, num_ranks: int, ranks_lost: int) -> int:
+    """Empty slots per rank that let the survivors of `ranks_lost` lost ranks (one rank, or one
+    host's) re-home every slot the lost ones held without giving up a replica: their
+    `slots_per_rank * ranks_lost` slots spread over `num_ranks - ranks_lost` survivors."""
+    if not 0 <= ranks_lost < num_ranks:
+        raise ConfigError(f"cannot plan for {ranks_lost} of {num_ranks} ranks lost")
+    return math.ceil(slots_per_rank * ranks_lost / (num_ranks - ranks_lost))
 
 
 def with_spare_slots(placement: Placement, num_ranks: int, spare: int, max_replicas: int | None = None) -> Placement:

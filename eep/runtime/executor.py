@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import signal
@@ -62,7 +61,7 @@ from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
 from eep.placement.eplb import plan_placement
 from eep.placement.repair import RepairPlan, plan_rejoin
-from eep.placement.routing import Placement, check_tables_only, with_spare_slots
+from eep.placement.routing import Placement, check_tables_only, spare_slots_for, with_spare_slots
 from eep.placement.topology import Topology
 from eep.runtime.accounting import Ledger
 from eep.runtime.death_notice import DeathNotice
@@ -242,7 +241,7 @@ class EPExecutor:
         spare = ep.num_spare_slots
         if spare is None:  # room to re-home one rank's experts on the others; across hosts, one host's
             lost = ep.ep_size // ep.nnodes if ep.nnodes > 1 else 1
-            spare = (math.ceil(balanced.num_physical // ep.ep_size * lost / (ep.ep_size - lost))
+            spare = (spare_slots_for(balanced.num_physical // ep.ep_size, ep.ep_size, lost)
                      if ep.elastic and ep.ep_size > 1 else 0)
         self.target = with_spare_slots(balanced, ep.ep_size, spare, balanced.max_replicas + (1 if ep.elastic else 0))
         self.placement = self.target  # the routing tables in use

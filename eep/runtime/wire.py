@@ -105,9 +105,6 @@ class Shutdown:
     reason: str
 
 
-Message = AgentHello | HostSetup | SpawnRank | RankConnect | KillRank | RankExited | Beats | Announce | Shutdown
-
-
 # -- controller <-> rank (the rank's control pipe: a socketpair on node 0, TCP elsewhere) ------
 # The step order itself is `eep.runtime.rank.StepOrder` (epoch, active ranks, work).
 @dataclass(frozen=True, slots=True)
@@ -188,11 +185,10 @@ class Refused:
     reason: str  # a control request the rank cannot carry out (ConfigError)
 
 
-RankRequest = SetRouting | Repair | QueryPtrs | Stop | Fence  # and StepOrder
-RankReply = Ready | StepDone | PeerSilent | StepAbandoned | RoutingSet | Repaired | Ptrs | Refused
-
-
 def send(conn: Connection, message: object) -> None:
+    """One message of this module (or a `StepOrder`); every one carries the epoch it is of."""
+    if not isinstance(getattr(message, "epoch", None), int):
+        raise TypeError(f"{type(message).__name__} carries no epoch: not a message of the wire")
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
