@@ -24,6 +24,7 @@ import logging
 import math
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,7 +81,9 @@ class MembershipStore(abc.ABC):
     @abc.abstractmethod
     def commit(self, expected_epoch: int | None, committed: Committed) -> None:
         """Make `committed` current iff the current epoch is `expected_epoch` (None: nothing
-        committed yet) and `committed.epoch` is newer; else raise EpochConflict."""
+        committed yet) and `committed.epoch` is newer; else raise EpochConflict. Safe to call
+        again after a StoreError: a commit of this store's that went through while its answer
+        was lost counts as done, never as a conflict and never as a second commit."""
 
     @abc.abstractmethod
     def wait_newer(self, epoch: int, timeout_s: float) -> Committed | None:
@@ -201,6 +204,7 @@ class EtcdStore(MembershipStore):
             raise StoreError("no etcd endpoint given")
         self.timeout_s = timeout_s
         self._prefix = f"/eep/{instance}/"
+        self._writer = uuid.uuid4().hex  # in every record this store commits: its own commits are known again
         self._good = 0  # the endpoint that answered last
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s))
 
@@ -245,7 +249,7 @@ class EtcdStore(MembershipStore):
         guard = ({"key": epoch_key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
                  if expected_epoch is None else
                  {"key": epoch_key, "target": "VALUE", "result": "EQUAL", "value": _b64(str(expected_epoch))})
-        value = json.dumps({"epoch": committed.epoch, "record": committed.record})
+        value = json.dumps({"epoch": committed.epoch, "record": committed.record, "writer": self._writer})
         reply = self._call("/v3/kv/txn", {
             "compare": [guard],
             "success": [
@@ -254,8 +258,14 @@ class EtcdStore(MembershipStore):
             ],
         })
         if not reply.get("succeeded", False):
-            raw, _ = self._get("epoch")
-            raise EpochConflict(expected_epoch, None if raw is None else int(raw))
+            raw, _ = self._get("view")
+            found = None if raw is None else json.loads(raw)
+            if found is not None and found["epoch"] == committed.epoch and found.get("writer") == self._writer:
+                # an earlier try went through but its answer was lost (a member that applied the
+                # transaction and then went silent, a connection cut): it is done, once
+                logger.info("etcd: the commit of epoch %d had gone through; its answer was lost", committed.epoch)
+                return
+            raise EpochConflict(expected_epoch, None if found is None else int(found["epoch"]))
 
     def wait_newer(self, epoch: int, timeout_s: float) -> Committed | None:
         deadline = time.monotonic() + timeout_s
