@@ -11,6 +11,7 @@ Root only (CI runs as root)."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -224,6 +225,66 @@ def test_views_are_committed_in_etcd_and_a_members_loss_does_not_stop_the_instan
             epochs = [e["epoch"] for e in status["membership"]["events"] if e["kind"] == "view_committed"]
             assert epochs == sorted(set(epochs)), epochs  # each epoch committed once
         assert read()[1] == {}  # the agent left: its lease revoked
+        inst.remove()
+
+
+def test_an_etcd_outage_neither_stops_serving_nor_fails_a_host_nor_commits_a_view_twice(
+    model_dir: Path, reference: list[list[int]]
+) -> None:
+    """Every etcd member stopped (SIGSTOP: connections open, no answers) for longer than the
+    failure timeout and than node 1's lease: the instance serves on and takes no host for lost
+    (etcd is not on any liveness path). A rank SIGKILLed meanwhile: its view change waits for
+    the store. Two members return (not the one node 0 talks to first): the controller commits
+    through another endpoint, each epoch once; node 1 is listed again (its lease taken anew)."""
+    import os
+    import signal
+
+    with NamespaceHosts(3, prefix=f"eepo{uuid.uuid4().hex[:6]}") as hosts, EtcdCluster(hosts) as cluster:
+        instance = f"t{uuid.uuid4().hex[:6]}"
+        pids = [s.proc.pid for s in cluster.servers]  # type: ignore[union-attr]
+
+        def members(sig: signal.Signals, which: list[int]) -> None:
+            for i in which:
+                os.kill(pids[i], sig)
+
+        def read() -> tuple[Committed | None, dict]:  # type: ignore[type-arg]
+            with entered(hosts.names[2]):
+                store = EtcdStore(cluster.endpoints[::-1], instance, timeout_s=1.0)
+                try:
+                    return store.current(), store.hosts()
+                finally:
+                    store.close()
+
+        with HostsInstance(hosts, str(model_dir), ep_size=4, nnodes=2, args=[
+            *ARGS, "--etcd-endpoints", ",".join(cluster.endpoints), "--instance", instance,
+        ]) as inst:
+            assert _generate(inst) == reference
+            try:
+                members(signal.SIGSTOP, [0, 1, 2])
+                time.sleep(3 * FAILURE_TIMEOUT_S)  # > the failure timeout, > node 1's lease TTL (2 s)
+                assert _generate(inst) == reference
+                status = _status(inst)
+                assert status["membership"]["view"]["active"] == [0, 1, 2, 3], inst.log_tail(0)
+                os.kill(status["rank_pids"][3], signal.SIGKILL)
+                timer = threading.Timer(2 * FAILURE_TIMEOUT_S, members, (signal.SIGCONT, [1, 2]))
+                timer.start()
+                start = time.monotonic()
+                assert _generate(inst) == reference  # waits for the store, then goes on
+                waited = time.monotonic() - start
+                timer.join()
+                assert waited > 1.5 * FAILURE_TIMEOUT_S, f"the view change did not wait for the store ({waited:.2f} s)"
+                assert _status(inst)["membership"]["view"]["active"] == [0, 1, 2]
+                committed = read()[0]
+                assert committed is not None and (committed.epoch, committed.record["view"]["active"]) == (1, [0, 1, 2])
+                deadline = time.monotonic() + 10
+                while "node1" not in read()[1]:
+                    assert time.monotonic() < deadline, "node 1 was not listed again after the outage"
+                    time.sleep(0.2)
+            finally:
+                members(signal.SIGCONT, [0, 1, 2])
+            status = _status(inst)
+            epochs = [e["epoch"] for e in status["membership"]["events"] if e["kind"] == "view_committed"]
+            assert epochs == sorted(set(epochs)) and epochs[-1] == 1, epochs  # each epoch committed once
         inst.remove()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import base64
+import contextlib
 import json
 import logging
 import math
@@ -99,6 +100,51 @@ class MembershipStore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 (nothing to release by default)
         """Release connections."""
+
+
+class HostRegistration:
+    """Keeps `host` listed in `store.hosts()` from a thread of its own: renews the lease every
+    third of its TTL and registers the host anew when the lease ran out (the store was out of
+    reach for longer than the TTL). The listing is the slow record for operators and a standby
+    head, not a liveness signal of the instance: an etcd outage, however long, neither stalls
+    the host that owns this (its heartbeats go on) nor ends it. The first registration happens
+    in the constructor, so a store unreachable at start-up raises there."""
+
+    def __init__(self, store: MembershipStore, host: str, info: dict[str, Any], ttl_s: float) -> None:
+        self.store, self.host, self.info, self.ttl_s = store, host, dict(info), ttl_s
+        self.registrations = 1
+        self._lease: HostLease | None = store.register_host(host, self.info, ttl_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{host}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        wait = self.ttl_s / 3
+        while not self._stop.wait(wait):
+            wait = self.ttl_s / 3
+            try:
+                if self._lease is None:
+                    self._lease = self.store.register_host(self.host, self.info, self.ttl_s)
+                    self.registrations += 1
+                    logger.warning("host %s registered again (registration %d)", self.host, self.registrations)
+                else:
+                    self._lease.keep_alive()
+            except LeaseLost as e:
+                logger.warning("%s: registering the host again", e)
+                self._lease, wait = None, 0.0
+            except StoreError as e:
+                logger.warning("host %s: lease not renewed: %s", self.host, e)
+                wait = min(self.ttl_s / 6, 0.5)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop renewing and leave the listing at once (where the store answers; else the lease
+        ends at its TTL)."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        if self._lease is not None and not self._thread.is_alive():
+            with contextlib.suppress(MembershipError):
+                self._lease.revoke()
+        self._lease = None
 
 
 def _check_commit(expected: int | None, committed: Committed) -> None:

@@ -11,8 +11,10 @@ What this module promises:
   link down, the host gone) after `failure_timeout_s`. A rank's exit is relayed at once
   (`RankExited`, from the pidfd), besides the controller seeing the rank's own TCP connection
   close.
-- With etcd, it keeps its host listed (`hosts/node{i}`) under a lease it renews every third of
-  its TTL: the record of live hosts for operators and a standby head.
+- With etcd, it keeps its host listed (`hosts/node{i}`) under a lease renewed every third of
+  its TTL on a thread of its own (`HostRegistration`): the record of live hosts for operators
+  and a standby head. An etcd outage never delays a heartbeat report, and a lease that ran
+  out meanwhile is taken again: etcd is not this host's liveness signal.
 - A rank talks to the controller over its own TCP connection (opened here, handed to the rank
   as its control pipe, introduced by `RankConnect`): steps never pass through the agent.
 - The agent follows the controller: no message (`Announce` comes every heartbeat interval as
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
 from eep.dataplane.shm import ShmSegment, sweep_orphans
-from eep.errors import EepError, MembershipError
+from eep.errors import EepError
 from eep.runtime import wire
 from eep.runtime.heartbeat import HeartbeatBoard
 
@@ -66,7 +68,7 @@ class HostAgent:
         self._backup = None
         self._conn: Connection | None = None
         self._store = None  # etcd, when the instance keeps its membership there
-        self._lease = None  # this host's registration in it
+        self._registration = None  # this host's listing in it
         self._clean = False  # the controller shut the instance down (its ranks were stopped)
         self._setup: wire.HostSetup | None = None
 
@@ -124,36 +126,19 @@ class HostAgent:
     def _register(self, setup: wire.HostSetup, address: str) -> None:
         """List this host in etcd under a lease it keeps alive (`hosts()` of the store): the slow,
         authoritative record of which hosts are up, for operators and a standby head."""
-        from eep.membership.store import EtcdStore
+        from eep.membership.store import EtcdStore, HostRegistration
 
         self._store = EtcdStore(list(setup.etcd_endpoints), setup.instance, timeout_s=setup.failure_timeout_s)
-        self._lease = self._store.register_host(f"node{self.node}", {"address": address, "pid": os.getpid()},
-                                                ttl_s=max(2.0, 2 * setup.failure_timeout_s))
-
-    def _renew(self) -> bool:
-        """Keep the lease alive; False once it ran out (this host is out of the instance's record)."""
-        from eep.membership.store import LeaseLost, StoreError
-
-        try:
-            self._lease.keep_alive()  # type: ignore[union-attr]
-        except LeaseLost as e:
-            logger.error("node %d: %s", self.node, e)
-            return False
-        except StoreError as e:  # etcd unreachable for now: the next renewal tries the other members
-            logger.warning("node %d: lease not renewed: %s", self.node, e)
-        return True
+        self._registration = HostRegistration(self._store, f"node{self.node}", {"address": address, "pid": os.getpid()},
+                                              ttl_s=max(2.0, 2 * setup.failure_timeout_s))
 
     def _serve(self, setup: wire.HostSetup) -> int:
         assert self._conn is not None and self._board is not None
         interval = setup.heartbeat_interval_s
         last_heard = time.monotonic()
-        next_beat = next_renewal = time.monotonic()
+        next_beat = time.monotonic()
         while True:
             now = time.monotonic()
-            if self._lease is not None and now >= next_renewal:
-                if not self._renew():
-                    return 1
-                next_renewal = time.monotonic() + self._lease.ttl_s / 3
             if now - last_heard > self.controller_timeout_s:  # type: ignore[operator]
                 logger.error("node %d: nothing from the controller for %.2f s: it is gone; stopping this host's ranks",
                              self.node, now - last_heard)
@@ -261,10 +246,9 @@ class HostAgent:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        if self._lease is not None:
-            with contextlib.suppress(MembershipError):  # etcd unreachable: the lease ends at its TTL anyway
-                self._lease.revoke()
-            self._lease = None
+        if self._registration is not None:
+            self._registration.close()  # etcd unreachable: the lease ends at its TTL anyway
+            self._registration = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -349,9 +349,11 @@ class EPExecutor:
         """Commit `view` in the membership store, by compare-and-swap of the epoch. The store is
         the authority across hosts: a controller that finds another epoch there is not the
         instance's controller any more and stops. An unreachable store is retried (other
-        endpoints first) for failure_timeout_s."""
+        endpoints first) for `_store_patience_s`: meanwhile the instance waits (no view may serve
+        uncommitted), then ends. A retry after an answer that was lost is safe (EtcdStore.commit
+        knows its own commit again)."""
         record = Committed(view.epoch, {"view": view.to_dict(), "nodes": self.ep.nnodes})
-        deadline = time.monotonic() + self.ep.failure_timeout_s
+        deadline = time.monotonic() + self._store_patience_s
         while True:
             try:
                 self._store.commit(expected, record)
@@ -362,8 +364,15 @@ class EPExecutor:
             except StoreError as e:
                 if time.monotonic() > deadline:
                     raise MembershipError(f"the membership store is unreachable: {e}") from None
-                logger.warning("membership store: %s; retrying", e)
+                logger.warning("membership store: %s; retrying epoch %d for %.0f s more", e, view.epoch,
+                               deadline - time.monotonic())
                 time.sleep(0.05)
+
+    @property
+    def _store_patience_s(self) -> float:
+        """How long a view change waits for an unreachable membership store: an etcd election
+        takes about one election timeout (1 s by default), a member's restart seconds."""
+        return max(10.0, 10 * self.ep.failure_timeout_s)
 
     # -- processes ----------------------------------------------------------------------------
     def _make_rendezvous(self, cfg: ModelConfig, dtype: torch.dtype) -> str:
