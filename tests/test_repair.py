@@ -14,6 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from eep.errors import ConfigError
+from eep.placement.backups import backup_masks
 from eep.placement.eplb import plan_placement
 from eep.placement.repair import Relocation, RepairPlan, plan_rejoin, plan_repair, schedule_transfers
 from eep.placement.routing import (
@@ -604,3 +605,71 @@ def test_spare_slots_for_a_host_rehome_all_its_slots(nnodes: int, ranks_per_host
     assert bool((after >= before - lost).all()) and bool((after >= 1).all())
     with pytest.raises(ConfigError):
         spare_slots_for(per_rank, num_ranks, num_ranks)
+
+
+# -- across hosts: backups on another failure domain, copies over the inter-host link -------------
+NET = Topology(peer_bytes_per_s=5 * GB, backup_bytes_per_s=5 * GB, disk_bytes_per_s=GB, disk_open_s=0.0,
+               network_bytes_per_s=2 * GB)
+
+
+def _two_hosts(rows: list[list[int]], num_experts: int) -> Placement:
+    return placement_from_phy2log(torch.tensor(rows, dtype=torch.int64), num_experts, 2)
+
+
+def test_backup_masks_keep_the_next_hosts_experts_and_their_own() -> None:
+    tables = _two_hosts([[0, -1, 1, -1, 2, -1, 3, -1]], 4)  # 4 ranks x 2 slots, hosts [0, 0, 1, 1]
+    masks = backup_masks(tables, [0, 0, 1, 1])
+    assert masks[0].tolist() == [[True, True, True, True]] and masks[1].tolist() == [[True, True, True, True]]
+    ring = backup_masks(tables, [0, 0, 1, 1], own=False)
+    assert ring[0].tolist() == [[False, False, True, True]] and ring[1].tolist() == [[True, True, False, False]]
+    three = backup_masks(placement_from_phy2log(torch.tensor([[0, 1, 2]]), 3, 1), [0, 1, 2], own=False)
+    assert [m.tolist() for m in three.values()] == [[[False, True, False]], [[False, False, True]], [[True, False, False]]]
+    assert backup_masks(tables, [0, 0, 0, 0])[0].all()  # one host: its own experts
+    with pytest.raises(ConfigError):
+        backup_masks(tables, [0, 0, 2, 2])
+
+
+def test_a_lost_hosts_experts_come_from_the_backup_the_other_host_keeps() -> None:
+    # host 1 (ranks 2, 3) lost: experts 2 and 3 go to the spare slots on host 0 and are copied
+    # from host 0's backup, within the host (5 GB/s: 0.2 s each, one at a time); host 1's
+    # backup is gone with it
+    tables = _two_hosts([[0, -1, 1, -1, 2, -1, 3, -1]], 4)
+    hosts = [0, 0, 1, 1]
+    plan = plan_repair(tables, tables.physical_to_logical_map, 4, frozenset({2, 3}), expert_bytes=GB, topology=NET,
+                       backup=backup_masks(tables, hosts), host_of=hosts)
+    assert plan.uncovered == ()
+    got = [(t.expert, t.dst_rank, t.source_kind, t.source_host, t.start_s, t.est_s) for t in plan.transfers]
+    assert got == [(2, 0, "backup", 0, 0.0, 0.2), (3, 1, "backup", 0, 0.2, 0.2)]
+    assert plan.est_makespan_s == pytest.approx(0.4)
+
+
+def test_a_copy_across_hosts_runs_at_the_inter_host_link_and_loses_to_a_faster_local_disk() -> None:
+    # rank 3 lost, host 1 lives: expert 5 goes to rank 2's free slot (host 1); only host 0's
+    # backup holds it (the ring without own experts): over the 2 GB/s link 0.5 s, against
+    # host 1's own disk 1 s; over a 0.5 GB/s link 2 s, and the disk wins
+    tables = _two_hosts([[0, 1, 2, 3, 4, -1, 5, -1]], 6)
+    hosts = [0, 0, 1, 1]
+    backups = backup_masks(tables, hosts, own=False)
+    assert backups[0][0, 5] and not backups[1][0, 5]
+
+    def plan_with(topology: Topology) -> tuple:  # type: ignore[type-arg]
+        plan = plan_repair(tables, tables.physical_to_logical_map, 4, frozenset({3}), expert_bytes=GB,
+                           topology=topology, backup=backups, host_of=hosts)
+        (t,) = plan.transfers
+        return t.expert, t.dst_rank, t.source_kind, t.source_host, t.est_s
+
+    assert plan_with(NET) == (5, 2, "backup", 0, 0.5)
+    slow = Topology.from_dict({**NET.to_dict(), "network_bytes_per_s": GB / 2})
+    assert plan_with(slow) == (5, 2, "disk", 1, 1.0)
+
+
+def test_every_host_copies_from_its_own_backup_at_once() -> None:
+    # a backup on every host (a whole copy each): the copies into host 0 and host 1 run in
+    # parallel from two sources, not one after the other
+    tables = _two_hosts([[0, -1, 1, -1, 2, -1, 3, -1]], 4)
+    everywhere = torch.ones(1, 4, dtype=torch.bool)
+    for hosts, makespan in (([0, 0, 1, 1], 0.2), ([0, 0, 0, 0], 0.4)):
+        plan = plan_repair(tables, tables.physical_to_logical_map, 4, frozenset({1, 3}), expert_bytes=GB,
+                           topology=NET, backup=everywhere, host_of=hosts)
+        assert {(t.dst_rank, t.source_host) for t in plan.transfers} == ({(0, 0), (2, 1)} if hosts[2] else {(0, 0), (2, 0)})
+        assert plan.est_makespan_s == pytest.approx(makespan)

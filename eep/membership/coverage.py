@@ -18,7 +18,7 @@ Legend: L = MoE layers, E = logical experts, P = physical slots, N = ranks, S = 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -42,6 +42,7 @@ def plan_coverage(
     expert_bytes: int,
     topology: Topology,
     backup: torch.Tensor | None = None,
+    host_of: Sequence[int] | None = None,
     joined: Iterable[int] = (),
     target: torch.Tensor | None = None,
 ) -> RepairPlan:
@@ -53,7 +54,7 @@ def plan_coverage(
         held: `[L, P]` the expert whose weights each slot is known to hold (-1 = none or
             unknown). Slots of ranks outside the view are ignored; a listed slot whose content
             is not the listed expert is unlisted first.
-        expert_bytes, topology, backup: as `plan_repair` takes them.
+        expert_bytes, topology, backup, host_of: as `plan_repair` takes them.
         joined: ranks switched in by this view change; each has loaded its slots of
             `target [L, P]` (required with `joined`), which are listed first (`plan_rejoin`).
 
@@ -72,7 +73,7 @@ def plan_coverage(
     for rank in joined:
         tables, held = plan_rejoin(tables, held, view.num_ranks, rank, target)  # type: ignore[arg-type]
     return plan_repair(tables, held, view.num_ranks, outside(view), expert_bytes=expert_bytes,
-                       topology=topology, backup=backup)
+                       topology=topology, backup=backup, host_of=host_of)
 
 
 def coverable(view: MembershipView, num_physical: int, num_experts: int) -> bool:

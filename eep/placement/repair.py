@@ -22,10 +22,12 @@ Cheapest tier first; each tier only handles what the one before could not:
    lowest slot, is taken, so the copies spread over the survivors. When no candidate is
    left, the remaining lost experts of that layer are `uncovered`; the last replica of an
    expert is never reclaimed, so nothing covered is given up for them.
-   Sources (`schedule_transfers`): every live peer rank holding the expert, the host backup
-   if it holds it, the disk always. Copies are taken in (layer, expert) order and each goes
+   Sources (`schedule_transfers`): every live peer rank holding the expert, every live
+   host's backup that holds it, the disk of the destination's host always. A source on
+   another host than the destination is reached over the inter-host link
+   (`Topology.network_bytes_per_s`). Copies are taken in (layer, expert) order and each goes
    to the source where it would finish first (each source a queue of `concurrency` lanes;
-   ties: shorter copy, then peer < backup < disk, then lowest rank).
+   ties: shorter copy, then peer < backup < disk, then lowest rank or host).
 3. stabilise: the new tables list the surviving replicas, the reused slots and the copy
    targets, and no slot of a dead rank. `interim` are the tables to serve with while the
    copies run (tier 1 without the reclaimed slots): they move no weights either.
@@ -33,7 +35,7 @@ Cheapest tier first; each tier only handles what the one before could not:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,9 +49,11 @@ from eep.placement.topology import SOURCE_KINDS, SourceKind, Topology
 class Transfer:
     """One copy of one expert's weights into one slot.
 
-    `source_rank` is the sending rank for a "peer" copy and None for "backup" and "disk".
-    `est_s` is the copy's own duration on its link; `start_s` when it is estimated to start,
-    after the copies queued before it on the same source (seconds from the repair's start).
+    `source_rank` is the sending rank for a "peer" copy and None for "backup" and "disk";
+    `source_host` the host the bytes come from (the peer's, the backup's, the destination's
+    for the disk). `est_s` is the copy's own duration on its link; `start_s` when it is
+    estimated to start, after the copies queued before it on the same source (seconds from
+    the repair's start).
     """
 
     layer: int
@@ -61,6 +65,7 @@ class Transfer:
     nbytes: int
     est_s: float
     start_s: float = 0.0
+    source_host: int = 0
 
     @property
     def finish_s(self) -> float:
@@ -78,10 +83,12 @@ class Repaired:
 
 @dataclass(frozen=True, slots=True)
 class Relocation:
-    """A copy to schedule: `expert` of `layer` into `dst_slot` on `dst_rank`.
+    """A copy to schedule: `expert` of `layer` into `dst_slot` on `dst_rank` (on `dst_host`).
 
-    `peer_ranks`: live ranks that hold the expert's weights (ascending, no repeats).
-    `in_backup`: whether the host-memory backup holds it. The disk always does.
+    `peer_ranks`: live ranks that hold the expert's weights (ascending, no repeats), on the
+    hosts `peer_hosts` (same order; empty: every peer on `dst_host`). `in_backup`: whether the
+    destination host's own backup holds it; `backup_hosts`: other hosts whose backup holds it
+    (ascending). The disk of the destination's host always does.
     """
 
     layer: int
@@ -90,6 +97,9 @@ class Relocation:
     dst_rank: int
     peer_ranks: tuple[int, ...] = ()
     in_backup: bool = False
+    dst_host: int = 0
+    peer_hosts: tuple[int, ...] = ()
+    backup_hosts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -137,7 +147,8 @@ def plan_repair(
     *,
     expert_bytes: int,
     topology: Topology,
-    backup: torch.Tensor | None = None,
+    backup: torch.Tensor | Mapping[int, torch.Tensor] | None = None,
+    host_of: Sequence[int] | None = None,
 ) -> RepairPlan:
     """Plan the repair after the ranks in `dead` failed (see the module docstring).
 
@@ -150,8 +161,11 @@ def plan_repair(
         dead: the failed ranks, ids in [0, N). Empty gives a plan that changes nothing.
         expert_bytes: bytes of one expert's weights (int >= 1); every copy moves this much.
         topology: the bandwidth model used to choose sources and estimate times.
-        backup: `[L, E]` bool, True where the host-memory backup holds (layer, expert);
-            None = no backup.
+        backup: `[L, E]` bool, True where the host-memory backup holds (layer, expert), one
+            such backup on every host (the destination's own is used); or a mapping host ->
+            `[L, E]` bool, the backup each host keeps (`backup_masks`: another host's
+            experts); a host with no live rank is gone with its backup. None = no backup.
+        host_of: the host of each of the N ranks; None = all on one host.
 
     Returns:
         A `RepairPlan`; the same input gives an equal plan on every process.
@@ -160,10 +174,14 @@ def plan_repair(
         ConfigError: for invalid input; the message names the bad value.
     """
     dead = _check_inputs(tables, held, num_ranks, dead, expert_bytes, topology, backup)
+    hosts = _check_hosts(host_of, num_ranks)
     num_layers, num_physical = tables.physical_to_logical_map.shape
     per_rank = num_physical // num_ranks
     live = [slot // per_rank not in dead for slot in range(num_physical)]
-    in_backup = backup.tolist() if backup is not None else None
+    live_hosts = {hosts[r] for r in range(num_ranks) if r not in dead}
+    local = backup.tolist() if isinstance(backup, torch.Tensor) else None
+    remote = ({h: m.tolist() for h, m in sorted(backup.items()) if h in live_hosts}
+              if isinstance(backup, Mapping) else {})
     moves_total = [0] * num_ranks
     rows_new, rows_interim, rows_held = [], [], []
     relocations: list[Relocation] = []
@@ -177,8 +195,9 @@ def plan_repair(
         placed = _relocate(state, lost, moves_total, interim)
         tiers.extend(Repaired(layer, expert, 2) for expert, _ in placed)
         uncovered.extend((layer, expert) for expert in lost[len(placed):])
-        has_backup = in_backup[layer] if in_backup is not None else None
-        relocations.extend(_relocations(layer, placed, before, per_rank, has_backup))
+        relocations.extend(_relocations(layer, placed, before, per_rank, hosts,
+                                        local[layer] if local is not None else None,
+                                        {h: m[layer] for h, m in remote.items()}))
         rows_new.append(state.phy)
         rows_interim.append(interim)
         rows_held.append(state.hold)
@@ -202,8 +221,9 @@ def schedule_transfers(
     Greedy earliest finish: the copies are taken in the given order and each goes to the
     source (a peer rank in `peer_ranks`, the backup if `in_backup`, the disk) on which it would
     finish first. A source runs `topology.concurrency(kind)` copies at once, each in the lane
-    that frees first (lowest lane on ties). Ties between sources: shorter copy, then
-    peer < backup < disk, then lowest rank. A destination rank's first copy from the disk
+    that frees first (lowest lane on ties); a source on another host than the destination
+    sends at no more than `topology.network_bytes_per_s`. Ties between sources: shorter
+    copy, then peer < backup < disk, then lowest rank or host. A destination rank's first copy from the disk
     starts `topology.disk_open_s` late (it opens the checkpoint first), so a few copies never
     go to the disk while a faster source is a little behind. Every copy finishes no later than
     it would if all copies came from any one source that holds them all (the disk, for
@@ -218,10 +238,11 @@ def schedule_transfers(
     out = []
     for move in relocations:
         setup = {"disk": 0.0 if move.dst_rank in opened else topology.disk_open_s}
-        kind, rank = min(_sources(move), key=lambda src: _finish_key(src, lanes, topology, expert_bytes, setup))
-        queue = lanes.setdefault((kind, rank), [0.0] * topology.concurrency(kind))
+        kind, ident, host = min(_sources(move), key=lambda src: _finish_key(src, move.dst_host, lanes, topology,
+                                                                            expert_bytes, setup))
+        queue = lanes.setdefault((kind, ident), [0.0] * topology.concurrency(kind))
         lane = min(range(len(queue)), key=queue.__getitem__)
-        duration = topology.transfer_s(kind, expert_bytes)
+        duration = topology.transfer_s(kind, expert_bytes, across_hosts=host != move.dst_host)
         start = queue[lane] + setup.get(kind, 0.0)
         queue[lane] = start + duration
         if kind == "disk":
@@ -229,7 +250,7 @@ def schedule_transfers(
         out.append(
             Transfer(
                 move.layer, move.expert, move.dst_slot, move.dst_rank,
-                kind, rank if kind == "peer" else None, expert_bytes, duration, start,
+                kind, ident if kind == "peer" else None, expert_bytes, duration, start, host,
             )
         )
     return tuple(out)
@@ -328,33 +349,43 @@ def _spread(state: _LayerState, candidates: list[int], moves_layer: list[int], m
 
 
 def _relocations(
-    layer: int, placed: list[tuple[int, int]], before: list[int], per_rank: int, in_backup: list[bool] | None
+    layer: int, placed: list[tuple[int, int]], before: list[int], per_rank: int, hosts: Sequence[int],
+    local: list[bool] | None, remote: dict[int, list[bool]],
 ) -> list[Relocation]:
-    """The copies of one layer with their possible sources; `before` is what live slots held."""
+    """The copies of one layer with their possible sources; `before` is what live slots held,
+    `local` the row of the backup every host keeps, `remote` the rows of each live host's own."""
     targets = {slot for _, slot in placed}
     out = []
     for expert, slot in placed:
+        dst = slot // per_rank
         peers = sorted({p // per_rank for p, h in enumerate(before) if h == expert and p not in targets})
-        backed = bool(in_backup[expert]) if in_backup is not None else False
-        out.append(Relocation(layer, expert, slot, slot // per_rank, tuple(peers), backed))
+        backed = bool(local[expert]) if local is not None else False
+        held_by = tuple(h for h, row in remote.items() if row[expert])
+        out.append(Relocation(layer, expert, slot, dst, tuple(peers), backed, hosts[dst],
+                              tuple(hosts[p] for p in peers), held_by))
     return out
 
 
-def _sources(move: Relocation) -> list[tuple[SourceKind, int]]:
-    """(kind, rank) of every source holding the expert; rank -1 for backup and disk."""
-    peers: list[tuple[SourceKind, int]] = [("peer", rank) for rank in sorted(set(move.peer_ranks))]
-    backup: list[tuple[SourceKind, int]] = [("backup", -1)] if move.in_backup else []
-    return peers + backup + [("disk", -1)]
+def _sources(move: Relocation) -> list[tuple[SourceKind, int, int]]:
+    """(kind, id, host) of every source holding the expert: id is a peer's rank, or the host
+    of a backup or a disk (the destination's own disk)."""
+    peer_hosts = move.peer_hosts or (move.dst_host,) * len(move.peer_ranks)
+    peers = sorted({("peer", r, h) for r, h in zip(move.peer_ranks, peer_hosts)})
+    backups = {("backup", h, h) for h in move.backup_hosts}
+    if move.in_backup:
+        backups.add(("backup", move.dst_host, move.dst_host))
+    disk: tuple[SourceKind, int, int] = ("disk", move.dst_host, move.dst_host)
+    return [*peers, *sorted(backups), disk]  # type: ignore[list-item]
 
 
 def _finish_key(
-    source: tuple[SourceKind, int], lanes: dict[tuple[str, int], list[float]], topology: Topology, nbytes: int,
-    setup: dict[str, float],
+    source: tuple[SourceKind, int, int], dst_host: int, lanes: dict[tuple[str, int], list[float]],
+    topology: Topology, nbytes: int, setup: dict[str, float],
 ) -> tuple[float, float, int, int]:
-    kind, rank = source
-    duration = topology.transfer_s(kind, nbytes)
-    free_at = min(lanes.get(source, [0.0])) + setup.get(kind, 0.0)
-    return (free_at + duration, duration, SOURCE_KINDS.index(kind), rank)
+    kind, ident, host = source
+    duration = topology.transfer_s(kind, nbytes, across_hosts=host != dst_host)
+    free_at = min(lanes.get((kind, ident), [0.0])) + setup.get(kind, 0.0)
+    return (free_at + duration, duration, SOURCE_KINDS.index(kind), ident)
 
 
 def _tables(rows: list[list[int]], like: Placement) -> Placement:
@@ -369,7 +400,7 @@ def _check_inputs(
     dead: Iterable[int],
     expert_bytes: int,
     topology: Topology,
-    backup: torch.Tensor | None,
+    backup: torch.Tensor | Mapping[int, torch.Tensor] | None,
 ) -> frozenset[int]:
     """Raise ConfigError for invalid input; returns `dead` as a frozenset of ints."""
     if not isinstance(tables, Placement):
@@ -390,11 +421,22 @@ def _check_inputs(
         raise ConfigError(f"held must be a tensor of shape [{num_layers}, {num_physical}] (layers, slots), got {got}")
     _check_ids("held", held, num_experts)
     _check_held_matches(phy2log, held, num_physical // num_ranks, dead)
-    if backup is not None:
-        if not isinstance(backup, torch.Tensor) or backup.dtype != torch.bool or tuple(backup.shape) != (num_layers, num_experts):
-            got = f"{list(backup.shape)} {backup.dtype}" if isinstance(backup, torch.Tensor) else type(backup).__name__
-            raise ConfigError(f"backup must be None or a bool tensor of shape [{num_layers}, {num_experts}], got {got}")
+    masks = list(backup.values()) if isinstance(backup, Mapping) else [] if backup is None else [backup]
+    for mask in masks:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (num_layers, num_experts):
+            got = f"{list(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ConfigError(f"backup must be None, a bool tensor of shape [{num_layers}, {num_experts}] or a "
+                              f"mapping of hosts to such tensors, got {got}")
     return dead
+
+
+def _check_hosts(host_of: Sequence[int] | None, num_ranks: int) -> tuple[int, ...]:
+    if host_of is None:
+        return (0,) * num_ranks
+    hosts = tuple(host_of)
+    if len(hosts) != num_ranks or any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in hosts):
+        raise ConfigError(f"host_of must give a host id >= 0 for each of the {num_ranks} ranks, got {list(hosts)}")
+    return hosts
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -2,13 +2,15 @@
 
 Three kinds of source can send one expert's weights to a rank:
 
-- "peer": another live rank on this host that holds the expert (shared memory);
-- "backup": the host-memory backup kept on another failure domain;
-- "disk": the checkpoint on disk, which always holds every expert.
+- "peer": another live rank that holds the expert;
+- "backup": a host-memory backup (one per host that keeps one);
+- "disk": the checkpoint on the destination's own host, which always holds every expert.
 
 Each source serves at most `concurrency` copies at once; each copy runs at the kind's full
 bandwidth, so a source with concurrency c delivers up to c x bandwidth in all. Every peer
-rank is its own source; the backup is one source and the disk is one source.
+rank is its own source, every host's backup one source, every host's disk one source. A copy
+from a source on another host than its destination crosses the inter-host link and runs at
+no more than `network_bytes_per_s` (within a host, shared memory: the kind's own figure).
 
 Defaults, measured on the development machine (2 cores, 2026-11-25) as the median per-expert
 copy time of the tier-2 copies in `eep bench recovery --json out/recovery.json`
@@ -16,6 +18,9 @@ copy time of the tier-2 copies in `eep bench recovery --json out/recovery.json`
 2.9 GB/s, checkpoint (page-cached safetensors) -> slot 0.6 GB/s, plus `disk_open_s` before a
 rank's first copy from the checkpoint (the slowest copy of each rank that read the disk).
 Peer copies are not executed yet; 5 GB/s is an estimate. One copy at a time per source.
+`network_bytes_per_s` 0.6 GB/s: ZeroMQ over TCP between two network-namespace hosts here, one
+rank sending 3 x 256 KiB in 1.2 ms (the all-to-all measured for the multi-host data plane);
+a GPU cluster's RDMA NIC is 25-50 GB/s.
 Another machine passes its own figures (`Topology.from_dict` reads them from a small
 JSON/YAML mapping).
 
@@ -45,6 +50,7 @@ class Topology:
     peer_bytes_per_s: float = 5e9  # estimate (peer copies are not executed yet)
     backup_bytes_per_s: float = 2.9e9  # measured, see the module docstring
     disk_bytes_per_s: float = 0.6e9  # measured
+    network_bytes_per_s: float = 0.6e9  # one copy across hosts, see the module docstring
     peer_concurrency: int = 1
     backup_concurrency: int = 1
     disk_concurrency: int = 1
@@ -56,6 +62,7 @@ class Topology:
         for kind in SOURCE_KINDS:
             _check_bandwidth(self, f"{kind}_bytes_per_s")
             _check_concurrency(self, f"{kind}_concurrency")
+        _check_bandwidth(self, "network_bytes_per_s")
         value = self.disk_open_s
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"disk_open_s={value!r} must be a finite number of seconds >= 0")
@@ -69,11 +76,13 @@ class Topology:
         """How many copies one source of `kind` serves at once (>= 1)."""
         return int(getattr(self, f"{_checked_kind(kind)}_concurrency"))
 
-    def transfer_s(self, kind: SourceKind, nbytes: int) -> float:
-        """Estimated seconds to copy `nbytes` (>= 0) from one source of `kind`, alone on its link."""
+    def transfer_s(self, kind: SourceKind, nbytes: int, *, across_hosts: bool = False) -> float:
+        """Estimated seconds to copy `nbytes` (>= 0) from one source of `kind`, alone on its
+        link; `across_hosts`: the source is on another host than the destination."""
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise ConfigError(f"nbytes={nbytes!r} must be an int >= 0")
-        return nbytes / self.bandwidth(kind)
+        rate = self.bandwidth(kind)
+        return nbytes / (min(rate, self.network_bytes_per_s) if across_hosts else rate)
 
     def to_dict(self) -> dict[str, float | int]:
         """The fields as a plain mapping (JSON/YAML friendly); `from_dict` reads it back."""

@@ -874,7 +874,8 @@ class EPExecutor:
         return plan_coverage(
             view, placement, held, expert_bytes=self.expert_bytes, topology=self.ep.topology,
             backup=torch.ones(placement.num_layers, placement.num_logical, dtype=torch.bool)
-            if self._backup is not None else None,
+            if self._backup is not None else None,  # every host keeps a whole copy
+            host_of=[self.ep.node_of(r) for r in range(self.num_ranks)],
             joined=joined, target=self.target.physical_to_logical_map,
         )
 
