@@ -250,7 +250,7 @@ class EtcdStore(MembershipStore):
             raise StoreError("no etcd endpoint given")
         self.timeout_s = timeout_s
         self._prefix = f"/eep/{instance}/"
-        self._writer = uuid.uuid4().hex  # in every record this store commits: its own commits are known again
+        self._writer = uuid.uuid4().hex  # in every record this store commits: a retry knows its own commit
         self._good = 0  # the endpoint that answered last
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s))
 
@@ -306,9 +306,10 @@ class EtcdStore(MembershipStore):
         if not reply.get("succeeded", False):
             raw, _ = self._get("view")
             found = None if raw is None else json.loads(raw)
-            if found is not None and found["epoch"] == committed.epoch and found.get("writer") == self._writer:
-                # an earlier try went through but its answer was lost (a member that applied the
-                # transaction and then went silent, a connection cut): it is done, once
+            if found is not None and found.get("writer") == self._writer and found["epoch"] == committed.epoch \
+                    and found["record"] == json.loads(json.dumps(committed.record)):
+                # this very commit went through on an earlier try whose answer was lost (a member
+                # that applied it and went silent, a connection cut): it is done, once
                 logger.info("etcd: the commit of epoch %d had gone through; its answer was lost", committed.epoch)
                 return
             raise EpochConflict(expected_epoch, None if found is None else int(found["epoch"]))

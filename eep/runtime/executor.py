@@ -581,8 +581,11 @@ class EPExecutor:
             self._handle_failure(frozenset(dead), [])
 
     def membership_pending(self) -> bool:
-        """A rank is to be restarted, loading or to be drained: `at_step_boundary` has work to do."""
-        return bool(self._pending_rejoin or self._pending_drain or self.view.ranks_in(RankState.JOINING))
+        """A rank is to be restarted, loading or to be drained: `at_step_boundary` has work to do.
+        A rank waiting for its host to come back is not (the idle loop looks again within its
+        idle wait, a second, instead of every 50 ms for as long as the host is gone)."""
+        return bool(any(self._node_up(self.ep.node_of(r)) for r in self._pending_rejoin) or self._pending_drain
+                    or self.view.ranks_in(RankState.JOINING))
 
     def drain(self, rank: int) -> None:
         """Take active `rank` out of the view gracefully at the next step boundary: its requests
