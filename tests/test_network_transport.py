@@ -16,6 +16,7 @@ import torch
 from eep.dataplane.network import AbortPusher, HybridExchange, ZmqLink, data_address
 from eep.dataplane.shm import Endpoint, ShmLayout, ShmSegment
 from eep.errors import OutOfStep, PeerTimeout, StaleEpoch, StepAborted
+from eep.runtime import wire
 
 
 def _base_port(n: int) -> int:
@@ -157,3 +158,36 @@ def test_the_hybrid_exchange_sends_to_its_host_through_shm_and_elsewhere_through
             for x in exchanges:
                 x.endpoint.close()
                 x.close()
+
+
+def test_a_bounded_control_send_to_a_peer_that_takes_nothing_fails_instead_of_hanging() -> None:
+    # a control connection whose peer stopped taking bytes (its host gone without a FIN, a cut
+    # link): once the kernel's buffers are full a plain send would block the controller in a
+    # view change for good; a bounded one fails with OSError and the peer is treated as gone
+    server = wire.listen("127.0.0.1:0")
+    conn = wire.accepted(wire.connect(f"127.0.0.1:{server.getsockname()[1]}", 2.0), send_timeout_s=0.3)
+    peer, _ = server.accept()  # never reads
+    outcome: dict[str, object] = {}
+
+    def flood() -> None:
+        start = time.monotonic()
+        try:
+            for _ in range(1000):  # up to 1 GB: far more than any socket buffer
+                wire.send(conn, wire.Refused(1, "x" * 2**20))
+            outcome["error"] = None
+        except OSError as e:
+            outcome["error"] = e
+        outcome["seconds"] = time.monotonic() - start
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    t.join(30)
+    try:
+        assert not t.is_alive(), "the send blocked past its bound"
+        assert isinstance(outcome["error"], OSError), outcome
+        assert outcome["seconds"] < 10  # type: ignore[operator]
+    finally:
+        peer.close()
+        conn.close()
+        server.close()
+        t.join(5)

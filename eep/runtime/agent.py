@@ -104,6 +104,7 @@ class HostAgent:
                 raise AgentError(f"node {self.node}: expected HostSetup, got {type(setup).__name__}")
         self.epoch = setup.epoch
         self._setup = setup
+        wire.bound_sends(self._conn, setup.failure_timeout_s)  # a vanished controller never blocks a beat
         if self.controller_timeout_s is None:
             self.controller_timeout_s = 2 * setup.failure_timeout_s
         sweep_orphans()
@@ -192,6 +193,8 @@ class HostAgent:
             self._reap(old)
         self._board.reset(msg.rank)
         sock = wire.connect(self.controller, timeout_s=5.0)
+        if self._setup is not None:
+            wire.bound_sends(sock, self._setup.failure_timeout_s)  # the rank's sends: bounded as well
         with sock:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "eep.runtime", str(sock.fileno())], pass_fds=[sock.fileno()],

@@ -173,7 +173,7 @@ class HostListener:
                 continue
             except OSError:
                 return
-            conn = wire.accepted(sock)
+            conn = wire.accepted(sock, send_timeout_s=self.setup.failure_timeout_s)  # a cut-off peer never blocks us
             try:
                 first = wire.recv(conn) if conn.poll(5.0) else None
             except (EOFError, OSError):

@@ -25,8 +25,10 @@ epoch of the request it answers.
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
+import struct
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -201,6 +203,21 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
+def bound_sends(conn: Connection | socket.socket, timeout_s: float) -> None:
+    """Make a send on this connection that cannot go on for `timeout_s` fail with OSError
+    instead of blocking for ever (SO_SNDTIMEO). A peer on a host that vanished without a FIN, or
+    behind a cut link, stops taking bytes: once the kernel's buffer is full a plain send would
+    hang its caller (the controller in a view change, an agent in its beat loop). A message may
+    be left half sent: the caller must treat the connection as broken and close it."""
+    sec = int(timeout_s)
+    timeval = struct.pack("ll", sec, max(1 if sec == 0 else 0, int((timeout_s - sec) * 1e6)))
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    finally:
+        sock.close()
+
+
 def split_addr(addr: str) -> tuple[str, int]:
     """'HOST:PORT' -> (host, port)."""
     host, _, port = addr.rpartition(":")
@@ -226,8 +243,11 @@ def listen(addr: str) -> socket.socket:
     return sock
 
 
-def accepted(sock: socket.socket) -> Connection:
-    """The `Connection` of a socket from `accept` (the Connection owns a duplicate of its fd)."""
+def accepted(sock: socket.socket, send_timeout_s: float | None = None) -> Connection:
+    """The `Connection` of a socket from `accept` or `connect` (the Connection takes over its
+    fd); with `send_timeout_s`, its sends are bounded (`bound_sends`)."""
     _tune(sock)
+    if send_timeout_s is not None:
+        bound_sends(sock, send_timeout_s)
     with sock:
         return Connection(sock.detach())
