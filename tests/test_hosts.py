@@ -36,7 +36,8 @@ MAX_MODEL_LEN = 96
 FAILURE_TIMEOUT_S = 1.0
 PROMPTS = [[5, 17, 300, 41, 9], [7], list(range(100, 140)), [250, 251, 252, 253, 3], [42, 43]]
 PARAMS = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (12, 5, 9, 16, 3)]
-# 2 hosts x 2 ranks; the default spare slots across hosts let either host alone hold every expert
+# 2 hosts x 2 ranks (unless a test says otherwise); the default spare slots across hosts let
+# either host alone hold every expert
 ARGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--failure-timeout", str(FAILURE_TIMEOUT_S)]
 
 
@@ -159,6 +160,37 @@ def test_a_partitioned_host_is_fenced_and_comes_back_only_through_a_rejoin(
         assert not (cut_off & set(status["rank_pids"]))
         assert _generate(inst) == reference
     inst.remove()
+
+
+def test_a_lost_hosts_experts_are_copied_out_of_another_hosts_backup_over_the_network(
+    model_dir: Path, reference: list[list[int]]
+) -> None:
+    """3 hosts x 1 rank: each host's backup keeps its own experts and the next host's in a ring
+    (2/3 of the model, not all of it), so host 2's experts survive only in host 1's memory. Host
+    2 lost: rank 1 copies them out of its own host's backup, rank 0 out of host 1's over the
+    network (it keeps none of them), and every answer stays exact."""
+    with NamespaceHosts(3, prefix=f"eepb{uuid.uuid4().hex[:6]}") as hosts:
+        # 64 experts + 2 redundant slots: 22 per rank; the default spare slots re-home one host's
+        inst = HostsInstance(hosts, str(model_dir), ep_size=3, args=[*ARGS, "--ep-num-redundant-experts", "2"])
+        with inst:
+            assert _generate(inst) == reference
+            hosts.cut(2)
+            hosts.kill_all(2)
+            lost_agent = inst.agents[2].pid
+            inst.agents[2].wait(timeout=10)
+            assert _generate(inst) == reference
+            status = _status(inst)
+            assert status["membership"]["view"]["active"] == [0, 1]
+            repair = [r for r in status["membership"]["repairs"] if r.get("dead") == [2]][-1]
+            copied = [e for e in repair["experts"] if e["tier"] == 2]
+            remote = [e for e in copied if e["rank"] == 0 and e["source"] == "backup"]
+            assert remote and all(e["host"] == 1 for e in remote), copied  # host 0 keeps none of host 2's
+            assert all(e["host"] == 1 for e in copied if e["source"] == "backup"), copied
+            log = inst.log(0).read_text(errors="replace")
+            assert "from the disk instead" not in log, log[-3000:]  # none fell back for want of an answer
+        inst.remove()
+        # what the SIGKILLed agent had made (its backup too); a new agent there sweeps them the same way
+        assert any(name.startswith(f"eep-{lost_agent}-backup-") for name in sweep_orphans())
 
 
 def test_losing_node_0_ends_the_instance_and_leaves_nothing_on_the_other_hosts(

@@ -66,6 +66,7 @@ class HostAgent:
         self._segment: ShmSegment | None = None
         self._board: HeartbeatBoard | None = None
         self._backup = None
+        self._backup_server = None  # serves this host's backup to the ranks of other hosts
         self._conn: Connection | None = None
         self._store = None  # etcd, when the instance keeps its membership there
         self._registration = None  # this host's listing in it
@@ -110,14 +111,16 @@ class HostAgent:
         sweep_orphans()
         self._segment = ShmSegment.create(setup.layout)
         self._board = HeartbeatBoard(setup.num_ranks)
-        if setup.expert_backup:
+        if setup.backup_masks is not None:
             import torch
 
+            from eep.runtime.backup_server import BackupServer, backup_address
             from eep.runtime.expert_backup import ExpertBackup
 
             torch.set_num_threads(1)  # a host that returns builds this while its peers serve: one core at most
-
-            self._backup = ExpertBackup.build(setup.model_path, setup.dtype)
+            self._backup = ExpertBackup.build(setup.model_path, setup.dtype, setup.backup_masks[self.node])
+            port = wire.split_addr(self.controller)[1]
+            self._backup_server = BackupServer(self._backup, backup_address(address, port, setup.num_ranks, self.node))
         if setup.etcd_endpoints:
             self._register(setup, address)
         logger.info("node %d: joined controller %s as %s (segment %s)", self.node, self.controller, address,
@@ -255,12 +258,12 @@ class HostAgent:
         if self._store is not None:
             self._store.close()
             self._store = None
-        for res in (self._segment, self._board, self._backup):
+        for res in (self._backup_server, self._segment, self._board, self._backup):
             if res is not None:
                 res.close()
         if self._segment is not None:
             self._segment.unlink()
-        self._segment = self._board = self._backup = None
+        self._segment = self._board = self._backup = self._backup_server = None
 
 
 def main(node: int, controller: str) -> int:

@@ -59,6 +59,7 @@ from eep.membership.store import Committed, EpochConflict, EtcdStore, MemoryStor
 from eep.membership.view import MembershipEvent, MembershipView, RankState
 from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
+from eep.placement.backups import backup_masks
 from eep.placement.eplb import plan_placement
 from eep.placement.repair import RepairPlan, plan_rejoin
 from eep.placement.routing import Placement, check_tables_only, spare_slots_for, with_spare_slots
@@ -93,7 +94,7 @@ class EPConfig:
     rejoin: str = "manual"
     on_uncoverable: str = "pause"
     num_spare_slots: int | None = None  # empty slots per rank for tier-2 repair; None: enough for one rank's experts
-    expert_backup: bool = True  # keep a host-memory copy of every expert (a fast tier-2 source)
+    expert_backup: bool = True  # keep experts in host memory (a fast tier-2 source; eep.placement.backups)
     cpu_affinity: bool = True  # pin active ranks to the cores round-robin; re-spread at every view change
     topology: Topology = field(default_factory=Topology)
     # across hosts (eep.runtime.agent): ranks r * nnodes // ep_size live on node r // (ep_size // nnodes);
@@ -260,6 +261,12 @@ class EPExecutor:
         self._segment: ShmSegment | None = None
         self._board: HeartbeatBoard | None = None
         self._backup = None
+        self._backup_server = None  # multi-host: node 0's backup, served to the other hosts' ranks
+        self._backup_addresses: tuple[str, ...] | None = None  # multi-host: each node's backup server
+        # what each host's backup keeps, fixed at start from the initial tables: host h keeps its
+        # own experts and host h+1's (one host: every expert)
+        self._backup_masks = (backup_masks(self.target, [ep.node_of(r) for r in range(self.num_ranks)])
+                              if ep.elastic and ep.expert_backup else None)
         self._tmpdir = tempfile.mkdtemp(prefix="eep-ep-")
         self._procs: list[_Proc | None] = [None] * ep.ep_size
         self._fenced: list[_Proc] = []  # failed processes that may still be alive (stopped)
@@ -285,10 +292,10 @@ class EPExecutor:
             self._rendezvous = self._make_rendezvous(cfg, dtype)
             if ep.elastic:
                 self._board = HeartbeatBoard(ep.ep_size)
-                if ep.expert_backup:
+                if self._backup_masks is not None:
                     from eep.runtime.expert_backup import ExpertBackup
 
-                    self._backup = ExpertBackup.build(config.model_path, config.dtype)
+                    self._backup = ExpertBackup.build(config.model_path, config.dtype, self._backup_masks[0])
             if ep.nnodes > 1:
                 self._join_hosts()
             for rank in range(self.num_ranks):
@@ -318,7 +325,7 @@ class EPExecutor:
         host0, port = wire.split_addr(ep.dist_init_addr)
         setup = wire.HostSetup(
             self.view.epoch, self._layout, self.num_ranks, self.config.model_path, self.config.dtype,
-            self._backup is not None, self._heartbeat_interval_s, ep.failure_timeout_s, ep.etcd_endpoints, ep.instance,
+            self._backup_masks if self._backup is not None else None, self._heartbeat_interval_s, ep.failure_timeout_s, ep.etcd_endpoints, ep.instance,
             ep.cpu_affinity,
         )
         self._hosts = HostListener(ep.dist_init_addr, self._heartbeat_interval_s, setup)  # also takes hosts back later
@@ -327,6 +334,12 @@ class EPExecutor:
         self._data_addresses = tuple(data_address(address[ep.node_of(r)], port + 1, r) for r in range(self.num_ranks))
         if ep.backend == "shm":
             self._aborts = AbortPusher(self._data_addresses)
+        if self._backup is not None:
+            from eep.runtime.backup_server import BackupServer, backup_address
+
+            self._backup_addresses = tuple(backup_address(address[n], port, self.num_ranks, n)
+                                           for n in range(ep.nnodes))
+            self._backup_server = BackupServer(self._backup, self._backup_addresses[0])
         logger.info("nodes up: %s", ", ".join(f"{n}={a}" for n, a in sorted(address.items())))
 
     def _node_up(self, node: int) -> bool:
@@ -411,6 +424,7 @@ class EPExecutor:
             death_notice=notice.name if notice is not None else None,
             data_addresses=self._data_addresses if self.ep.backend == "shm" else None, epoch=self.view.epoch,
             node_of=tuple(self.ep.node_of(r) for r in range(self.num_ranks)) if self._data_addresses else None,
+            backup_addresses=self._backup_addresses, backup_timeout_s=max(2.0, 2 * self.ep.failure_timeout_s),
         )
         if remote:
             return self._spawn_remote(spec)
@@ -876,8 +890,7 @@ class EPExecutor:
               joined: tuple[int, ...] = ()) -> RepairPlan:
         return plan_coverage(
             view, placement, held, expert_bytes=self.expert_bytes, topology=self.ep.topology,
-            backup=torch.ones(placement.num_layers, placement.num_logical, dtype=torch.bool)
-            if self._backup is not None else None,  # every host keeps a whole copy
+            backup=self._backup_masks if self._backup is not None else None,
             host_of=[self.ep.node_of(r) for r in range(self.num_ranks)],
             joined=joined, target=self.target.physical_to_logical_map,
         )
@@ -941,7 +954,8 @@ class EPExecutor:
         for t in plan.transfers:
             if t.source_kind == "peer":
                 raise EepError(f"repair chose a peer copy for layer {t.layer} expert {t.expert}: not supported")
-            copies.setdefault(t.dst_rank, []).append(ExpertCopy(t.layer, t.dst_slot, t.expert, t.source_kind))
+            copies.setdefault(t.dst_rank, []).append(ExpertCopy(
+                t.layer, t.dst_slot, t.expert, t.source_kind, t.source_host if t.source_kind == "backup" else None))
         t_plan = time.perf_counter()
         experts: list[dict[str, object]] = [
             {"layer": r.layer, "expert": r.expert, "tier": 1, "source": None, "seconds": 0.0}
@@ -964,7 +978,7 @@ class EPExecutor:
                 for c, sec in zip(copies.get(rank, []), done.seconds):  # type: ignore[attr-defined]
                     self.held[c.layer, c.slot] = c.expert
                     experts.append({"layer": c.layer, "expert": c.expert, "tier": 2, "source": c.source,
-                                    "rank": rank, "seconds": sec})
+                                    "host": c.source_host, "rank": rank, "seconds": sec})
         elif not torch.equal(plan.placement.physical_to_logical_map, self.placement.physical_to_logical_map):
             self._update_routing_on(active, plan.placement)
         self.placement = plan.placement
@@ -1183,6 +1197,9 @@ class EPExecutor:
         if self._board is not None:
             self._board.close()
             self._board = None
+        if self._backup_server is not None:
+            self._backup_server.close()
+            self._backup_server = None
         if self._backup is not None:
             self._backup.close()
             self._backup = None

@@ -16,6 +16,7 @@ import os
 import pickle
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -86,6 +87,8 @@ class RankSpec:
     epoch: int = 0  # the controller's epoch when it started this process (its `Ready` carries it)
     data_addresses: tuple[str, ...] | None = None  # multi-host: every rank's ZeroMQ address
     node_of: tuple[int, ...] | None = None  # multi-host: every rank's node (shm within one, ZeroMQ across)
+    backup_addresses: tuple[str, ...] | None = None  # multi-host: each node's expert backup server
+    backup_timeout_s: float = 2.0  # the longest wait for another host's backup (then: the disk)
 
     @property
     def slots(self) -> SlotRange:
@@ -116,12 +119,14 @@ def _exchange(spec: RankSpec):  # type: ignore[no-untyped-def]
 @dataclass(frozen=True, slots=True)
 class ExpertCopy:
     """A repair's order to a rank: write `expert` of MoE layer `layer` into global slot `slot`,
-    reading it from `source` ("backup" or "disk")."""
+    reading it from `source` ("backup" or "disk"); a backup on node `source_host` (None: this
+    rank's own host)."""
 
     layer: int
     slot: int
     expert: int
     source: str
+    source_host: int | None = None
 
 
 class _Isolated:
@@ -228,33 +233,85 @@ class RankState:
         spec, model = self.spec, self.worker.model
         layers = model.moe_layers()
         tables = model.tables.physical_to_logical_map
+        for c in copies:
+            if not 0 <= c.slot - spec.slots.offset < spec.slots.count:
+                raise ConfigError(f"slot {c.slot} is not on rank {spec.rank}")
+            if c.source not in ("backup", "disk"):
+                raise ConfigError(f"unknown expert source {c.source!r}")
+            if int(tables[c.layer, c.slot]) not in (-1, c.expert):
+                raise ConfigError(f"layer {c.layer} slot {c.slot} is in use by expert {int(tables[c.layer, c.slot])}")
+        fetched = self._fetch_remote(copies)
         reader = None
         times = []
         try:
             for c in copies:
                 local = c.slot - spec.slots.offset
-                if not 0 <= local < spec.slots.count:
-                    raise ConfigError(f"slot {c.slot} is not on rank {spec.rank}")
-                if int(tables[c.layer, c.slot]) not in (-1, c.expert):
-                    raise ConfigError(f"layer {c.layer} slot {c.slot} is in use by expert {int(tables[c.layer, c.slot])}")
                 start = time.perf_counter()
                 w13, w2 = layers[c.layer].w13[local], layers[c.layer].w2[local]
-                if c.source == "backup" and self.backup is not None:
+                if (c.layer, c.expert) in fetched:
+                    row, fetch_s = fetched[(c.layer, c.expert)]
+                    w13.copy_(row[: w13.numel()].view_as(w13))
+                    w2.copy_(row[w13.numel() :].view_as(w2))
+                    start -= fetch_s
+                elif c.source == "backup" and self._local(c) and self.backup is not None \
+                        and self.backup.keeps(c.layer, c.expert):
                     src13, src2 = self.backup.get(c.layer, c.expert)
                     w13.copy_(src13)
                     w2.copy_(src2)
-                elif c.source in ("backup", "disk"):
+                else:  # the disk; also a backup that did not answer or does not keep the expert
                     if reader is None:
                         reader = CheckpointReader(spec.model_path)
                     load_expert(w13, w2, reader, c.layer, c.expert)
-                else:
-                    raise ConfigError(f"unknown expert source {c.source!r}")
                 self.held[c.layer, c.slot] = c.expert
                 times.append(time.perf_counter() - start)
         finally:
             if reader is not None:
                 reader.close()
         return times
+
+    def _local(self, c: ExpertCopy) -> bool:
+        node_of = self.spec.node_of
+        return c.source_host is None or c.source_host == (node_of[self.spec.rank] if node_of else 0)
+
+    def _fetch_remote(self, copies: list[ExpertCopy]) -> dict[tuple[int, int], tuple[torch.Tensor, float]]:
+        """The experts of `copies` to be read from another host's backup, one request per host:
+        (layer, expert) -> (the row as a flat tensor of the model's dtype, its share of the
+        fetch's seconds). A host that does not answer in time is left out (its copies read the
+        disk), logged."""
+        spec, model = self.spec, self.worker.model
+        by_host: dict[int, list[tuple[int, int]]] = {}
+        for c in copies:
+            if c.source == "backup" and not self._local(c):
+                by_host.setdefault(c.source_host, []).append((c.layer, c.expert))  # type: ignore[arg-type]
+        out: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
+        if not by_host:
+            return out
+        if spec.backup_addresses is None:
+            raise ConfigError(f"rank {spec.rank} was told to copy from another host's backup but knows no address")
+        from eep.runtime.backup_server import BackupUnavailable, fetch_rows
+
+        layer0 = model.moe_layers()[0]
+        numel = layer0.w13[0].numel() + layer0.w2[0].numel()
+        for host, pairs in by_host.items():
+            pairs = sorted(set(pairs))
+            start = time.perf_counter()
+            try:
+                rows = fetch_rows(spec.backup_addresses[host], pairs, spec.backup_timeout_s)
+            except BackupUnavailable as e:
+                logger.warning("rank %d: %s; reading %d experts from the disk instead", spec.rank, e, len(pairs))
+                continue
+            seconds = time.perf_counter() - start
+            share = seconds / len(pairs)
+            logger.info("rank %d: %d experts from host %d's backup in %.1f ms", spec.rank, len(pairs), host, seconds * 1e3)
+            for pair, row in zip(pairs, rows):
+                with warnings.catch_warnings():  # a received frame is read-only; it is only read
+                    warnings.simplefilter("ignore", UserWarning)
+                    flat = torch.frombuffer(row, dtype=model.dtype)
+                if flat.numel() != numel:
+                    raise ConfigError(f"host {host} sent {flat.numel()} values for layer {pair[0]} expert "
+                                      f"{pair[1]}, expected {numel}: another model or dtype?")
+                out[pair] = (flat, share)
+        return out
 
     def storage_ptrs(self) -> list[int]:
         """data_ptr of everything that must never be reallocated: routing tables, expert slots

@@ -51,7 +51,7 @@ class HostSetup:
     num_ranks: int
     model_path: str
     dtype: str
-    expert_backup: bool
+    backup_masks: dict[int, Any] | None  # node -> [L, E] bool tensor: what its expert backup keeps (None: none)
     heartbeat_interval_s: float
     failure_timeout_s: float
     etcd_endpoints: tuple[str, ...] = ()  # where the agent keeps its host's lease (none: no lease)

@@ -1,0 +1,108 @@
+"""A host's expert backup served to the ranks of other hosts, over ZeroMQ.
+
+When a whole host is lost, the experts it alone listed survive in the backup of one other host
+(`eep.placement.backups`); the repair may put them into slots on a third host, whose rank then
+fetches them from that host's memory over the network instead of reading its own disk. Each
+host's agent (node 0: the controller) runs one `BackupServer` on
+`backup_address(its address, dist port, num_ranks, node)`; a rank asks with `fetch_rows`.
+
+The protocol is one request and one reply on a fresh DEALER socket: the request is the
+(layer, expert) pairs as int32; the reply is one byte per pair (1: kept) and then one frame per
+kept pair, the expert's row as the backup stores it (`w13` then `w2`, the model's dtype), sent
+without a copy out of the shared-memory file. Every wait is bounded: a silent or dead host makes
+`fetch_rows` raise `BackupUnavailable` within its timeout, and the caller reads its disk.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import threading
+
+import zmq
+
+from eep.errors import EepError
+from eep.runtime.expert_backup import ExpertBackup
+
+logger = logging.getLogger(__name__)
+
+_POLL_MS = 200  # how often the server's thread looks at its stop flag
+
+
+class BackupUnavailable(EepError):
+    """A remote backup did not answer, or does not keep what was asked."""
+
+
+def backup_address(host: str, dist_port: int, num_ranks: int, node: int) -> str:
+    """Node `node`'s backup server: after node 0's port, the ranks' data ports and gloo's store."""
+    return f"tcp://{host}:{dist_port + 2 + num_ranks + node}"
+
+
+class BackupServer:
+    """Answers `fetch_rows` requests for `backup` on `address`, on a thread of its own."""
+
+    def __init__(self, backup: ExpertBackup, address: str) -> None:
+        self.backup, self.address = backup, address
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        try:
+            self._sock.bind(address)
+        except zmq.ZMQError as e:
+            self._sock.close()
+            self._ctx.term()
+            raise BackupUnavailable(f"cannot serve the expert backup on {address}: {e}") from None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="eep-backup-server", daemon=True)
+        self._thread.start()
+        logger.info("serving expert backup %s on %s", backup.name, address)
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._sock.poll(_POLL_MS):
+                    continue
+                frames = self._sock.recv_multipart()
+                if len(frames) != 3:
+                    logger.warning("backup request with %d frames ignored", len(frames))
+                    continue
+                ident, _, request = frames
+                pairs = array.array("i", request)
+                asked = list(zip(pairs[0::2], pairs[1::2]))
+                kept = bytes(int(self.backup.keeps(layer, expert)) for layer, expert in asked)
+                rows = [self.backup.raw(layer, expert) for (layer, expert), k in zip(asked, kept) if k]
+                self._sock.send_multipart([ident, b"", kept, *rows], copy=False)
+        except zmq.ZMQError as e:
+            if not self._stop.is_set():
+                logger.error("expert backup server on %s stopped: %s", self.address, e)
+        finally:
+            self._sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5 * _POLL_MS / 1000)
+        self._ctx.term()
+
+
+def fetch_rows(address: str, pairs: list[tuple[int, int]], timeout_s: float) -> list[memoryview]:
+    """The rows of `pairs` ((layer, expert)) from the backup served at `address`, in order.
+
+    Raises BackupUnavailable if no answer comes within `timeout_s` or a pair is not kept there."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(timeout_s * 1000)))
+    try:
+        sock.connect(address)
+        sock.send_multipart([b"", array.array("i", [v for pair in pairs for v in pair]).tobytes()])
+        if not sock.poll(int(timeout_s * 1000)):
+            raise BackupUnavailable(f"the expert backup at {address} did not answer within {timeout_s:g} s")
+        frames = sock.recv_multipart(copy=False)
+    finally:
+        sock.close()
+    kept, rows = frames[1].bytes, frames[2:]
+    if len(kept) != len(pairs) or not all(kept):
+        missing = [p for p, k in zip(pairs, kept) if not k]
+        raise BackupUnavailable(f"the expert backup at {address} does not keep {missing[:4]}")
+    return [f.buffer for f in rows]
