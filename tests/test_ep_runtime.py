@@ -17,7 +17,8 @@ from eep.engine.sampling import SamplingParams
 from eep.model.default_model import init_model
 from eep.errors import ConfigError
 from eep.placement.routing import Placement, placement_from_phy2log, without_slots
-from eep.runtime.executor import EPConfig, EPExecutor, RankFailed, spread_over_cores
+from eep.runtime.executor import EPConfig, EPExecutor, RankFailed
+from eep.runtime.local_host import spread_over_cores
 
 SHM = Path("/dev/shm")
 PARAMS = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (10, 4, 12, 7, 9, 1)]

@@ -1,9 +1,11 @@
 """The expert-parallel executor: controller and supervisor of N rank processes.
 
-The executor owns everything that must outlive a rank: the data-plane buffers (the
-shared-memory segment is created here, never by a rank), the heartbeat board, the host expert
-backup, the membership view and the routing tables. It starts the ranks, hands each its share
-of a step over a pipe, and collects the sampled tokens.
+The executor owns everything that must outlive a rank: the membership view and the routing
+tables, and, through its host's agent (`eep.runtime.local_host.LocalHost`; every other host
+runs `eep.runtime.agent.HostAgent`), the data-plane buffers (the shared-memory segment is
+created there, never by a rank), the heartbeat board and the host's expert backup. It has the
+ranks started, hands each its share of a step over its control connection, and collects the
+sampled tokens.
 
 Failure handling (fault_policy "repair", the default; see docs/failure-handling.md):
 - detect: a rank's death is seen within a millisecond through its death notice (a robust
@@ -36,9 +38,7 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -49,7 +49,7 @@ from multiprocessing.connection import Connection, wait
 import torch
 
 from eep.config import EngineConfig, resolve_dtype
-from eep.dataplane.shm import ShmLayout, ShmSegment, sweep_orphans
+from eep.dataplane.shm import ShmLayout
 from eep.engine.worker import SeqWork
 from eep.errors import (  # noqa: F401 (RankFailed re-exported)
     ConfigError, DataPlaneError, EepError, MembershipError, RankFailed, RanksFailed, StepRetry,
@@ -66,8 +66,8 @@ from eep.placement.routing import Placement, check_tables_only, spare_slots_for,
 from eep.placement.topology import Topology
 from eep.runtime.accounting import Ledger
 from eep.runtime.death_notice import DeathNotice
-from eep.runtime.heartbeat import HeartbeatBoard
 from eep.runtime.hosts import HostError, HostListener, RemoteProcess
+from eep.runtime.local_host import LocalHost
 from eep.runtime import wire
 from eep.runtime.rank import ExpertCopy, RankSpec, StepOrder, StepResult, recv, send
 
@@ -189,26 +189,6 @@ class _Proc:
         return code
 
 
-def spread_over_cores(ranks: tuple[int, ...], cores: list[int], pinned: dict[int, int]) -> dict[int, int]:
-    """The ranks to (re)pin and their cores, so that no core holds more than ceil(len(ranks) /
-    len(cores)) ranks, moving as few as possible: a rank stays on its `pinned` core unless that
-    core is crowded; movers and new ranks go to the least-loaded core (lowest first). Pure."""
-    cap = -(-len(ranks) // len(cores))
-    load = {c: 0 for c in cores}
-    keep, moves = {}, {}
-    for r in ranks:
-        c = pinned.get(r)
-        if c in load and load[c] < cap:
-            keep[r] = c
-            load[c] += 1
-    for r in ranks:
-        if r not in keep:
-            c = min(cores, key=lambda k: (load[k], k))
-            moves[r] = c
-            load[c] += 1
-    return moves
-
-
 def _lowest_priority(pid: int) -> None:
     """nice 19 for every thread of `pid` (nice is per thread on Linux); gone threads are skipped."""
     try:
@@ -258,10 +238,7 @@ class EPExecutor:
         self.steps_from_fenced = 0  # committed steps with an answer from a process outside the view (must stay 0)
         # the data plane's time over the committed steps (status()["dataplane"]; eep.bench.steady's figures)
         self.dataplane = {"steps": 0, "exchange_critical_s": 0.0, "exchange_s": 0.0}
-        self._segment: ShmSegment | None = None
-        self._board: HeartbeatBoard | None = None
-        self._backup = None
-        self._backup_server = None  # multi-host: node 0's backup, served to the other hosts' ranks
+        self._local: LocalHost | None = None  # this host's agent: segment, board, backup, its ranks' processes
         self._backup_addresses: tuple[str, ...] | None = None  # multi-host: each node's backup server
         # what each host's backup keeps, fixed at start from the initial tables: host h keeps its
         # own experts and host h+1's (one host: every expert)
@@ -274,7 +251,6 @@ class EPExecutor:
         self._pending_drain: set[int] = set()
         self._retries = 0  # consecutive steps abandoned without a failure
         self._fault_time: float | None = None  # when the last failure was seen, until a step completes
-        self._core_of: dict[int, int] = {}  # the core each active rank is pinned to
         # repair plans for each single further failure, made ahead by a thread (see _plan_ahead):
         # dead set -> (placement, held, plan) they were made from
         self._plans: dict[frozenset[int], tuple[Placement, torch.Tensor, RepairPlan]] = {}
@@ -289,13 +265,13 @@ class EPExecutor:
         self._store: MembershipStore = (EtcdStore(list(ep.etcd_endpoints), ep.instance, timeout_s=ep.failure_timeout_s)
                                         if ep.etcd_endpoints else MemoryStore())
         try:
-            self._rendezvous = self._make_rendezvous(cfg, dtype)
-            if ep.elastic:
-                self._board = HeartbeatBoard(ep.ep_size)
-                if self._backup_masks is not None:
-                    from eep.runtime.expert_backup import ExpertBackup
-
-                    self._backup = ExpertBackup.build(config.model_path, config.dtype, self._backup_masks[0])
+            layout = self._data_layout(cfg, dtype)
+            self._local = LocalHost(
+                self.num_ranks, layout=layout if ep.backend == "shm" else None, heartbeats=ep.elastic,
+                backup_mask=self._backup_masks[0] if self._backup_masks is not None else None,
+                model_path=config.model_path, dtype=config.dtype, cpu_affinity=ep.cpu_affinity,
+            )
+            self._rendezvous = self._local.segment.name if self._local.segment is not None else self._gloo_rendezvous()
             if ep.nnodes > 1:
                 self._join_hosts()
             for rank in range(self.num_ranks):
@@ -325,7 +301,7 @@ class EPExecutor:
         host0, port = wire.split_addr(ep.dist_init_addr)
         setup = wire.HostSetup(
             self.view.epoch, self._layout, self.num_ranks, self.config.model_path, self.config.dtype,
-            self._backup_masks if self._backup is not None else None, self._heartbeat_interval_s, ep.failure_timeout_s, ep.etcd_endpoints, ep.instance,
+            self._backup_masks, self._heartbeat_interval_s, ep.failure_timeout_s, ep.etcd_endpoints, ep.instance,
             ep.cpu_affinity,
         )
         self._hosts = HostListener(ep.dist_init_addr, self._heartbeat_interval_s, setup)  # also takes hosts back later
@@ -334,12 +310,13 @@ class EPExecutor:
         self._data_addresses = tuple(data_address(address[ep.node_of(r)], port + 1, r) for r in range(self.num_ranks))
         if ep.backend == "shm":
             self._aborts = AbortPusher(self._data_addresses)
-        if self._backup is not None:
-            from eep.runtime.backup_server import BackupServer, backup_address
+        if self._backup_masks is not None:
+            from eep.runtime.backup_server import backup_address
 
             self._backup_addresses = tuple(backup_address(address[n], port, self.num_ranks, n)
                                            for n in range(ep.nnodes))
-            self._backup_server = BackupServer(self._backup, self._backup_addresses[0])
+            assert self._local is not None
+            self._local.serve_backup(self._backup_addresses[0])
         logger.info("nodes up: %s", ", ".join(f"{n}={a}" for n, a in sorted(address.items())))
 
     def _node_up(self, node: int) -> bool:
@@ -350,13 +327,18 @@ class EPExecutor:
     def _heartbeat_interval_s(self) -> float:
         return min(0.1, self.ep.failure_timeout_s / 5)
 
+    @property
+    def _heartbeats(self) -> bool:
+        """Ranks beat (failure handling is on): a silent one is failed after failure_timeout_s."""
+        return self._local is not None and self._local.board is not None
+
     def _age_s(self, rank: int) -> float:
         """Seconds since `rank`'s last heartbeat (an upper bound for a rank on another host)."""
         p = self._procs[rank]
         if p is not None and p.remote:
             return p.proc.link.age_s(rank)  # type: ignore[union-attr]
-        assert self._board is not None
-        return self._board.age_s(rank)
+        assert self._local is not None
+        return self._local.age_s(rank)
 
     def _store_commit(self, expected: int | None, view: MembershipView) -> None:
         """Commit `view` in the membership store, by compare-and-swap of the epoch. The store is
@@ -388,60 +370,47 @@ class EPExecutor:
         return max(10.0, 10 * self.ep.failure_timeout_s)
 
     # -- processes ----------------------------------------------------------------------------
-    def _make_rendezvous(self, cfg: ModelConfig, dtype: torch.dtype) -> str:
-        if self.ep.backend == "gloo":
-            self._layout = ShmLayout(num_ranks=self.num_ranks, region_bytes=64)  # the agents' (unused) segments
-            if self.ep.nnodes > 1:  # gloo's TCP store, on node 0 after the data-plane ports
-                from eep.runtime.wire import split_addr
+    def _gloo_rendezvous(self) -> str:
+        if self.ep.nnodes > 1:  # gloo's TCP store, on node 0 after the data-plane ports
+            host, port = wire.split_addr(self.ep.dist_init_addr)  # type: ignore[arg-type]
+            return f"tcp://{host}:{port + 1 + self.num_ranks}"
+        return f"file://{self._tmpdir}/gloo-store"
 
-                host, port = split_addr(self.ep.dist_init_addr)  # type: ignore[arg-type]
-                return f"tcp://{host}:{port + 1 + self.num_ranks}"
-            return f"file://{self._tmpdir}/gloo-store"
+    def _data_layout(self, cfg: ModelConfig, dtype: torch.dtype) -> ShmLayout:
+        """Every host's data-plane segment (global rank numbering); gloo: the agents' unused ones."""
+        if self.ep.backend == "gloo":
+            self._layout = ShmLayout(num_ranks=self.num_ranks, region_bytes=64)
+            return self._layout
         # A region carries at most one step's tokens of one rank: dispatch sends ids + weights +
         # hidden row per token, combine one hidden row per (token, k) pair (not pre-summed, see
         # eep.dataplane.dispatch), so up to top_k rows per token.
         hidden_bytes = cfg.hidden_size * torch.empty(0, dtype=dtype).element_size()
         row = max(cfg.top_k * 12 + hidden_bytes, cfg.top_k * hidden_bytes)
         layout = ShmLayout(num_ranks=self.num_ranks, region_bytes=self.config.max_num_batched_tokens * row)
-        self._layout = layout  # every host's segment has it (global rank numbering)
-        sweep_orphans()  # segments of controllers that were SIGKILLed (they could not remove them)
-        self._segment = ShmSegment.create(layout)
-        return self._segment.name
+        self._layout = layout
+        return layout
 
     def _spawn(self, rank: int, placement: Placement, held: torch.Tensor | None) -> _Proc:
         # Ranks are fresh interpreters (`python -m eep.runtime`), not multiprocessing
         # children: nothing of the caller's __main__ is re-imported, and a replacement rank is
-        # started the same way at any time. Control travels over a socketpair; a death is seen
-        # through its death notice (< 1 ms), and through its pidfd once the exit is complete.
+        # started the same way at any time, by its host's agent (this one's: `LocalHost`). A
+        # death is seen through its death notice (< 1 ms), its pidfd once the exit is complete;
+        # on another host through its agent and its connection.
         remote = self.ep.node_of(rank) != 0
-        notice = DeathNotice.create() if not remote else None
+        assert self._local is not None
         spec = RankSpec(
             rank, self.num_ranks, self.config.model_path, self.config.dtype, self.config.max_num_seqs,
             self.config.max_model_len, placement, self.ep.backend, self._rendezvous, self.ep.timeout_s,
-            heartbeat=self._board.name if self._board else None,
-            heartbeat_interval_s=self._heartbeat_interval_s,
-            backup=self._backup.name if self._backup is not None else None, held=held,
-            death_notice=notice.name if notice is not None else None,
+            heartbeat_interval_s=self._heartbeat_interval_s, held=held, **self._local.names(),  # type: ignore[arg-type]
             data_addresses=self._data_addresses if self.ep.backend == "shm" else None, epoch=self.view.epoch,
             node_of=tuple(self.ep.node_of(r) for r in range(self.num_ranks)) if self._data_addresses else None,
             backup_addresses=self._backup_addresses, backup_timeout_s=max(2.0, 2 * self.ep.failure_timeout_s),
         )
         if remote:
             return self._spawn_remote(spec)
-        if self._board is not None:
-            self._board.reset(rank)
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            # A session of its own: a terminal's Ctrl-C reaches the controller, which stops the
-            # ranks in order, and not every rank at once.
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "eep.runtime", str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                start_new_session=True,
-            )
-            conn = Connection(os.dup(ours.fileno()))
-        p = _Proc(rank, proc, os.pidfd_open(proc.pid), conn, notice)
+        s = self._local.start(spec)
+        p = _Proc(rank, s.proc, s.pidfd, s.conn, s.notice)
         self._procs[rank] = p
-        send(conn, spec)
         return p
 
     def _spawn_remote(self, spec: RankSpec) -> _Proc:
@@ -723,7 +692,7 @@ class EPExecutor:
         sooner, so a stopped rank is failed right at failure_timeout_s after its last beat
         (each look is one read of the board)."""
         check_s = self.ep.failure_timeout_s / 20
-        if self._board is None or not ranks:
+        if not self._heartbeats or not ranks:
             return check_s
         with self.ledger.charge("heartbeat_looks"):
             due_s = self.ep.failure_timeout_s - max(self._age_s(r) for r in ranks)
@@ -731,7 +700,7 @@ class EPExecutor:
 
     def _silent(self, ranks: set[int]) -> set[int]:
         """Ranks whose heartbeat has been silent for failure_timeout_s (stopped, hung)."""
-        assert self._board is not None
+        assert self._heartbeats
         with self.ledger.charge("heartbeat_looks"):
             silent = {r for r in ranks if self._age_s(r) > self.ep.failure_timeout_s}
             silent |= self._with_silent_hosts(silent, ranks)
@@ -804,8 +773,8 @@ class EPExecutor:
         if bumped:
             self._store_commit(self.view.epoch, view)
         self.view = view
-        if bumped and self._segment is not None:
-            self._segment.announce_epoch(view.epoch)
+        if bumped and self._local is not None:
+            self._local.announce_epoch(view.epoch)
         if bumped and self._hosts is not None:
             if self._aborts is not None:
                 self._aborts.abort(view.epoch)
@@ -890,35 +859,17 @@ class EPExecutor:
               joined: tuple[int, ...] = ()) -> RepairPlan:
         return plan_coverage(
             view, placement, held, expert_bytes=self.expert_bytes, topology=self.ep.topology,
-            backup=self._backup_masks if self._backup is not None else None,
+            backup=self._backup_masks,
             host_of=[self.ep.node_of(r) for r in range(self.num_ranks)],
             joined=joined, target=self.target.physical_to_logical_map,
         )
 
     def _spread_ranks(self) -> None:
-        """Pin each active rank (one torch thread each) to one of this process's cores,
-        round-robin, so that ranks never migrate between cores mid-step (measured here: 4 ranks
-        on 2 cores served ~10% more tokens/s, run-to-run spread down from ~15% to ~4%).
-        Every view change calls this again: the survivors of a failure share the cores evenly,
-        a rank switched back in gets its own again. A loading joiner is not pinned. Ranks stay
-        where they are while the spread is even (a survivor moved to another core starts the
-        replayed step with cold caches): only ranks on crowded cores, and new ones, move."""
-        if not self.ep.cpu_affinity:
-            return
-        cores = sorted(os.sched_getaffinity(0))
-        active = tuple(r for r in self.view.active_ranks if self.ep.node_of(r) == 0)  # this host's
-        self._core_of = {r: c for r, c in self._core_of.items() if r in active and c in cores}
-        moved = spread_over_cores(active, cores, self._core_of)
-        self._core_of.update(moved)
-        for r, core in moved.items():
-            p = self._procs[r]
-            if p is None or p.remote:
-                continue
-            try:  # every thread of it (the heartbeat's, torch's): setaffinity is per thread
-                for tid in os.listdir(f"/proc/{p.proc.pid}/task"):
-                    os.sched_setaffinity(int(tid), {core})
-            except OSError:  # exited meanwhile: the failure path sees it
-                pass
+        """Pin this host's active ranks to its cores (`LocalHost.pin`); a loading joiner is not
+        pinned. Every view change calls this again."""
+        assert self._local is not None
+        self._local.pin({r: p.proc.pid for r in self.view.active_ranks
+                         if (p := self._procs[r]) is not None and not p.remote})
 
     def _reconcile(self, t0: float, joined: tuple[int, ...] = ()) -> set[int]:
         """Fit coverage to the committed view; called after every view change, whatever was in
@@ -1040,7 +991,7 @@ class EPExecutor:
                 sent.append(r)
             except OSError as e:
                 broken.append(RankFailed(r, f"its pipe is closed ({e.__class__.__name__})"))
-        replies = self._gather(sent, reply, self.ep.timeout_s, heartbeats=self._board is not None)  # every reply read
+        replies = self._gather(sent, reply, self.ep.timeout_s, heartbeats=self._heartbeats)  # every reply read
         if broken:
             raise broken[0]
         return replies
@@ -1172,10 +1123,11 @@ class EPExecutor:
         self._plans = {}  # stops the planner after its current plan
         if self._planner is not None:
             self._planner.join(10.0)
-        if self._segment is not None:  # release any rank blocked on a dead peer, so it reads "stop"
-            self._segment.announce_epoch(self._segment.control_epoch + 1)
+        segment = self._local.segment if self._local is not None else None
+        if segment is not None:  # release any rank blocked on a dead peer, so it reads "stop"
+            segment.announce_epoch(segment.control_epoch + 1)
             if self._aborts is not None:
-                self._aborts.abort(self._segment.control_epoch)
+                self._aborts.abort(segment.control_epoch)
         live = [p for p in self._procs if p is not None]
         for p in live:
             if p.proc.poll() is None:
@@ -1190,19 +1142,9 @@ class EPExecutor:
                 os.kill(p.proc.pid, signal.SIGKILL)  # also wakes and kills a stopped process
             p.close(kill=True)
         self._procs, self._fenced = [None] * self.num_ranks, []
-        if self._segment is not None:
-            self._segment.close()
-            self._segment.unlink()
-            self._segment = None
-        if self._board is not None:
-            self._board.close()
-            self._board = None
-        if self._backup_server is not None:
-            self._backup_server.close()
-            self._backup_server = None
-        if self._backup is not None:
-            self._backup.close()
-            self._backup = None
+        if self._local is not None:
+            self._local.close()
+            self._local = None
         if self._aborts is not None:
             self._aborts.close()
             self._aborts = None
