@@ -10,6 +10,8 @@ end, tokens committed in it). From that series:
   the last commit before the kill and ends within the recovery (the pause users see);
 - `reintegration_pause_s`: the same around the step boundary where the rank is switched in,
   minus the median step time of that window (what switching in adds to a step);
+- `rejoin_s`: from the rejoin request to the switch-in (the new process's start, load and
+  warm-up while the others serve; with the warm spare, no interpreter start);
 - `time_to_95_s`: from the kill until tokens/s over a sliding window is back to 95% of the
   pre-fault rate and stays there for the window; None (JSON null) if that never happens
   within the run;
@@ -59,6 +61,7 @@ def run_recovery_bench(
     failure_timeout_s: float = 1.0,
     dtype: str = "auto",
     seed: int = 0,
+    warm_spare: bool = True,
 ) -> dict[str, Any]:
     if not 0 <= victim < ep_size or ep_size < 2:
         raise ConfigError(f"need ep_size >= 2 and a victim in 0..{ep_size - 1}")
@@ -67,7 +70,8 @@ def run_recovery_bench(
     per_rank = -(-concurrency // (ep_size - 1))  # survivors must hold every running request
     config = EngineConfig(model_path, dtype=dtype, max_num_seqs=per_rank, max_model_len=prompt_len + output_len + 8,
                           progress=False)
-    ep = EPConfig(ep_size=ep_size, num_redundant_experts=num_redundant_experts, failure_timeout_s=failure_timeout_s)
+    ep = EPConfig(ep_size=ep_size, num_redundant_experts=num_redundant_experts, failure_timeout_s=failure_timeout_s,
+                  warm_spare=warm_spare)
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
     engine = LLMEngine(config, EPExecutor(config, ep))
     ex = engine.executor
@@ -129,6 +133,7 @@ def run_recovery_bench(
         "recovery_pause_s": recovery_pause,
         "reintegration_pause_s": reintegration_pause,
         "time_to_95_s": time_to_95,
+        "rejoin_s": t_back - t_rejoin,  # type: ignore[operator]
         "requests_lost": lost,
         "outputs_differing": differing,
         "requests": len(requests),
@@ -143,7 +148,8 @@ def run_recovery_bench(
                   "detected_after_kill_s": fault.time - kill_wall},
         "config": {"ep_size": ep_size, "victim": victim, "concurrency": concurrency, "prompt_len": prompt_len,
                    "output_len": output_len, "num_redundant_experts": num_redundant_experts,
-                   "failure_timeout_s": failure_timeout_s, "dtype": dtype, "seed": seed, "model_path": model_path},
+                   "failure_timeout_s": failure_timeout_s, "dtype": dtype, "seed": seed, "model_path": model_path,
+                   "warm_spare": warm_spare},
         "torch_version": torch.__version__,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -96,6 +96,7 @@ class EPConfig:
     num_spare_slots: int | None = None  # empty slots per rank for tier-2 repair; None: enough for one rank's experts
     expert_backup: bool = True  # keep experts in host memory (a fast tier-2 source; eep.placement.backups)
     cpu_affinity: bool = True  # pin active ranks to the cores round-robin; re-spread at every view change
+    warm_spare: bool = True  # keep an interpreter started ahead for the next rejoin (elastic instances)
     topology: Topology = field(default_factory=Topology)
     # across hosts (eep.runtime.agent): ranks r * nnodes // ep_size live on node r // (ep_size // nnodes);
     # node 0 (this process) listens on dist_init_addr for the other nodes' agents
@@ -270,6 +271,7 @@ class EPExecutor:
                 self.num_ranks, layout=layout if ep.backend == "shm" else None, heartbeats=ep.elastic,
                 backup_mask=self._backup_masks[0] if self._backup_masks is not None else None,
                 model_path=config.model_path, dtype=config.dtype, cpu_affinity=ep.cpu_affinity,
+                warm_spare=ep.warm_spare and ep.elastic,
             )
             self._rendezvous = self._local.segment.name if self._local.segment is not None else self._gloo_rendezvous()
             if ep.nnodes > 1:

@@ -412,6 +412,9 @@ def _serve(spec: RankSpec, conn: Connection, state: RankState, parent: int) -> N
 def main(argv: list[str]) -> None:
     """`python -m eep.runtime FD`: FD is this rank's end of the executor's socketpair."""
     conn = Connection(int(argv[1]))
-    spec = recv(conn)
+    try:
+        spec = recv(conn)
+    except EOFError:  # a warm spare that was never used: its host closed the pipe
+        return
     rank_main(spec, conn)
 
