@@ -46,12 +46,10 @@ class _Interpreter:
     niced: bool = False
 
     def discard(self) -> None:
-        self.conn.close()  # it reads EOF instead of a spec and exits
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        """Kill it: it holds nothing yet (no rank, no shared memory), and may still be importing."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.conn.close()
         os.close(self.pidfd)
 
 
