@@ -292,6 +292,31 @@ def test_20_kill_rejoin_cycles_at_random_points_lose_nothing_and_leak_nothing(
     assert len([p for p in ex.pids() if p]) == 4 and ex.view.epoch >= 40
 
 
+def _spares(ex: EPExecutor) -> set[int]:
+    """This process's children that are no rank's process: the warm spare (or what is left of one)."""
+    me = os.getpid()
+    children = {int(c) for c in Path(f"/proc/{me}/task/{me}/children").read_text().split()}
+    return children - set(ex.pids())
+
+
+def test_a_rejoin_takes_the_warm_spare_and_a_dead_spare_is_replaced(
+    engine: LLMEngine, reference: list[list[int]]
+) -> None:
+    ex = _executor(engine)
+    [spare] = _spares(ex)  # started ahead, waiting for whichever rank comes next
+    if os.geteuid() == 0:  # its import takes idle time only (where its priority can be given back)
+        assert os.getpriority(os.PRIO_PROCESS, spare) == 19
+    assert _outputs(_run(engine, PROMPTS, at_step=2, victims=(1,))) == reference
+    _rejoin(engine, 1)
+    assert ex.pids()[1] == spare and os.getpriority(os.PRIO_PROCESS, spare) == os.getpriority(os.PRIO_PROCESS, 0)
+    [spare] = _spares(ex)  # the next one
+    os.kill(spare, signal.SIGKILL)  # a spare lost while waiting: the next rejoin starts a fresh process
+    assert _outputs(_run(engine, PROMPTS, at_step=2, victims=(2,))) == reference
+    _rejoin(engine, 2)
+    assert ex.pids()[2] != spare and _outputs(_run(engine, PROMPTS)) == reference
+    assert len(_spares(ex)) == 1 and spare not in _spares(ex)  # the dead one reaped, a new one waiting
+
+
 def test_kill_during_repair_and_during_reintegration(
     engine: LLMEngine, reference: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -11,8 +11,9 @@ active ones to cores. With `warm_spare` it keeps one interpreter started ahead, 
 imported (2.4-2.8 s of a rank's start here), waiting for the spec of whichever rank comes next:
 a rejoin then costs the load of the rank's slots and its warm-up, not an interpreter's start.
 Where its priority can be given back (root, or RLIMIT_NICE), the spare starts at nice 19, so its
-import takes only the cores' idle time, and gets the controller's priority when it is taken. What the ranks do, and when a view changes, is the controller's
-(`eep.runtime.executor`); this class never decides membership.
+import takes only the cores' idle time, and gets the controller's priority when it is taken.
+What the ranks do, and when a view changes, is the controller's (`eep.runtime.executor`); this
+class never decides membership.
 """
 
 from __future__ import annotations
@@ -108,20 +109,30 @@ class LocalHost:
         notice = DeathNotice.create()
         if self.board is not None:
             self.board.reset(spec.rank)
+        spec = dataclasses.replace(spec, death_notice=notice.name)
         try:
             it, self._spare = self._spare, None
-            if it is None or it.proc.poll() is not None:
-                if it is not None:
-                    logger.warning("the warm spare interpreter (pid %d) exited with code %s", it.proc.pid, it.proc.poll())
+            if it is not None:
+                try:
+                    if it.niced:
+                        _renice(it.proc.pid, os.getpriority(os.PRIO_PROCESS, 0))
+                    send(it.conn, spec)
+                except OSError as e:  # it died meanwhile (killed, out of memory): start a fresh one
+                    logger.warning("the warm spare interpreter (pid %d) is gone (%s): starting a fresh one",
+                                   it.proc.pid, e)
                     it.discard()
+                    it = None
+            if it is None:
                 it = _interpreter()
+                try:
+                    send(it.conn, spec)
+                except OSError:
+                    it.discard()
+                    raise
         except BaseException:
             notice.close()
             raise
-        if it.niced:
-            _renice(it.proc.pid, os.getpriority(os.PRIO_PROCESS, 0))
         started = Started(it.proc, it.pidfd, it.conn, notice)
-        send(it.conn, dataclasses.replace(spec, death_notice=notice.name))
         if self.warm_spare:
             self._spare = _interpreter(nice=_can_renice())
         return started
