@@ -67,7 +67,7 @@ from eep.placement.topology import Topology
 from eep.runtime.accounting import Ledger
 from eep.runtime.death_notice import DeathNotice
 from eep.runtime.hosts import HostError, HostListener, RemoteProcess
-from eep.runtime.local_host import LocalHost
+from eep.runtime.local_host import LocalHost, renice
 from eep.runtime import wire
 from eep.runtime.rank import ExpertCopy, RankSpec, StepOrder, StepResult, recv, send
 
@@ -188,19 +188,6 @@ class _Proc:
         if self.notice is not None:
             self.notice.close()
         return code
-
-
-def _lowest_priority(pid: int) -> None:
-    """nice 19 for every thread of `pid` (nice is per thread on Linux); gone threads are skipped."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return
-    for tid in tids:
-        try:
-            os.setpriority(os.PRIO_PROCESS, int(tid), 19)
-        except OSError:
-            pass
 
 
 def _exit_reason(p: _Proc) -> str:
@@ -810,7 +797,7 @@ class EPExecutor:
             self._procs[r] = None
             if p.proc.poll() is None:
                 if not p.remote:
-                    _lowest_priority(p.proc.pid)
+                    renice(p.proc.pid, 19)
                 try:
                     send(p.conn, wire.Fence(self.view.epoch, f"not in the view of epoch {self.view.epoch}"))
                 except OSError:

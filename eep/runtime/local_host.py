@@ -115,7 +115,7 @@ class LocalHost:
             if it is not None:
                 try:
                     if it.niced:
-                        _renice(it.proc.pid, os.getpriority(os.PRIO_PROCESS, 0))
+                        renice(it.proc.pid, os.getpriority(os.PRIO_PROCESS, 0))
                     send(it.conn, spec)
                 except OSError as e:  # it died meanwhile (killed, out of memory): start a fresh one
                     logger.warning("the warm spare interpreter (pid %d) is gone (%s): starting a fresh one",
@@ -201,7 +201,7 @@ def _interpreter(nice: bool = False) -> _Interpreter:
                                 pass_fds=[theirs.fileno()], start_new_session=True)
         conn = Connection(os.dup(ours.fileno()))
     if nice:
-        _renice(proc.pid, 19)
+        renice(proc.pid, 19)
     return _Interpreter(proc, os.pidfd_open(proc.pid), conn, nice)
 
 
@@ -211,7 +211,7 @@ def _can_renice() -> bool:
     return os.geteuid() == 0 or soft == resource.RLIM_INFINITY or 20 - soft <= os.getpriority(os.PRIO_PROCESS, 0)
 
 
-def _renice(pid: int, nice: int) -> None:
+def renice(pid: int, nice: int) -> None:
     """`nice` for every thread of `pid` (nice is per thread on Linux); gone threads are skipped."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -220,6 +220,8 @@ def _renice(pid: int, nice: int) -> None:
     for tid in tids:
         try:
             os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
         except OSError as e:
             logger.warning("could not set nice %d for thread %s of pid %d: %s", nice, tid, pid, e)
 
