@@ -96,7 +96,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             fault_policy=args.fault_policy, failure_timeout_s=args.failure_timeout, rejoin=args.rejoin,
             on_uncoverable=args.on_uncoverable, num_spare_slots=args.ep_spare_slots,
             expert_backup=not args.no_expert_backup, cpu_affinity=not args.no_cpu_affinity,
-            warm_spare=not args.no_warm_spare, nnodes=args.nnodes, dist_init_addr=args.dist_init_addr,
+            fork_server=not args.no_fork_server, nnodes=args.nnodes, dist_init_addr=args.dist_init_addr,
             etcd_endpoints=tuple(e for e in (args.etcd_endpoints or "").split(",") if e), instance=args.instance,
         ),
         request_timeout_s=args.request_timeout,
@@ -165,7 +165,7 @@ def _cmd_bench_recovery(args: argparse.Namespace) -> int:
         _model_path(args), ep_size=args.ep_size, victim=args.victim, concurrency=args.concurrency,
         prompt_len=args.prompt_len, output_len=args.output_len, fault_at_s=args.fault_at,
         rejoin_after_s=args.rejoin_after, num_redundant_experts=args.ep_num_redundant_experts,
-        failure_timeout_s=args.failure_timeout, dtype=args.dtype, seed=args.seed, warm_spare=not args.no_warm_spare,
+        failure_timeout_s=args.failure_timeout, dtype=args.dtype, seed=args.seed, fork_server=not args.no_fork_server,
     )
     summary = {k: result[k] for k in ("recovery_pause_s", "reintegration_pause_s", "time_to_95_s", "rejoin_s",
                                        "requests_lost", "outputs_differing")}
@@ -315,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-expert-backup", action="store_true", help="no host-memory expert copy (repairs read the disk)")
     srv.add_argument("--no-cpu-affinity", action="store_true",
                      help="do not pin ranks to cores (default: active ranks round-robin over this process's cores)")
-    srv.add_argument("--no-warm-spare", action="store_true",
-                     help="start a rejoining rank's interpreter only when it rejoins (default: one is kept started "
-                          "ahead, torch imported, on this host)")
+    srv.add_argument("--no-fork-server", action="store_true",
+                     help="start every rank as a fresh interpreter (default: ranks are forked from one interpreter "
+                          "that imported torch once, on this host)")
     srv.add_argument("--max-model-len", type=int, default=_default(EngineConfig, "max_model_len"))
     srv.add_argument("--max-num-seqs", type=int, default=_default(EngineConfig, "max_num_seqs"))
     srv.add_argument("--max-prefill-tokens", type=int, default=_default(EngineConfig, "max_prefill_tokens"),
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--rejoin-after", type=float, default=3.0, help="seconds from the kill to the rejoin request")
     rec.add_argument("--ep-num-redundant-experts", type=int, default=0)
     rec.add_argument("--failure-timeout", type=float, default=1.0)
-    rec.add_argument("--no-warm-spare", action="store_true", help="the rejoining rank starts a fresh interpreter")
+    rec.add_argument("--no-fork-server", action="store_true", help="every rank, the rejoining one too, is a fresh interpreter")
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument("--json", help="write the result here")
     rec.set_defaults(func=_cmd_bench_recovery)

@@ -1,4 +1,5 @@
-"""Suite-wide guard: every test leaves no child process and no shared-memory segment behind."""
+"""Suite-wide guard: every test leaves no process of its own (child, or a child's child: ranks
+forked by a fork server) and no shared-memory segment behind."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ import pytest
 
 
 def _children() -> set[int]:
-    """Live (non-zombie) direct children of this process, read from /proc."""
-    me, found = os.getpid(), set()
+    """Live (non-zombie) descendants of this process, read from /proc."""
+    below: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == me and fields[0] != "Z" and not _is_mp_helper(stat.parent):
-            found.add(int(stat.parent.name))
+        if fields[0] != "Z" and not _is_mp_helper(stat.parent):
+            below.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [os.getpid()]
+    while todo:
+        for child in below.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
     return found
 
 

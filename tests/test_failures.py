@@ -292,29 +292,32 @@ def test_20_kill_rejoin_cycles_at_random_points_lose_nothing_and_leak_nothing(
     assert len([p for p in ex.pids() if p]) == 4 and ex.view.epoch >= 40
 
 
-def _spares(ex: EPExecutor) -> set[int]:
-    """This process's children that are no rank's process: the warm spare (or what is left of one)."""
-    me = os.getpid()
-    children = {int(c) for c in Path(f"/proc/{me}/task/{me}/children").read_text().split()}
-    return children - set(ex.pids())
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
 
 
-def test_a_rejoin_takes_the_warm_spare_and_a_dead_spare_is_replaced(
+def test_ranks_are_forked_from_one_server_whose_death_takes_no_rank(
     engine: LLMEngine, reference: list[list[int]]
 ) -> None:
     ex = _executor(engine)
-    [spare] = _spares(ex)  # started ahead, waiting for whichever rank comes next
-    if os.geteuid() == 0:  # its import takes idle time only (where its priority can be given back)
-        assert os.getpriority(os.PRIO_PROCESS, spare) == 19
+    [server] = {_parent(p) for p in ex.pids()}  # every rank forked from one interpreter of this host
+    assert _parent(server) == os.getpid() and server not in ex.pids()
     assert _outputs(_run(engine, PROMPTS, at_step=2, victims=(1,))) == reference
     _rejoin(engine, 1)
-    assert ex.pids()[1] == spare and os.getpriority(os.PRIO_PROCESS, spare) == os.getpriority(os.PRIO_PROCESS, 0)
-    [spare] = _spares(ex)  # the next one
-    os.kill(spare, signal.SIGKILL)  # a spare lost while waiting: the next rejoin starts a fresh process
+    assert _parent(ex.pids()[1]) == server  # the rejoin forked too (no interpreter's start)
+    reaped = [e for e in ex.events if e.kind == "reaped" and e.rank == 1]
+    assert reaped and reaped[-1].detail.endswith(f"code {-signal.SIGKILL}"), reaped  # its exit code, relayed
+    os.kill(server, signal.SIGKILL)  # the fork server lost: every rank goes on serving
+    assert _outputs(_run(engine, PROMPTS)) == reference and ex.view.active_ranks == (0, 1, 2, 3)
     assert _outputs(_run(engine, PROMPTS, at_step=2, victims=(2,))) == reference
-    _rejoin(engine, 2)
-    assert ex.pids()[2] != spare and _outputs(_run(engine, PROMPTS)) == reference
-    assert len(_spares(ex)) == 1 and spare not in _spares(ex)  # the dead one reaped, a new one waiting
+    _rejoin(engine, 2)  # a fresh interpreter (a rejoin waits for nobody's imports); a new server begins its own
+    assert _parent(ex.pids()[2]) == os.getpid()
+    me = os.getpid()
+    [new] = {int(c) for c in Path(f"/proc/{me}/task/{me}/children").read_text().split()} - set(ex.pids())
+    assert _outputs(_run(engine, PROMPTS, at_step=2, victims=(3,))) == reference
+    _rejoin(engine, 3)
+    assert _parent(ex.pids()[3]) == new and _parent(new) == os.getpid()
+    assert _outputs(_run(engine, PROMPTS)) == reference
 
 
 def test_kill_during_repair_and_during_reintegration(

@@ -430,7 +430,7 @@ def _cpu_source(pid: int) -> tuple[str, Any]:
 
 
 def _descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (the server, its ranks and its warm spare), from /proc's parent links."""
+    """`pid` and every process below it (the server, its fork server and its ranks), from /proc's parent links."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -600,7 +600,7 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
             records: list[_Record] = []
             counter = itertools.count(_STEADY_FIRST_INDEX + k * 100_000)  # the same requests for every server
             assert srv.proc is not None
-            pids = _descendants(srv.proc.pid)  # the server, its ranks (and spare); none starts or ends in a slice
+            pids = _descendants(srv.proc.pid)  # the server, its ranks, its fork server; none starts or ends in a slice
             samples: list[tuple[float, float]] = []
             async with _client(srv, concurrency) as client:
                 clock = time.monotonic()

@@ -11,7 +11,7 @@ end, tokens committed in it). From that series:
 - `reintegration_pause_s`: the same around the step boundary where the rank is switched in,
   minus the median step time of that window (what switching in adds to a step);
 - `rejoin_s`: from the rejoin request to the switch-in (the new process's start, load and
-  warm-up while the others serve; with the warm spare, no interpreter start);
+  warm-up while the others serve; with the fork server, no interpreter start);
 - `time_to_95_s`: from the kill until tokens/s over a sliding window is back to 95% of the
   pre-fault rate and stays there for the window; None (JSON null) if that never happens
   within the run;
@@ -61,7 +61,7 @@ def run_recovery_bench(
     failure_timeout_s: float = 1.0,
     dtype: str = "auto",
     seed: int = 0,
-    warm_spare: bool = True,
+    fork_server: bool = True,
 ) -> dict[str, Any]:
     if not 0 <= victim < ep_size or ep_size < 2:
         raise ConfigError(f"need ep_size >= 2 and a victim in 0..{ep_size - 1}")
@@ -71,7 +71,7 @@ def run_recovery_bench(
     config = EngineConfig(model_path, dtype=dtype, max_num_seqs=per_rank, max_model_len=prompt_len + output_len + 8,
                           progress=False)
     ep = EPConfig(ep_size=ep_size, num_redundant_experts=num_redundant_experts, failure_timeout_s=failure_timeout_s,
-                  warm_spare=warm_spare)
+                  fork_server=fork_server)
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
     engine = LLMEngine(config, EPExecutor(config, ep))
     ex = engine.executor
@@ -149,7 +149,7 @@ def run_recovery_bench(
         "config": {"ep_size": ep_size, "victim": victim, "concurrency": concurrency, "prompt_len": prompt_len,
                    "output_len": output_len, "num_redundant_experts": num_redundant_experts,
                    "failure_timeout_s": failure_timeout_s, "dtype": dtype, "seed": seed, "model_path": model_path,
-                   "warm_spare": warm_spare},
+                   "fork_server": fork_server},
         "torch_version": torch.__version__,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -4,7 +4,7 @@ What this module promises:
 - The agent owns what must live on its host: the host's data-plane segment (created here, so a
   rank's death leaves it intact, as the controller does on one host), the heartbeat board of
   its ranks, the host-memory expert backup. It starts rank processes when the controller asks
-  (`SpawnRank`), kills them when asked (`KillRank`), and announces every committed epoch in its
+  (`SpawnRank`; forked from the host's `ForkServer`, unless `HostSetup.fork_server` is off), kills them when asked (`KillRank`), and announces every committed epoch in its
   segment (`Announce`), so a rank blocked on a dead peer of its own host gives up at once.
 - It reports, every heartbeat interval, the heartbeat ages of its ranks (`Beats`): the
   controller fails a stopped rank from them, and a whole host whose agent fell silent (its
@@ -39,6 +39,7 @@ from multiprocessing.connection import Connection, wait
 from eep.dataplane.shm import ShmSegment, sweep_orphans
 from eep.errors import EepError
 from eep.runtime import wire
+from eep.runtime.fork_server import ForkedProcess, ForkServer, fork_rank
 from eep.runtime.heartbeat import HeartbeatBoard
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class AgentError(EepError):
 @dataclass(slots=True)
 class _Rank:
     rank: int
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | ForkedProcess
     pidfd: int
 
 
@@ -72,6 +73,7 @@ class HostAgent:
         self._registration = None  # this host's listing in it
         self._clean = False  # the controller shut the instance down (its ranks were stopped)
         self._setup: wire.HostSetup | None = None
+        self._forks: ForkServer | None = None  # forks this host's ranks (HostSetup.fork_server)
 
     # -- life ----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -108,6 +110,8 @@ class HostAgent:
         wire.bound_sends(self._conn, setup.failure_timeout_s)  # a vanished controller never blocks a beat
         if self.controller_timeout_s is None:
             self.controller_timeout_s = 2 * setup.failure_timeout_s
+        if setup.fork_server:  # its imports run while the rest is built
+            self._forks = ForkServer(self.start_timeout_s)
         sweep_orphans()
         self._segment = ShmSegment.create(setup.layout)
         self._board = HeartbeatBoard(setup.num_ranks)
@@ -199,10 +203,12 @@ class HostAgent:
         if self._setup is not None:
             wire.bound_sends(sock, self._setup.failure_timeout_s)  # the rank's sends: bounded as well
         with sock:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "eep.runtime", str(sock.fileno())], pass_fds=[sock.fileno()],
-                start_new_session=True,
-            )
+            proc: subprocess.Popen[bytes] | ForkedProcess | None = None
+            if self._forks is not None:  # never waits for its imports: this loop must keep beating
+                self._forks, proc = fork_rank(self._forks, sock.fileno())
+            if proc is None:
+                proc = subprocess.Popen([sys.executable, "-m", "eep.runtime", str(sock.fileno())],
+                                        pass_fds=[sock.fileno()], start_new_session=True)
             conn = Connection(os.dup(sock.fileno()))
         host_local = {"rendezvous": self._segment.name, "heartbeat": self._board.name,
                       "backup": self._backup.name if self._backup is not None else None, "death_notice": None}
@@ -249,6 +255,9 @@ class HostAgent:
                 r.proc.wait(timeout=5)
             os.close(r.pidfd)
         self._ranks = {}
+        if self._forks is not None:
+            self._forks.close()
+            self._forks = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None

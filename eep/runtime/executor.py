@@ -67,6 +67,7 @@ from eep.placement.topology import Topology
 from eep.runtime.accounting import Ledger
 from eep.runtime.death_notice import DeathNotice
 from eep.runtime.hosts import HostError, HostListener, RemoteProcess
+from eep.runtime.fork_server import ForkedProcess
 from eep.runtime.local_host import LocalHost, renice
 from eep.runtime import wire
 from eep.runtime.rank import ExpertCopy, RankSpec, StepOrder, StepResult, recv, send
@@ -96,7 +97,7 @@ class EPConfig:
     num_spare_slots: int | None = None  # empty slots per rank for tier-2 repair; None: enough for one rank's experts
     expert_backup: bool = True  # keep experts in host memory (a fast tier-2 source; eep.placement.backups)
     cpu_affinity: bool = True  # pin active ranks to the cores round-robin; re-spread at every view change
-    warm_spare: bool = True  # keep an interpreter started ahead for the next rejoin (elastic instances)
+    fork_server: bool = True  # fork this host's ranks from one interpreter that imported torch once
     topology: Topology = field(default_factory=Topology)
     # across hosts (eep.runtime.agent): ranks r * nnodes // ep_size live on node r // (ep_size // nnodes);
     # node 0 (this process) listens on dist_init_addr for the other nodes' agents
@@ -142,7 +143,7 @@ class _Proc:
     """One rank process as the supervisor sees it."""
 
     rank: int
-    proc: subprocess.Popen[bytes] | RemoteProcess
+    proc: subprocess.Popen[bytes] | ForkedProcess | RemoteProcess
     pidfd: int | None  # None: on another host (its agent relays the exit, `wake` wakes us)
     conn: Connection
     notice: DeathNotice | None = None  # readable `notice.fd` once the process died (< 1 ms)
@@ -258,13 +259,13 @@ class EPExecutor:
                 self.num_ranks, layout=layout if ep.backend == "shm" else None, heartbeats=ep.elastic,
                 backup_mask=self._backup_masks[0] if self._backup_masks is not None else None,
                 model_path=config.model_path, dtype=config.dtype, cpu_affinity=ep.cpu_affinity,
-                warm_spare=ep.warm_spare and ep.elastic,
+                fork_server=ep.fork_server,
             )
             self._rendezvous = self._local.segment.name if self._local.segment is not None else self._gloo_rendezvous()
             if ep.nnodes > 1:
                 self._join_hosts()
-            for rank in range(self.num_ranks):
-                self._spawn(rank, self.placement, None)
+            for rank in range(self.num_ranks):  # the start waits for the fork server's imports
+                self._spawn(rank, self.placement, None, wait_s=ep.start_timeout_s)
             self._await_ready(range(self.num_ranks), self.ep.start_timeout_s)
             committed = self._store.current()  # an instance restarted under the same name goes on from its epoch
             initial = MembershipView.initial(tuple(self._procs[r].proc.pid for r in range(self.num_ranks)))  # type: ignore[union-attr]
@@ -291,7 +292,7 @@ class EPExecutor:
         setup = wire.HostSetup(
             self.view.epoch, self._layout, self.num_ranks, self.config.model_path, self.config.dtype,
             self._backup_masks, self._heartbeat_interval_s, ep.failure_timeout_s, ep.etcd_endpoints, ep.instance,
-            ep.cpu_affinity,
+            ep.cpu_affinity, ep.fork_server,
         )
         self._hosts = HostListener(ep.dist_init_addr, self._heartbeat_interval_s, setup)  # also takes hosts back later
         agents = self._hosts.wait_agents(range(1, ep.nnodes), ep.start_timeout_s)
@@ -379,10 +380,11 @@ class EPExecutor:
         self._layout = layout
         return layout
 
-    def _spawn(self, rank: int, placement: Placement, held: torch.Tensor | None) -> _Proc:
-        # Ranks are fresh interpreters (`python -m eep.runtime`), not multiprocessing
-        # children: nothing of the caller's __main__ is re-imported, and a replacement rank is
-        # started the same way at any time, by its host's agent (this one's: `LocalHost`). A
+    def _spawn(self, rank: int, placement: Placement, held: torch.Tensor | None, wait_s: float = 0.0) -> _Proc:
+        # Ranks are forked from the host's fork server or are fresh interpreters (`python -m
+        # eep.runtime`), never multiprocessing children: nothing of the caller's __main__ is
+        # re-imported, and a replacement rank is started the same way at any time, by its host's
+        # agent (this one's: `LocalHost`). A
         # death is seen through its death notice (< 1 ms), its pidfd once the exit is complete;
         # on another host through its agent and its connection.
         remote = self.ep.node_of(rank) != 0
@@ -397,7 +399,7 @@ class EPExecutor:
         )
         if remote:
             return self._spawn_remote(spec)
-        s = self._local.start(spec)
+        s = self._local.start(spec, wait_s)
         p = _Proc(rank, s.proc, s.pidfd, s.conn, s.notice)
         self._procs[rank] = p
         return p

@@ -5,13 +5,12 @@ controller's host the same job is done here, in the controller's process (no hop
 that matters most, and nothing more to lose: the controller's host is the instance). A
 `LocalHost` owns what belongs to the host and must outlive any rank: the data-plane segment
 (shm; gloo has none), the heartbeat board, the expert backup and, across hosts, its server. It
-starts its ranks as fresh interpreters (`python -m eep.runtime`) with a socketpair each as the
-control pipe, a death notice and a pidfd (the fast and the sure sign of a death), and pins the
-active ones to cores. With `warm_spare` it keeps one interpreter started ahead, torch already
-imported (2.4-2.8 s of a rank's start here), waiting for the spec of whichever rank comes next:
-a rejoin then costs the load of the rank's slots and its warm-up, not an interpreter's start.
-Where its priority can be given back (root, or RLIMIT_NICE), the spare starts at nice 19, so its
-import takes only the cores' idle time, and gets the controller's priority when it is taken.
+starts its ranks with a socketpair each as the control pipe, a death notice and a pidfd (the
+fast and the sure sign of a death), and pins the active ones to cores. With `fork_server` (the
+default) a rank is forked from the host's `ForkServer`, an interpreter that imported torch once
+(2.4-2.8 s of CPU per fresh interpreter here): a start, a rejoin or a restart costs the load of
+the rank's slots and its warm-up, not an interpreter's start; a fork server that died is
+replaced at the next start. Without it every rank is a fresh `python -m eep.runtime`.
 What the ranks do, and when a view changes, is the controller's (`eep.runtime.executor`); this
 class never decides membership.
 """
@@ -21,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -31,6 +29,7 @@ import torch
 
 from eep.dataplane.shm import ShmLayout, ShmSegment, sweep_orphans
 from eep.runtime.death_notice import DeathNotice
+from eep.runtime.fork_server import ForkedProcess, ForkServer, fork_rank
 from eep.runtime.heartbeat import HeartbeatBoard
 from eep.runtime.rank import RankSpec, send
 
@@ -38,27 +37,10 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(slots=True)
-class _Interpreter:
-    """`python -m eep.runtime` started, waiting for its `RankSpec` on `conn`."""
-
-    proc: subprocess.Popen[bytes]
-    pidfd: int
-    conn: Connection
-    niced: bool = False
-
-    def discard(self) -> None:
-        """Kill it: it holds nothing yet (no rank, no shared memory), and may still be importing."""
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-        self.conn.close()
-        os.close(self.pidfd)
-
-
-@dataclasses.dataclass(slots=True)
 class Started:
     """A rank process just started: its Popen, pidfd, control pipe and death notice."""
 
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | ForkedProcess
     pidfd: int
     conn: Connection
     notice: DeathNotice
@@ -67,17 +49,20 @@ class Started:
 class LocalHost:
     def __init__(self, num_ranks: int, *, layout: ShmLayout | None, heartbeats: bool,
                  backup_mask: torch.Tensor | None, model_path: str, dtype: str, cpu_affinity: bool,
-                 warm_spare: bool = False) -> None:
+                 fork_server: bool = True) -> None:
         """Make the host's segment (with `layout`; None: none, as on gloo), heartbeat board
-        (if `heartbeats`) and expert backup (the experts of `backup_mask`; None: none)."""
-        self.cpu_affinity, self.warm_spare = cpu_affinity, warm_spare
-        self._spare: _Interpreter | None = None
+        (if `heartbeats`), expert backup (the experts of `backup_mask`; None: none) and fork
+        server (its imports run while the rest is built)."""
+        self.cpu_affinity = cpu_affinity
+        self.forks: ForkServer | None = None
         self.segment: ShmSegment | None = None
         self.board: HeartbeatBoard | None = None
         self.backup = None
         self._backup_server = None
         self._core_of: dict[int, int] = {}  # the core each active rank is pinned to
         try:
+            if fork_server:
+                self.forks = ForkServer()
             if layout is not None:
                 sweep_orphans()  # segments of controllers that were SIGKILLed (they could not remove them)
                 self.segment = ShmSegment.create(layout)
@@ -103,39 +88,37 @@ class LocalHost:
 
             self._backup_server = BackupServer(self.backup, address)
 
-    def start(self, spec: RankSpec) -> Started:
-        """Start rank `spec.rank` here (in the warm spare if there is one) and hand it `spec`
-        (with its death notice filled in); then start the next spare (`warm_spare`)."""
+    def start(self, spec: RankSpec, wait_s: float = 0.0) -> Started:
+        """Start rank `spec.rank` here and hand it `spec` (with its death notice filled in):
+        forked from the fork server if there is one and its imports are done within `wait_s`
+        (the instance's start waits for them; a rejoin does not), else a fresh interpreter."""
         notice = DeathNotice.create()
         if self.board is not None:
             self.board.reset(spec.rank)
         spec = dataclasses.replace(spec, death_notice=notice.name)
         try:
-            it, self._spare = self._spare, None
-            if it is not None:
-                try:
-                    if it.niced:
-                        renice(it.proc.pid, os.getpriority(os.PRIO_PROCESS, 0))
-                    send(it.conn, spec)
-                except OSError as e:  # it died meanwhile (killed, out of memory): start a fresh one
-                    logger.warning("the warm spare interpreter (pid %d) is gone (%s): starting a fresh one",
-                                   it.proc.pid, e)
-                    it.discard()
-                    it = None
-            if it is None:
-                it = _interpreter()
-                try:
-                    send(it.conn, spec)
-                except OSError:
-                    it.discard()
-                    raise
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                proc: subprocess.Popen[bytes] | ForkedProcess | None = None
+                if self.forks is not None:
+                    self.forks, proc = fork_rank(self.forks, theirs.fileno(), wait_s)
+                if proc is None:
+                    proc = _interpreter(theirs.fileno())
+                conn = Connection(os.dup(ours.fileno()))
+            pidfd = os.pidfd_open(proc.pid)
+            try:
+                send(conn, spec)
+            except OSError:
+                proc.kill()
+                proc.wait(timeout=10)
+                conn.close()
+                os.close(pidfd)
+                raise
         except BaseException:
             notice.close()
             raise
-        started = Started(it.proc, it.pidfd, it.conn, notice)
-        if self.warm_spare:
-            self._spare = _interpreter(nice=_can_renice())
-        return started
+        return Started(proc, pidfd, conn, notice)
+
 
     def age_s(self, rank: int) -> float:
         """Seconds since `rank`'s last heartbeat."""
@@ -171,10 +154,10 @@ class LocalHost:
 
     def close(self) -> None:
         """Remove the segment, the board and the backup (the ranks are stopped first, by the
-        controller). Idempotent."""
-        if self._spare is not None:
-            self._spare.discard()
-            self._spare = None
+        controller), and stop the fork server. Idempotent."""
+        if self.forks is not None:
+            self.forks.close()
+            self.forks = None
         if self.segment is not None:
             self.segment.close()
             self.segment.unlink()
@@ -190,25 +173,11 @@ class LocalHost:
             self.backup = None
 
 
-def _interpreter(nice: bool = False) -> _Interpreter:
-    """A fresh `python -m eep.runtime`, with a socketpair as its control pipe. A session of its
-    own: a terminal's Ctrl-C reaches the controller, which stops the ranks in order, and not
-    every rank at once. `nice`: at nice 19 (set at once, before it starts any thread: they
-    inherit it)."""
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        proc = subprocess.Popen([sys.executable, "-m", "eep.runtime", str(theirs.fileno())],
-                                pass_fds=[theirs.fileno()], start_new_session=True)
-        conn = Connection(os.dup(ours.fileno()))
-    if nice:
-        renice(proc.pid, 19)
-    return _Interpreter(proc, os.pidfd_open(proc.pid), conn, nice)
-
-
-def _can_renice() -> bool:
-    """Whether a process of ours put at nice 19 can be given our priority back."""
-    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
-    return os.geteuid() == 0 or soft == resource.RLIM_INFINITY or 20 - soft <= os.getpriority(os.PRIO_PROCESS, 0)
+def _interpreter(fd: int) -> subprocess.Popen[bytes]:
+    """A fresh `python -m eep.runtime FD`, FD its end of the control pipe. A session of its own:
+    a terminal's Ctrl-C reaches the controller, which stops the ranks in order, and not every
+    rank at once."""
+    return subprocess.Popen([sys.executable, "-m", "eep.runtime", str(fd)], pass_fds=[fd], start_new_session=True)
 
 
 def renice(pid: int, nice: int) -> None:

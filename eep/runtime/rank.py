@@ -14,9 +14,11 @@ import gc
 import logging
 import os
 import pickle
+import select
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -78,7 +80,7 @@ class RankSpec:
     backend: str  # "shm" | "gloo"
     rendezvous: str  # shm: segment name; gloo: init_method (file://...)
     timeout_s: float  # every data-plane wait
-    poll_s: float = 1.0  # how often an idle rank checks that its parent is alive
+    poll_s: float = 1.0  # how often an idle rank checks that its supervisor is alive
     heartbeat: str | None = None  # the controller's heartbeat board (shm file name)
     heartbeat_interval_s: float = 0.1
     backup: str | None = None  # the host expert backup (shm file name), a repair source
@@ -338,17 +340,19 @@ def recv(conn: Connection) -> Any:
     return pickle.loads(conn.recv_bytes())
 
 
-def rank_main(spec: RankSpec, conn: Connection) -> None:
-    """Entry point of a rank process: serve steps from `conn` until told to stop."""
+def rank_main(spec: RankSpec, conn: Connection, supervisor: int | None = None) -> None:
+    """Entry point of a rank process: serve steps from `conn` until told to stop, or until
+    `supervisor` (the process that started it: the executor or the host's agent; default the
+    parent, which a rank forked by a fork server is not) is gone."""
     torch.set_num_threads(1)  # N ranks share the host's cores: one thread each, no oversubscription
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack (debugging)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(levelname)s %(name)s: %(message)s")
-    parent = os.getppid()
+    gone = _watch(supervisor if supervisor is not None else os.getppid())
     # held by this (the main) thread until the process ends: the kernel reports the death at once
     notice = HeldNotice(spec.death_notice) if spec.death_notice else None  # noqa: F841 (kept alive)
     heartbeat = Heartbeat(spec.heartbeat, spec.rank, spec.heartbeat_interval_s) if spec.heartbeat else None
     try:
-        _serve(spec, conn, RankState(spec, heartbeat), parent)
+        _serve(spec, conn, RankState(spec, heartbeat), gone)
     except (BrokenPipeError, ConnectionResetError):  # the controller dropped this process: fenced
         logger.warning("rank %d: the controller closed the pipe; exiting as fenced", spec.rank)
         raise SystemExit(EXIT_FENCED) from None
@@ -357,7 +361,16 @@ def rank_main(spec: RankSpec, conn: Connection) -> None:
             heartbeat.stop()
 
 
-def _serve(spec: RankSpec, conn: Connection, state: RankState, parent: int) -> None:
+def _watch(pid: int) -> Callable[[], bool]:
+    """A test of whether process `pid` has ended (its pidfd turned readable)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return lambda: True
+    return lambda: bool(select.select([pidfd], [], [], 0)[0])
+
+
+def _serve(spec: RankSpec, conn: Connection, state: RankState, gone: Callable[[], bool]) -> None:
     warmup_s = None
     if spec.held is not None:  # a replacement: warm up before the controller switches it in
         start = time.perf_counter()
@@ -368,7 +381,7 @@ def _serve(spec: RankSpec, conn: Connection, state: RankState, parent: int) -> N
     send(conn, wire.Ready(spec.epoch, os.getpid(), warmup_s))
     while True:
         if not conn.poll(spec.poll_s):
-            if os.getppid() != parent:  # the executor (or agent) is gone: nobody will ever send a step
+            if gone():  # the executor (or agent) is gone: nobody will ever send a step
                 return
             continue
         try:
@@ -409,12 +422,13 @@ def _serve(spec: RankSpec, conn: Connection, state: RankState, parent: int) -> N
             logger.warning("rank %d: ignored an unknown control message %s", spec.rank, type(msg).__name__)
 
 
-def main(argv: list[str]) -> None:
-    """`python -m eep.runtime FD`: FD is this rank's end of the executor's socketpair."""
+def main(argv: list[str], supervisor: int | None = None) -> None:
+    """`python -m eep.runtime FD`: FD is this rank's end of the executor's socketpair (also
+    what a fork server's child runs, with the controller as `supervisor`)."""
     conn = Connection(int(argv[1]))
     try:
         spec = recv(conn)
-    except EOFError:  # a warm spare that was never used: its host closed the pipe
+    except EOFError:  # its host closed the pipe before handing it a rank
         return
-    rank_main(spec, conn)
+    rank_main(spec, conn, supervisor)
 

@@ -57,6 +57,7 @@ class HostSetup:
     etcd_endpoints: tuple[str, ...] = ()  # where the agent keeps its host's lease (none: no lease)
     instance: str = "default"
     cpu_affinity: bool = True  # pin each rank to one of the host's cores, round-robin
+    fork_server: bool = True  # fork the host's ranks from one interpreter (eep.runtime.fork_server)
 
 
 @dataclass(frozen=True, slots=True)
