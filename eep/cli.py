@@ -176,6 +176,16 @@ def _cmd_bench_recovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_plan(args: argparse.Namespace) -> int:
+    from eep.bench.plan import run_plan_bench, summary_table
+
+    result = run_plan_bench(tuple(int(n) for n in args.ep_sizes.split(",")), repeats=args.repeats)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(summary_table(result))
+    return 0
+
+
 def _cmd_bench_failure(args: argparse.Namespace) -> int:
     from eep.bench.failure import plot, run_failure_bench, run_steady_calibration, summary_table
 
@@ -445,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     hb.add_argument("--json", default="out/hosts.json", help="the whole record (default: %(default)s)")
     hb.add_argument("--plot", default="out/hosts.png", help="the picture (default: %(default)s)")
     hb.set_defaults(func=_cmd_bench_hosts)
+    pl = bench_sub.add_parser("plan", help="the repair planner timed on DeepSeek-V3's MoE shape at EP 32-256 (JSON)")
+    pl.add_argument("--ep-sizes", default="32,64,128,256", help="comma-separated EP sizes (multiples of 8)")
+    pl.add_argument("--repeats", type=int, default=5, help="timed plans per case; the slowest is reported")
+    pl.add_argument("--json", default="out/plan.json", help="the whole record (default: %(default)s)")
+    pl.set_defaults(func=_cmd_bench_plan)
     return parser
 
 

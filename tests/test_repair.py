@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from eep.errors import ConfigError
 from eep.placement.backups import backup_masks
+from eep.placement import repair
 from eep.placement.eplb import plan_placement
 from eep.placement.repair import Relocation, RepairPlan, plan_rejoin, plan_repair, schedule_transfers
 from eep.placement.routing import (
@@ -196,6 +198,62 @@ def test_enough_redundancy_is_tier_one_only(num_experts: int, num_ranks: int, nu
     assert plan.tiers and all(r.tier == 1 for r in plan.tiers)
     expected = (survivors.physical_to_logical_map, survivors.logical_to_physical_map, survivors.logical_replica_count)
     assert list(all_fields(plan)[0][1:4]) == [t.tolist() for t in expected]
+
+
+class _ScanEverySlot:
+    """The target rule as the module docstring writes it, by scanning every slot for every
+    copy: the oracle of the planner's heaps (`repair._Targets`)."""
+
+    def __init__(self, state: Any, moves_layer: list[int], moves_total: list[int], *_: object) -> None:
+        self.s, self.moves_layer, self.moves_total = state, moves_layer, moves_total  # the slot lists go unused
+
+    def pick(self) -> int | None:
+        s = self.s
+        unlisted = [p for p, ok in enumerate(s.live) if ok and s.phy[p] < 0]
+        for candidates in ([p for p in unlisted if s.hold[p] < 0], [p for p in unlisted if s.hold[p] >= 0]):
+            if candidates:
+                return self._spread(candidates)
+        donors = [e for e, n in enumerate(s.count) if n >= 2]
+        if not donors:
+            return None
+        donor = max(donors, key=lambda e: (s.count[e], -e))
+        return self._spread([p for p, e in enumerate(s.phy) if e == donor])
+
+    def _spread(self, candidates: list[int]) -> int:
+        rank = self.s.rank
+        slot = min(candidates, key=lambda p: (self.moves_layer[rank(p)], self.moves_total[rank(p)], p))
+        self.moves_layer[rank(slot)] += 1  # the move counted on its rank
+        self.moves_total[rank(slot)] += 1
+        return slot
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_the_planners_heaps_choose_what_scanning_every_slot_chooses(sc: dict) -> None:
+    fast = all_fields(run(sc))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(repair, "_Targets", _ScanEverySlot)
+        assert all_fields(run(sc)) == fast
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_planners_heaps_choose_what_scanning_every_slot_chooses_across_many_layers(seed: int) -> None:
+    """Wider instances than the drawn ones: many layers (copies spread by their moves in all
+    layers), hosts with ring backups, spare slots, one host or scattered ranks lost."""
+    gen = torch.Generator().manual_seed(seed)
+    num_ranks, per_host = 16, 4
+    tables = with_spare_slots(plan_placement(48, num_ranks, num_layers=12, num_redundant=16,
+                                             load=torch.rand(12, 48, generator=gen)), num_ranks, 1 + seed % 2)
+    hosts = [r // per_host for r in range(num_ranks)]
+    dead = {0: set(range(4, 8)), 1: {1, 6, 11}, 2: set(range(0, 16, 2)), 3: set(range(8, 16))}[seed]
+    kw = dict(expert_bytes=3 << 20, topology=Topology(peer_concurrency=2), backup=backup_masks(tables, hosts),
+              host_of=hosts)
+    fast = plan_repair(tables, tables.physical_to_logical_map, num_ranks, frozenset(dead), **kw)
+    assert fast.transfers  # something to place
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(repair, "_Targets", _ScanEverySlot)
+        assert all_fields(plan_repair(tables, tables.physical_to_logical_map, num_ranks, frozenset(dead), **kw)) \
+            == all_fields(fast)
 
 
 @settings(max_examples=200, deadline=None)

@@ -623,7 +623,7 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
                 # the ledger from the end of the ramp, as the token counts: what a server did while
                 # it idled through the other's slice (its heartbeats go on), its ranks report with
                 # their first step, and it is no part of this slice's work
-                books0 = await _books(client)
+                books0, steps0 = await _books(client)
                 await asyncio.sleep(max(0.0, slice_s - (time.monotonic() - clock)))
                 metering.cancel()
                 try:
@@ -632,7 +632,7 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
                     samples.clear()
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await metering
-                books1 = await _books(client)  # the steps of the slice; the cancelled requests' are idle work
+                books1, steps1 = await _books(client)  # the steps of the slice; the cancelled requests' are idle work
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -642,6 +642,8 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
             n = sum(c for t, c in arrivals[k, name] if ramp < t)
             tokens[name] += n
             slices.append({"server": name, "round": k, "tokens_per_s": n / (slice_s - ramp),
+                           # committed steps from the ramp's end to the slice's end (None: not known)
+                           "steps": steps1 - steps0 if steps0 is not None and steps1 is not None else None,
                            "tokens": sum(c for _, c in arrivals[k, name]), "processes": len(pids),
                            "cpu_s": samples[-1][1] - samples[0][1] if samples else None,
                            "ledger": books[k, name],
@@ -667,11 +669,13 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
             "slices": slices, "ramp_s": ramp, "slice_s": slice_s}
 
 
-async def _books(client: Any) -> dict[str, Any] | None:
-    """The server's ledger (`accounting` of /membership), or None if it keeps none."""
+async def _books(client: Any) -> tuple[dict[str, Any] | None, int | None]:
+    """The server's ledger (`accounting` of /membership; None if it keeps none) and its count of
+    committed steps (`dataplane.steps`; None if it has no data plane)."""
     resp = await client.get("/membership")
     resp.raise_for_status()
-    return resp.json().get("accounting")
+    status = resp.json()
+    return status.get("accounting"), status.get("dataplane", {}).get("steps")
 
 
 def _books_delta(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -33,7 +33,11 @@ also `--rejoin auto`, for the remote kill's target); `exchange_critical_ms` per 
 `cross_host_exchange_speedup_over_gloo` / `cross_host_exchange_over_single_host`: the data
 plane alone, per committed step over the steady slices (the sum over its dispatch/combine calls
 of the shortest time any rank spent in the call: the last to arrive waits for no one), from the
-servers' `dataplane` counters in `/membership`; `steps_committed_by_fenced_ranks` (the controller's count of
+servers' `dataplane` counters in `/membership`; `step_ms` per server (the wall time per
+committed step in the steady slices: compute, exchange, the frontend's work);
+`cross_host_over_gloo_ceiling` (`cross_host_over_gloo` had the cross-host exchange taken no
+time at all: its ratio times the cross-host step over the step less its exchange, the bound
+any transport meets at this load on this machine); `steps_committed_by_fenced_ranks` (the controller's count of
 committed steps with an answer from a process outside the view); `requests_lost`;
 `outputs_differing` (against the single-host server, fault-free).
 """
@@ -337,6 +341,14 @@ def _summary(run: dict[str, Any], local: dict[str, Any], steady: dict[str, Any])
         a, b = plane.get(of, {}).get("exchange_critical_ms"), plane.get("cross_host", {}).get("exchange_critical_ms")
         return a / b if a and b else None
 
+    step_ms = _step_ms(steady)
+    cross_step, cross_plane = step_ms.get("cross_host"), plane.get("cross_host", {}).get("exchange_critical_ms")
+    gloo_ratio = ratios.get("gloo")
+    # what cross_host_over_gloo would be if eep's exchange took no time at all (everything else
+    # as measured): the most any transport could give on this machine at this load
+    ceiling = (gloo_ratio * cross_step / (cross_step - cross_plane)
+               if gloo_ratio and cross_step and cross_plane is not None and cross_step > cross_plane else None)
+
     summary = {
         "cross_host_over_single_host": ratios.get("single_host"),
         "cross_host_over_gloo": ratios.get("gloo"),
@@ -344,6 +356,8 @@ def _summary(run: dict[str, Any], local: dict[str, Any], steady: dict[str, Any])
         "exchange_critical_ms": {name: v.get("exchange_critical_ms") for name, v in plane.items()},
         "cross_host_exchange_speedup_over_gloo": speedup("gloo"),
         "cross_host_exchange_over_single_host": (1 / s) if (s := speedup("single_host")) else None,
+        "step_ms": step_ms,
+        "cross_host_over_gloo_ceiling": ceiling,
         "host_loss_detection_s": run["host_loss_detection_s"],
         "host_loss_pause_s": run["host_loss_pause_s"],
         "host_rejoin_pause_s": max(run["host_rejoin_pauses_s"], default=None),
@@ -356,6 +370,20 @@ def _summary(run: dict[str, Any], local: dict[str, Any], steady: dict[str, Any])
         "normal_gap_s": run["normal_gap_s"],
     }
     return {"summary": summary}
+
+
+def _step_ms(steady: dict[str, Any]) -> dict[str, float]:
+    """Each server's wall time per committed step under the steady load (everything a step
+    cycle holds: the ranks' compute and exchange, the frontend's scheduling, sampling and
+    streaming): the median over its slices of the counted stretch over the steps in it."""
+    per: dict[str, list[float]] = {}
+    for name, s in steady.items():
+        if name == "dataplane":
+            continue
+        for sl in s["slices"]:
+            if sl.get("steps"):
+                per.setdefault(sl["server"], []).append(1e3 * (s["slice_s"] - s["ramp_s"]) / sl["steps"])
+    return {name: statistics.median(v) for name, v in per.items()}
 
 
 def add_targets(result: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ Cheapest tier first; each tier only handles what the one before could not:
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -179,35 +180,43 @@ def plan_repair(
     per_rank = num_physical // num_ranks
     live = [slot // per_rank not in dead for slot in range(num_physical)]
     live_hosts = {hosts[r] for r in range(num_ranks) if r not in dead}
-    local = backup.tolist() if isinstance(backup, torch.Tensor) else None
-    remote = ({h: m.tolist() for h, m in sorted(backup.items()) if h in live_hosts}
-              if isinstance(backup, Mapping) else {})
+    start = _Start.of(tables, held, live)
     moves_total = [0] * num_ranks
-    rows_new, rows_interim, rows_held = [], [], []
-    relocations: list[Relocation] = []
+    relisted: list[tuple[int, int, int]] = []  # tier 1: (layer, slot, expert) listed again
+    copies: list[tuple[int, int, int]] = []  # tier 2: (layer, expert, target slot)
     tiers: list[Repaired] = []
     uncovered: list[tuple[int, int]] = []
-    for layer, (row, held_row) in enumerate(zip(tables.physical_to_logical_map.tolist(), held.tolist())):
-        state = _LayerState.start(row, held_row, live, per_rank, tables.num_logical)
-        lost = _reuse(state, _touched(state, row), layer, tiers)
-        before = list(state.hold)  # the weights the copies can be taken from
-        interim = list(state.phy)
-        placed = _relocate(state, lost, moves_total, interim)
-        tiers.extend(Repaired(layer, expert, 2) for expert, _ in placed)
+    for layer in range(num_layers):
+        state = _LayerState(live, per_rank, start.phy[layer], start.hold[layer], start.count[layer])
+        served: list[tuple[int, int]] = []  # (expert, tier)
+        lost = _reuse(state, start.touched[layer], start.dropped[layer], served)
+        relisted.extend((layer, slot, expert) for slot, expert in state.assigned)
+        placed = _relocate(state, lost, moves_total, start.free[layer], start.dropped[layer])
+        served.extend((expert, 2) for expert, _ in placed)
+        served.sort()
+        tiers.extend(Repaired(layer, expert, tier) for expert, tier in served)
         uncovered.extend((layer, expert) for expert in lost[len(placed):])
-        relocations.extend(_relocations(layer, placed, before, per_rank, hosts,
-                                        local[layer] if local is not None else None,
-                                        {h: m[layer] for h, m in remote.items()}))
-        rows_new.append(state.phy)
-        rows_interim.append(interim)
-        rows_held.append(state.hold)
-    transfers = schedule_transfers(relocations, expert_bytes=expert_bytes, topology=topology)
+        copies.extend((layer, expert, slot) for expert, slot in placed)
+    transfers = _schedule(_copies(copies, per_rank, hosts, backup, live_hosts), expert_bytes, topology)
+    # The tables from the starting ones and the few slots the plan changed: tier 1 lists its slots
+    # again; a copy's target lists (and holds) its expert once written, and is unlisted meanwhile
+    # (`interim`: a reclaimed slot stops serving its old expert at once).
+    phy_new, interim, held_after = start.phy_t.clone(), start.phy_t.clone(), start.hold_t.clone()
+    if relisted:
+        layers, slots, experts = (torch.tensor(v) for v in zip(*relisted))
+        for table in (phy_new, interim, held_after):
+            table[layers, slots] = experts
+    if copies:
+        layers, experts, slots = (torch.tensor(v) for v in zip(*copies))
+        phy_new[layers, slots] = experts
+        held_after[layers, slots] = experts
+        interim[layers, slots] = -1
     return RepairPlan(
-        placement=_tables(rows_new, tables),
-        interim=_tables(rows_interim, tables),
-        held_after=torch.tensor(rows_held, dtype=torch.int64).view(num_layers, num_physical),
+        placement=placement_from_phy2log(phy_new, tables.num_logical, tables.max_replicas),
+        interim=placement_from_phy2log(interim, tables.num_logical, tables.max_replicas),
+        held_after=held_after,
         transfers=transfers,
-        tiers=tuple(sorted(tiers, key=lambda r: (r.layer, r.expert))),
+        tiers=tuple(tiers),  # by layer, then expert
         uncovered=tuple(uncovered),
         est_makespan_s=max((t.finish_s for t in transfers), default=0.0),
     )
@@ -233,27 +242,94 @@ def schedule_transfers(
         One `Transfer` per relocation, in the same order.
     """
     _check_positive_int("expert_bytes", expert_bytes)
-    lanes: dict[tuple[str, int], list[float]] = {}
+    return _schedule(((m.layer, m.expert, m.dst_slot, m.dst_rank, m.dst_host, _sources(m)) for m in relocations),
+                     expert_bytes, topology)
+
+
+_Copy = tuple[int, int, int, int, int, list[tuple[SourceKind, int, int]]]  # layer, expert, slot, rank, host, sources
+
+
+def _schedule(copies: Iterable[_Copy], expert_bytes: int, topology: Topology) -> tuple[Transfer, ...]:
+    """`schedule_transfers` over plain tuples (the repair's own path: no `Relocation` objects)."""
+    lanes: dict[str, dict[int, list[float]]] = {kind: {} for kind in SOURCE_KINDS}  # kind -> source -> lanes
     opened: set[int] = set()  # destination ranks that have opened the checkpoint
+    # one copy's duration per kind, within a host and across hosts: every copy moves the same bytes
+    within = {kind: topology.transfer_s(kind, expert_bytes) for kind in SOURCE_KINDS}
+    across = {kind: topology.transfer_s(kind, expert_bytes, across_hosts=True) for kind in SOURCE_KINDS}
+    lanes_of = {kind: topology.concurrency(kind) for kind in SOURCE_KINDS}
     out = []
-    for move in relocations:
-        setup = {"disk": 0.0 if move.dst_rank in opened else topology.disk_open_s}
-        kind, ident, host = min(_sources(move), key=lambda src: _finish_key(src, move.dst_host, lanes, topology,
-                                                                            expert_bytes, setup))
-        queue = lanes.setdefault((kind, ident), [0.0] * topology.concurrency(kind))
-        lane = min(range(len(queue)), key=queue.__getitem__)
-        duration = topology.transfer_s(kind, expert_bytes, across_hosts=host != move.dst_host)
-        start = queue[lane] + setup.get(kind, 0.0)
+    for layer, expert, dst_slot, dst_rank, dst_host, sources in copies:
+        disk_setup = 0.0 if dst_rank in opened else topology.disk_open_s
+        best: tuple[tuple[float, float, int, int], SourceKind, int, int, float] | None = None
+        for kind, ident, host in sources:  # the first with the earliest finish (see _KIND_ORDER)
+            duration = (within if host == dst_host else across)[kind]
+            queue = lanes[kind].get(ident)
+            free_at = (min(queue) if queue else 0.0) + (disk_setup if kind == "disk" else 0.0)
+            key = (free_at + duration, duration, _KIND_ORDER[kind], ident)
+            if best is None or key < best[0]:
+                best = (key, kind, ident, host, duration)
+        assert best is not None  # the disk always holds it
+        _, kind, ident, host, duration = best
+        queue = lanes[kind].get(ident)
+        if queue is None:
+            queue = lanes[kind][ident] = [0.0] * lanes_of[kind]
+        lane = 0 if len(queue) == 1 else min(range(len(queue)), key=queue.__getitem__)
+        start = queue[lane] + (disk_setup if kind == "disk" else 0.0)
         queue[lane] = start + duration
         if kind == "disk":
-            opened.add(move.dst_rank)
-        out.append(
-            Transfer(
-                move.layer, move.expert, move.dst_slot, move.dst_rank,
-                kind, ident if kind == "peer" else None, expert_bytes, duration, start, host,
-            )
-        )
+            opened.add(dst_rank)
+        out.append(Transfer(layer, expert, dst_slot, dst_rank, kind, ident if kind == "peer" else None, expert_bytes,
+                            duration, start, host))
     return tuple(out)
+
+
+@dataclass(slots=True)
+class _Start:
+    """Every layer's starting point, computed for all layers at once with tensor operations (a
+    plan then spends Python time only on what the failure touched, not on every slot):
+    the tables without dead slots (`phy`), what live slots hold (`hold`), listed replicas per
+    expert (`count`), the touched experts ascending (listed on a dead slot, or without a live
+    listed replica), live unlisted slots that hold an expert's weights (`dropped`: expert ->
+    its slots, ascending) and free live slots, holding nothing (`free`, ascending)."""
+
+    phy_t: torch.Tensor  # [L, P] int64
+    hold_t: torch.Tensor  # [L, P] int64
+    phy: list[list[int]]
+    hold: list[list[int]]
+    count: list[list[int]]
+    touched: list[list[int]]
+    dropped: list[dict[int, list[int]]]
+    free: list[list[int]]
+
+    @classmethod
+    def of(cls, tables: Placement, held: torch.Tensor, live: list[bool]) -> _Start:
+        phy2log = tables.physical_to_logical_map.to(torch.int64)
+        num_layers, num_physical = phy2log.shape
+        num_experts = tables.num_logical
+        alive = torch.tensor(live, dtype=torch.bool).expand(num_layers, num_physical)
+        phy = torch.where(alive, phy2log, -1)
+        hold = torch.where(alive, held.to(torch.int64), -1)
+        other = torch.full_like(phy, num_experts)  # a dummy expert for what is not counted
+
+        def per_expert(mask: torch.Tensor) -> torch.Tensor:  # [L, E]: how many masked slots list each expert
+            ids = torch.where(mask, phy2log, other)
+            return torch.zeros(num_layers, num_experts + 1, dtype=torch.int64).scatter_add_(
+                1, ids, torch.ones_like(ids))[:, :num_experts]
+
+        count = per_expert(phy >= 0)
+        touched_mask = (count == 0) | (per_expert(~alive & (phy2log >= 0)) > 0)
+        touched: list[list[int]] = [[] for _ in range(num_layers)]
+        for layer, expert in touched_mask.nonzero().tolist():
+            touched[layer].append(expert)
+        unlisted = alive & (phy < 0)
+        dropped: list[dict[int, list[int]]] = [{} for _ in range(num_layers)]
+        free: list[list[int]] = [[] for _ in range(num_layers)]
+        copy = unlisted & (hold >= 0)
+        for (layer, slot), expert in zip(copy.nonzero().tolist(), hold[copy].tolist()):  # row-major: slots ascending
+            dropped[layer].setdefault(expert, []).append(slot)
+        for layer, slot in (unlisted & (hold < 0)).nonzero().tolist():
+            free[layer].append(slot)
+        return cls(phy, hold, phy.tolist(), hold.tolist(), count.tolist(), touched, dropped, free)
 
 
 @dataclass(slots=True)
@@ -265,16 +341,7 @@ class _LayerState:
     phy: list[int]  # [P] the new tables, -1 = not listed
     hold: list[int]  # [P] weights held after the plan's copies, -1 = none
     count: list[int] = field(default_factory=list)  # [E] listed replicas in `phy`
-
-    @classmethod
-    def start(cls, row: list[int], held_row: list[int], live: list[bool], per_rank: int, num_experts: int) -> _LayerState:
-        phy = [e if ok else -1 for e, ok in zip(row, live)]
-        hold = [h if ok else -1 for h, ok in zip(held_row, live)]
-        count = [0] * num_experts
-        for expert in phy:
-            if expert >= 0:
-                count[expert] += 1
-        return cls(live, per_rank, phy, hold, count)
+    assigned: list[tuple[int, int]] = field(default_factory=list)  # (slot, expert), in order
 
     def rank(self, slot: int) -> int:
         return slot // self.per_rank
@@ -286,111 +353,181 @@ class _LayerState:
         self.phy[slot] = expert
         self.hold[slot] = expert
         self.count[expert] += 1
+        self.assigned.append((slot, expert))
 
 
-def _touched(state: _LayerState, row: list[int]) -> list[int]:
-    """Experts listed on a dead slot or without a live listed replica, ascending."""
-    on_dead = {expert for expert, ok in zip(row, state.live) if expert >= 0 and not ok}
-    return [e for e, n in enumerate(state.count) if n == 0 or e in on_dead]
-
-
-def _reuse(state: _LayerState, touched: list[int], layer: int, tiers: list[Repaired]) -> list[int]:
-    """Tier 1 for `touched`; returns the experts it cannot serve (ascending)."""
+def _reuse(state: _LayerState, touched: list[int], dropped: dict[int, list[int]],
+           served: list[tuple[int, int]]) -> list[int]:
+    """Tier 1 for `touched` (`dropped`: expert -> live unlisted slots holding it, ascending),
+    each served expert added to `served` as (expert, 1); returns the experts it cannot serve
+    (ascending)."""
     lost = []
     for expert in touched:
         if state.count[expert] == 0:
-            slot = next((p for p, h in enumerate(state.hold) if h == expert and state.phy[p] < 0), None)
-            if slot is None:
+            slots = dropped.get(expert)
+            if not slots:
                 lost.append(expert)
                 continue
-            state.assign(slot, expert)
-        tiers.append(Repaired(layer, expert, 1))
+            state.assign(slots[0], expert)  # the lowest; listed for this expert alone from now on
+        served.append((expert, 1))
     return lost
 
 
 def _relocate(
-    state: _LayerState, lost: list[int], moves_total: list[int], interim: list[int]
+    state: _LayerState, lost: list[int], moves_total: list[int], free: list[int], dropped: dict[int, list[int]],
 ) -> list[tuple[int, int]]:
     """Tier 2: a target slot for each lost expert in order, until none is left.
 
-    Returns (expert, slot) pairs, a prefix of `lost`. Updates the per-rank move counts and
-    takes reclaimed slots out of `interim`.
+    Returns (expert, slot) pairs, a prefix of `lost`. Updates the per-rank move counts.
     """
     moves_layer = [0] * len(moves_total)
-    placed = []
+    placed: list[tuple[int, int]] = []
+    if not lost:
+        return placed
+    spare = sorted(p for slots in dropped.values() for p in slots if state.phy[p] < 0)  # not reused
+    targets = _Targets(state, moves_layer, moves_total, free, spare)
     for expert in lost:
-        slot = _pick_target(state, moves_layer, moves_total)
+        slot = targets.pick()
         if slot is None:
             break
-        interim[slot] = -1
-        state.assign(slot, expert)
-        moves_layer[state.rank(slot)] += 1
-        moves_total[state.rank(slot)] += 1
+        state.assign(slot, expert)  # pick() counted the move on its rank
         placed.append((expert, slot))
     return placed
 
 
-def _pick_target(state: _LayerState, moves_layer: list[int], moves_total: list[int]) -> int | None:
-    """A free slot, else a spare one, else a reclaimed one; spread over ranks. None if none."""
-    unlisted = [p for p, ok in enumerate(state.live) if ok and state.phy[p] < 0]
-    for candidates in ([p for p in unlisted if state.hold[p] < 0], [p for p in unlisted if state.hold[p] >= 0]):
-        if candidates:
-            return _spread(state, candidates, moves_layer, moves_total)
-    donors = [e for e, n in enumerate(state.count) if n >= 2]
-    if not donors:
+class _Targets:
+    """Target slots of one layer's copies, in the order of the rule: a free slot (live,
+    unlisted, holding nothing), else a spare one (live, unlisted, holding an unlisted copy),
+    else a reclaimed one (a listed replica of the expert with the most replicas, at least 2,
+    lowest id on ties); among the candidates, the slot on the rank with the fewest moves in
+    this layer, then in all layers, then the lowest slot.
+
+    The same choice as scanning every slot for every copy, in O(log N) per copy: per kind, each
+    rank's candidate slots in ascending order and a heap of ranks keyed by (moves in the layer,
+    moves in all, lowest candidate). Only the rank that was picked changes its key; an entry
+    that no longer matches its rank's key is refreshed when it surfaces (keys only grow).
+    """
+
+    def __init__(self, state: _LayerState, moves_layer: list[int], moves_total: list[int], free: list[int],
+                 spare: list[int]) -> None:
+        """`free`, `spare`: the layer's free and spare slots, ascending."""
+        self.state, self.moves_layer, self.moves_total = state, moves_layer, moves_total
+        # per kind: rank -> its candidate slots, descending (the lowest pops from the end)
+        self.kinds: list[dict[int, list[int]]] = []
+        for slots in (free, spare):
+            by_rank: dict[int, list[int]] = {}
+            for p in reversed(slots):
+                by_rank.setdefault(p // state.per_rank, []).append(p)
+            self.kinds.append(by_rank)
+        self.heaps = [self._heap(by_rank) for by_rank in self.kinds]
+        self.donors: list[tuple[int, int]] | None = None  # built at the first reclaim
+
+    def _key(self, rank: int, slot: int) -> tuple[int, int, int, int]:
+        return (self.moves_layer[rank], self.moves_total[rank], slot, rank)
+
+    def _heap(self, by_rank: dict[int, list[int]]) -> list[tuple[int, int, int, int]]:
+        heap = [self._key(r, slots[-1]) for r, slots in by_rank.items()]
+        heapq.heapify(heap)
+        return heap
+
+    def pick(self) -> int | None:
+        """The next target slot (taken out of the candidates, its move counted on its rank), or
+        None if none is left."""
+        moves_layer, moves_total = self.moves_layer, self.moves_total
+        for by_rank, heap in zip(self.kinds, self.heaps):
+            while heap:
+                entry = heapq.heappop(heap)
+                rank = entry[3]
+                slots = by_rank[rank]
+                current = (moves_layer[rank], moves_total[rank], slots[-1], rank)
+                if entry != current:  # its rank moved meanwhile: back in with its key of now
+                    heapq.heappush(heap, current)
+                    continue
+                slot = slots.pop()
+                moves_layer[rank] += 1
+                moves_total[rank] += 1
+                if slots:
+                    heapq.heappush(heap, (moves_layer[rank], moves_total[rank], slots[-1], rank))
+                return slot
+        slot = self._reclaim()
+        if slot is not None:
+            moves_layer[slot // self.state.per_rank] += 1
+            moves_total[slot // self.state.per_rank] += 1
+        return slot
+
+    def _reclaim(self) -> int | None:
+        state = self.state
+        if self.donors is None:
+            self.donors = [(-n, e) for e, n in enumerate(state.count) if n >= 2]
+            heapq.heapify(self.donors)
+        while self.donors:
+            neg, donor = self.donors[0]
+            if -neg != state.count[donor]:  # it gave up a replica meanwhile
+                heapq.heapreplace(self.donors, (-state.count[donor], donor))
+                continue
+            if state.count[donor] < 2:
+                heapq.heappop(self.donors)
+                continue
+            slots = [p for p, e in enumerate(state.phy) if e == donor]
+            return min(slots, key=lambda p: self._key(p // state.per_rank, p))
         return None
-    donor = max(donors, key=lambda e: (state.count[e], -e))
-    return _spread(state, [p for p, e in enumerate(state.phy) if e == donor], moves_layer, moves_total)
 
 
-def _spread(state: _LayerState, candidates: list[int], moves_layer: list[int], moves_total: list[int]) -> int:
-    """The candidate on the rank with the fewest moves in this layer, then overall; lowest slot."""
-    return min(candidates, key=lambda p: (moves_layer[state.rank(p)], moves_total[state.rank(p)], p))
-
-
-def _relocations(
-    layer: int, placed: list[tuple[int, int]], before: list[int], per_rank: int, hosts: Sequence[int],
-    local: list[bool] | None, remote: dict[int, list[bool]],
-) -> list[Relocation]:
-    """The copies of one layer with their possible sources; `before` is what live slots held,
-    `local` the row of the backup every host keeps, `remote` the rows of each live host's own."""
-    targets = {slot for _, slot in placed}
-    out = []
-    for expert, slot in placed:
-        dst = slot // per_rank
-        peers = sorted({p // per_rank for p, h in enumerate(before) if h == expert and p not in targets})
-        backed = bool(local[expert]) if local is not None else False
-        held_by = tuple(h for h, row in remote.items() if row[expert])
-        out.append(Relocation(layer, expert, slot, dst, tuple(peers), backed, hosts[dst],
-                              tuple(hosts[p] for p in peers), held_by))
+def _copies(
+    copies: list[tuple[int, int, int]], per_rank: int, hosts: Sequence[int],
+    backup: torch.Tensor | Mapping[int, torch.Tensor] | None, live_hosts: set[int],
+) -> list[_Copy]:
+    """The copies (layer, expert, target slot) with their destination and their sources, in the
+    order of `_sources`. No peer: a copied expert was lost, so no live slot held it (tier 1
+    would have listed that slot again). The backup every host keeps (`backup` a tensor), or
+    the live hosts whose own holds it; the disk of the destination's host."""
+    if not copies:
+        return []
+    layers = torch.tensor([c[0] for c in copies])
+    experts = torch.tensor([c[1] for c in copies])
+    local = backup[layers, experts].tolist() if isinstance(backup, torch.Tensor) else [False] * len(copies)
+    held_by: list[list[int]] = [[] for _ in copies]
+    if isinstance(backup, Mapping):
+        remote = [h for h in sorted(backup) if h in live_hosts]
+        if remote:
+            has = torch.stack([backup[h][layers, experts] for h in remote], dim=1)  # [C, hosts]
+            for c, i in has.nonzero().tolist():  # row-major: each copy's hosts ascending
+                held_by[c].append(remote[i])
+    out: list[_Copy] = []
+    for (layer, expert, slot), backed, by in zip(copies, local, held_by):
+        rank = slot // per_rank
+        host = hosts[rank]
+        if backed and host not in by:
+            by = sorted([*by, host])
+        sources: list[tuple[SourceKind, int, int]] = [("backup", h, h) for h in by]
+        sources.append(("disk", host, host))
+        out.append((layer, expert, slot, rank, host, sources))
     return out
 
 
 def _sources(move: Relocation) -> list[tuple[SourceKind, int, int]]:
     """(kind, id, host) of every source holding the expert: id is a peer's rank, or the host
     of a backup or a disk (the destination's own disk)."""
-    peer_hosts = move.peer_hosts or (move.dst_host,) * len(move.peer_ranks)
-    peers = sorted({("peer", r, h) for r, h in zip(move.peer_ranks, peer_hosts)})
-    backups = {("backup", h, h) for h in move.backup_hosts}
+    out: list[tuple[SourceKind, int, int]] = []
+    if move.peer_ranks:
+        peer_hosts = move.peer_hosts or (move.dst_host,) * len(move.peer_ranks)
+        out.extend(sorted({("peer", r, h) for r, h in zip(move.peer_ranks, peer_hosts)}))
+    backups = set(move.backup_hosts)
     if move.in_backup:
-        backups.add(("backup", move.dst_host, move.dst_host))
-    disk: tuple[SourceKind, int, int] = ("disk", move.dst_host, move.dst_host)
-    return [*peers, *sorted(backups), disk]  # type: ignore[list-item]
+        backups.add(move.dst_host)
+    out.extend(("backup", h, h) for h in sorted(backups))
+    out.append(("disk", move.dst_host, move.dst_host))
+    return out
 
 
-def _finish_key(
-    source: tuple[SourceKind, int, int], dst_host: int, lanes: dict[tuple[str, int], list[float]],
-    topology: Topology, nbytes: int, setup: dict[str, float],
-) -> tuple[float, float, int, int]:
-    kind, ident, host = source
-    duration = topology.transfer_s(kind, nbytes, across_hosts=host != dst_host)
-    free_at = min(lanes.get((kind, ident), [0.0])) + setup.get(kind, 0.0)
-    return (free_at + duration, duration, SOURCE_KINDS.index(kind), ident)
+_KIND_ORDER = {kind: i for i, kind in enumerate(SOURCE_KINDS)}
 
 
-def _tables(rows: list[list[int]], like: Placement) -> Placement:
-    phy2log = torch.tensor(rows, dtype=torch.int64).view(like.physical_to_logical_map.shape)
-    return placement_from_phy2log(phy2log, like.num_logical, like.max_replicas)
+# A copy goes to the source where it finishes first; ties: the shorter copy, then peer < backup
+# < disk, then the lowest rank or host (`schedule_transfers`).
+
+
+
 
 
 def _check_inputs(

@@ -165,32 +165,35 @@ class ForkedProcess:
     def __init__(self, pid: int, server: ForkServer) -> None:
         self.pid, self._server = pid, server
         self.returncode: int | None = None
-        self._pidfd = os.pidfd_open(pid)
+        self._pidfd: int | None = os.pidfd_open(pid)  # closed once the exit code is known
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self._server.wait_exit(self.pid, self._pidfd, 0.0)
-        return self.returncode
+        return self._wait(0.0)
 
     def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            self.returncode = self._server.wait_exit(self.pid, self._pidfd, 30.0 if timeout is None else timeout)
-            if self.returncode is None:
-                raise subprocess.TimeoutExpired(f"rank process {self.pid}", timeout or 30.0)
+        code = self._wait(30.0 if timeout is None else timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(f"rank process {self.pid}", timeout or 30.0)
+        return code
+
+    def _wait(self, timeout_s: float) -> int | None:
+        if self.returncode is None and self._pidfd is not None:
+            self.returncode = self._server.wait_exit(self.pid, self._pidfd, timeout_s)
+            if self.returncode is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
         return self.returncode
 
     def kill(self) -> None:
-        if self.poll() is None:
+        if self.poll() is None and self._pidfd is not None:
             try:
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
             except ProcessLookupError:  # exited meanwhile
                 pass
 
-    def __del__(self) -> None:
-        try:
-            os.close(self._pidfd)
-        except (OSError, AttributeError):
-            pass
+    def __del__(self) -> None:  # never waited for (its controller gave up on it)
+        if getattr(self, "_pidfd", None) is not None:
+            os.close(self._pidfd)  # type: ignore[arg-type]
 
 
 def fork_rank(server: ForkServer, conn_fd: int, wait_s: float = 0.0) -> tuple[ForkServer, ForkedProcess | None]:
