@@ -233,7 +233,7 @@ class EPExecutor:
         # own experts and host h+1's (one host: every expert)
         self._backup_masks = (backup_masks(self.target, [ep.node_of(r) for r in range(self.num_ranks)])
                               if ep.elastic and ep.expert_backup else None)
-        self._tmpdir = tempfile.mkdtemp(prefix="eep-ep-")
+        self._tmpdir: str | None = None  # gloo's file store on one host; made only for it
         self._procs: list[_Proc | None] = [None] * ep.ep_size
         self._fenced: list[_Proc] = []  # failed processes that may still be alive (stopped)
         self._pending_rejoin: set[int] = set()
@@ -364,6 +364,7 @@ class EPExecutor:
         if self.ep.nnodes > 1:  # gloo's TCP store, on node 0 after the data-plane ports
             host, port = wire.split_addr(self.ep.dist_init_addr)  # type: ignore[arg-type]
             return f"tcp://{host}:{port + 1 + self.num_ranks}"
+        self._tmpdir = tempfile.mkdtemp(prefix="eep-ep-")
         return f"file://{self._tmpdir}/gloo-store"
 
     def _data_layout(self, cfg: ModelConfig, dtype: torch.dtype) -> ShmLayout:
@@ -1143,4 +1144,6 @@ class EPExecutor:
             self._hosts.close()
             self._hosts = None
         self._store.close()
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
