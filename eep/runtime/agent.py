@@ -5,7 +5,8 @@ What this module promises:
   rank's death leaves it intact, as the controller does on one host), the heartbeat board of
   its ranks, the host-memory expert backup. It starts rank processes when the controller asks
   (`SpawnRank`; forked from the host's `ForkServer`, unless `HostSetup.fork_server` is off),
-  kills them when asked (`KillRank`), and announces every committed epoch in its segment (`Announce`), so a rank blocked on a dead peer of its own host gives up at once.
+  kills them when asked (`KillRank`), and announces every committed epoch in its segment
+  (`Announce`), so a rank blocked on a dead peer of its own host gives up at once.
 - It reports, every heartbeat interval, the heartbeat ages of its ranks (`Beats`): the
   controller fails a stopped rank from them, and a whole host whose agent fell silent (its
   link down, the host gone) after `failure_timeout_s`. A rank's exit is relayed at once
