@@ -32,7 +32,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -40,7 +39,7 @@ from multiprocessing.connection import Connection, wait
 from eep.dataplane.shm import ShmSegment, sweep_orphans
 from eep.errors import EepError
 from eep.runtime import wire
-from eep.runtime.fork_server import ForkedProcess, ForkServer, fork_rank
+from eep.runtime.fork_server import ForkedProcess, ForkServer, start_rank
 from eep.runtime.heartbeat import HeartbeatBoard
 
 logger = logging.getLogger(__name__)
@@ -204,12 +203,8 @@ class HostAgent:
         if self._setup is not None:
             wire.bound_sends(sock, self._setup.failure_timeout_s)  # the rank's sends: bounded as well
         with sock:
-            proc: subprocess.Popen[bytes] | ForkedProcess | None = None
-            if self._forks is not None:  # never waits for its imports: this loop must keep beating
-                self._forks, proc = fork_rank(self._forks, sock.fileno())
-            if proc is None:
-                proc = subprocess.Popen([sys.executable, "-m", "eep.runtime", str(sock.fileno())],
-                                        pass_fds=[sock.fileno()], start_new_session=True)
+            # never waits for a fork server's imports: this loop must keep beating
+            self._forks, proc = start_rank(self._forks, sock.fileno())
             conn = Connection(os.dup(sock.fileno()))
         host_local = {"rendezvous": self._segment.name, "heartbeat": self._board.name,
                       "backup": self._backup.name if self._backup is not None else None, "death_notice": None}

@@ -196,25 +196,31 @@ class ForkedProcess:
             os.close(self._pidfd)  # type: ignore[arg-type]
 
 
-def fork_rank(server: ForkServer, conn_fd: int, wait_s: float = 0.0) -> tuple[ForkServer, ForkedProcess | None]:
-    """Fork a rank serving `conn_fd` from `server` if its imports are done within `wait_s`.
-    Returns the server to use from now on and the rank; None when the caller must start a fresh
-    interpreter instead (no one waits seconds for imports on a path that serves: a rejoin, an
-    agent that must keep beating). A server that is gone (killed, out of memory) is replaced by
-    a new one, whose imports begin at once, for the next start."""
-    if server.alive and server.wait_ready(wait_s):
-        try:
-            return server, server.fork(conn_fd)
-        except ForkServerGone as e:
-            logger.warning("%s: starting another one", e)
-    elif server.alive:
-        return server, None  # still importing
-    else:
-        logger.warning("the fork server (pid %d) is gone (code %s): starting another one",
-                       server.proc.pid, server.proc.poll())
-    server.close()
-    server = ForkServer(server.start_timeout_s)
-    return server, None
+def start_rank(server: ForkServer | None, conn_fd: int,
+               wait_s: float = 0.0) -> tuple[ForkServer | None, subprocess.Popen[bytes] | ForkedProcess]:
+    """Start a rank process serving the control pipe `conn_fd` (the caller keeps its copy):
+    forked from `server` if its imports are done within `wait_s`, else a fresh `python -m
+    eep.runtime FD` (no one waits seconds for imports on a path that serves: a rejoin, an agent
+    that must keep beating). A server that is gone (killed, out of memory) is replaced by a new
+    one, whose imports begin at once, for the next start. Returns the server to use from now on
+    and the rank's process. The fresh interpreter is a session of its own, as a forked rank: a
+    terminal's Ctrl-C reaches the controller, which stops the ranks in order."""
+    if server is not None:
+        if server.alive and server.wait_ready(wait_s):
+            try:
+                return server, server.fork(conn_fd)
+            except ForkServerGone as e:
+                logger.warning("%s: starting another one", e)
+                server.close()
+                server = ForkServer(server.start_timeout_s)
+        elif not server.alive:
+            logger.warning("the fork server (pid %d) is gone (code %s): starting another one",
+                           server.proc.pid, server.proc.poll())
+            server.close()
+            server = ForkServer(server.start_timeout_s)
+    fresh = subprocess.Popen([sys.executable, "-m", "eep.runtime", str(conn_fd)], pass_fds=[conn_fd],
+                             start_new_session=True)
+    return server, fresh
 
 
 # ------------------------------------------------------------------------------------------

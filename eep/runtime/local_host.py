@@ -22,14 +22,13 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 from multiprocessing.connection import Connection
 
 import torch
 
 from eep.dataplane.shm import ShmLayout, ShmSegment, sweep_orphans
 from eep.runtime.death_notice import DeathNotice
-from eep.runtime.fork_server import ForkedProcess, ForkServer, fork_rank
+from eep.runtime.fork_server import ForkedProcess, ForkServer, start_rank
 from eep.runtime.heartbeat import HeartbeatBoard
 from eep.runtime.rank import RankSpec, send
 
@@ -99,11 +98,7 @@ class LocalHost:
         try:
             ours, theirs = socket.socketpair()
             with ours, theirs:
-                proc: subprocess.Popen[bytes] | ForkedProcess | None = None
-                if self.forks is not None:
-                    self.forks, proc = fork_rank(self.forks, theirs.fileno(), wait_s)
-                if proc is None:
-                    proc = _interpreter(theirs.fileno())
+                self.forks, proc = start_rank(self.forks, theirs.fileno(), wait_s)
                 conn = Connection(os.dup(ours.fileno()))
             pidfd = os.pidfd_open(proc.pid)
             try:
@@ -172,12 +167,6 @@ class LocalHost:
             self.backup.close()
             self.backup = None
 
-
-def _interpreter(fd: int) -> subprocess.Popen[bytes]:
-    """A fresh `python -m eep.runtime FD`, FD its end of the control pipe. A session of its own:
-    a terminal's Ctrl-C reaches the controller, which stops the ranks in order, and not every
-    rank at once."""
-    return subprocess.Popen([sys.executable, "-m", "eep.runtime", str(fd)], pass_fds=[fd], start_new_session=True)
 
 
 def renice(pid: int, nice: int) -> None:
