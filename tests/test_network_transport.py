@@ -7,6 +7,8 @@ hosts is exercised end to end by tests/test_hosts.py."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -191,3 +193,24 @@ def test_a_bounded_control_send_to_a_peer_that_takes_nothing_fails_instead_of_ha
         conn.close()
         server.close()
         t.join(5)
+
+
+def test_the_data_planes_zeromq_io_thread_never_preempts_its_rank() -> None:
+    """The data plane's I/O thread runs as SCHED_BATCH (a send that wakes it does not hand the
+    rank's core to it), in a fresh process so no other ZeroMQ context's thread is counted."""
+    code = (
+        "import os, time, zmq\n"
+        "from eep.dataplane.network import data_context\n"
+        "s = data_context().socket(zmq.PUSH)\n"
+        "deadline = time.monotonic() + 10\n"
+        "while time.monotonic() < deadline:\n"
+        "    io = [int(t) for t in os.listdir('/proc/self/task')\n"
+        "          if open(f'/proc/self/task/{t}/comm').read().startswith('ZMQbg/IO')]\n"
+        "    if io:\n"
+        "        break\n"
+        "    time.sleep(0.01)\n"
+        "print([os.sched_getscheduler(t) == os.SCHED_BATCH for t in io])\n"
+        "s.close(0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[True]", out
