@@ -186,6 +186,24 @@ def _cmd_bench_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from eep.sim import report
+
+    if args.sim_command == "paper":
+        result = report.run_paper(args.model_config, args.cluster)
+        table, plot = report.paper_table(result), report.plot_paper
+    else:
+        result = report.run_scale(args.model_config, args.cluster,
+                                  tuple(int(n) for n in args.ep_sizes.split(",")))
+        table, plot = report.scale_table(result), report.plot_scale
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, args.plot)
+    print(table)
+    print(f"record: {args.json}\npicture: {args.plot}")
+    return 0
+
+
 def _cmd_bench_failure(args: argparse.Namespace) -> int:
     from eep.bench.failure import plot, run_failure_bench, run_steady_calibration, summary_table
 
@@ -449,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     hb.add_argument("--prompt-len", type=int, default=32)
     hb.add_argument("--output-len", type=int, default=32, help="mean output length (uniform in 0.5x..1.5x)")
     hb.add_argument("--failure-timeout", type=float, default=1.0)
-    hb.add_argument("--steady-rounds", type=int, default=4, help="alternating slices against each baseline")
+    hb.add_argument("--steady-rounds", type=int, default=8,
+                    help="alternating slices against each baseline (one round's ratio spreads +-20 %% here)")
     hb.add_argument("--steady-slice", type=float, default=2.5, help="seconds per slice")
     hb.add_argument("--seed", type=int, default=0)
     hb.add_argument("--json", default="out/hosts.json", help="the whole record (default: %(default)s)")
@@ -460,6 +479,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--repeats", type=int, default=5, help="timed plans per case; the slowest is reported")
     pl.add_argument("--json", default="out/plan.json", help="the whole record (default: %(default)s)")
     pl.set_defaults(func=_cmd_bench_plan)
+
+    from eep.sim.cluster import DEFAULT_CLUSTER, DEFAULT_MODEL
+
+    sim = sub.add_parser("sim", help="simulate one wide-EP instance on a GPU cluster through a failure (JSON, PNG)")
+    sim_sub = sim.add_subparsers(dest="sim_command", required=True, metavar="REPORT")
+    for name, what in (("paper", "one rank of 32 lost: every system's timeline beside the published figures"),
+                       ("scale", "EP 32-1024: recovery pause, bytes moved, planning time, availability over 30 days")):
+        s = sim_sub.add_parser(name, help=what)
+        s.add_argument("--model-config", default=str(DEFAULT_MODEL), help="model shapes (default: DeepSeek-V3)")
+        s.add_argument("--cluster", default=str(DEFAULT_CLUSTER), help="topology file (default: H800 nodes)")
+        s.add_argument("--json", default=f"out/sim-{name}.json", help="the whole record (default: %(default)s)")
+        s.add_argument("--plot", default=f"out/sim-{name}.png", help="the picture (default: %(default)s)")
+        if name == "scale":
+            s.add_argument("--ep-sizes", default="32,64,128,256,512,1024", help="comma-separated EP sizes")
+        s.set_defaults(func=_cmd_sim)
     return parser
 
 

@@ -50,12 +50,14 @@ def failures(ep: int) -> dict[str, frozenset[int]]:
             "sixteen_ranks": frozenset(i * ep // 16 for i in range(16))}
 
 
-def placement_for(ep: int, redundant: int = REDUNDANT) -> Placement:
+def placement_for(ep: int, redundant: int = REDUNDANT, *, num_experts: int = NUM_EXPERTS,
+                  num_layers: int = NUM_MOE_LAYERS, max_replicas: int | None = None) -> Placement:
     """`redundant` redundant experts over `ep` ranks, the slots left over (up to the next
     multiple of `ep`) empty: placed with every slot filled, then the replicas beyond the first
-    `redundant` extra ones (in slot order) taken out."""
-    filled = -(-(NUM_EXPERTS + redundant) // ep) * ep - NUM_EXPERTS
-    placed = plan_placement(NUM_EXPERTS, ep, num_layers=NUM_MOE_LAYERS, num_redundant=filled)
+    `redundant` extra ones (in slot order) taken out. Routing tables `max_replicas` wide
+    (default `redundant + 1`: one expert may hold every redundant slot)."""
+    filled = -(-(num_experts + redundant) // ep) * ep - num_experts
+    placed = plan_placement(num_experts, ep, num_layers=num_layers, num_redundant=filled)
     rows = placed.physical_to_logical_map.tolist()
     for row in rows:
         seen: set[int] = set()
@@ -66,7 +68,7 @@ def placement_for(ep: int, redundant: int = REDUNDANT) -> Placement:
                 if extra > redundant:
                     row[slot] = -1
             seen.add(expert)
-    return placement_from_phy2log(torch.tensor(rows), NUM_EXPERTS, redundant + 1)
+    return placement_from_phy2log(torch.tensor(rows), num_experts, max_replicas or redundant + 1)
 
 
 def run_plan_bench(ep_sizes: tuple[int, ...] = (32, 64, 128, 256), repeats: int = 5) -> dict[str, Any]:

@@ -1,0 +1,157 @@
+"""The discrete-event loop: one instance's decode throughput through a failure and its repair.
+
+What `simulate` promises, for a `Response` (eep.sim.systems) and a `Scenario`:
+- before the failure every rank decodes at `decode_tokens_per_s_per_gpu`: the instance's rate
+  is `ep` times that, exactly, for as long as nothing fails;
+- at `fail_at_s` the failed ranks leave the membership view (eep's `MembershipView.fail`,
+  one epoch) and the instance serves nothing through the response's pause phases, one event
+  each; then the survivors serve; while they re-prefill the lost requests' tokens they decode
+  at (1 - share) of their rate, until the re-prefill (at `prefill_tokens_per_s_per_gpu` x share
+  per survivor) is done;
+- a replacement's warm-up starts when the failure is detected (the end of the first pause
+  phase) and runs off the critical path; once it is ready and the survivors serve, the
+  instance pauses for the switch-in phases and every rank serves again (`begin_join`, then
+  `activate`: one epoch each);
+- a system whose pause restarts every rank (no survivor serves in it) comes back with all of
+  them.
+`Timeline` holds the piecewise-constant rate; the figures are read off it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from eep.membership.view import MembershipView
+from eep.sim.systems import Response, Scenario
+
+
+@dataclass
+class Timeline:
+    steady: float  # tokens/s before the failure
+    segments: list[tuple[float, float, float, str]] = field(default_factory=list)  # (start, end, rate, state)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def rate_at(self, t: float) -> float:
+        for start, end, rate, _ in self.segments:
+            if start <= t < end:
+                return rate
+        return self.segments[-1][2]
+
+    def tokens(self, start: float = 0.0, end: float | None = None) -> float:
+        end = self.segments[-1][1] if end is None else end
+        return sum(rate * max(0.0, min(e, end) - max(s, start)) for s, e, rate, _ in self.segments)
+
+    def paused_s(self, start: float, end: float) -> float:
+        return sum(max(0.0, min(e, end) - max(s, start)) for s, e, rate, _ in self.segments if rate == 0)
+
+    def back_to(self, share: float, after: float) -> float | None:
+        """The first time >= `after` from which the rate is at least `share` of the steady one."""
+        for s, e, rate, _ in self.segments:
+            if e > after and rate >= share * self.steady:
+                return max(s, after)
+        return None
+
+
+@dataclass
+class _State:
+    serving: int  # ranks serving
+    paused: bool = False
+    reprefill_until: float = 0.0
+    ready_at: float | None = None  # when the replacement is ready to switch in
+    pause_end: float | None = None
+    switched: bool = False
+
+
+def simulate(resp: Response, scenario: Scenario, c: dict[str, float]) -> tuple[Timeline, dict[str, float | None]]:
+    n, failed = scenario.ep, scenario.failed
+    per_gpu, prefill = c["decode_tokens_per_s_per_gpu"], c["prefill_tokens_per_s_per_gpu"]
+    tl = Timeline(steady=n * per_gpu)
+    view = MembershipView.initial(tuple(range(n)))  # one incarnation per process
+    queue: list[tuple[float, int, str, Any]] = []
+    seq = itertools.count()
+
+    def at(t: float, kind: str, payload: Any = None) -> None:
+        heapq.heappush(queue, (t, next(seq), kind, payload))
+
+    state = _State(serving=n)
+    now, rate, label = 0.0, tl.steady, "steady"
+
+    def set_rate(t: float, new_rate: float, new_label: str) -> None:
+        nonlocal now, rate, label
+        if t > now:
+            tl.segments.append((now, t, rate, label))
+        now, rate, label = t, new_rate, new_label
+
+    def serving_rate(t: float) -> tuple[float, str]:
+        base = state.serving * per_gpu
+        if t < state.reprefill_until:
+            return base * (1.0 - resp.reprefill_share), "re-prefill"
+        return base, "serving" if state.serving == n else "degraded"
+
+    if failed:
+        at(scenario.fail_at_s, "fail")
+    while queue:
+        t, _, kind, payload = heapq.heappop(queue)
+        if t >= scenario.horizon_s:
+            break
+        tl.events.append({"t": t, "event": kind, "epoch": view.epoch, **({"phase": payload} if payload else {})})
+        if kind == "fail":
+            view = view.fail(set(failed))
+            state.paused = True
+            set_rate(t, 0.0, "recovery pause")
+            end = t
+            for i, phase in enumerate(resp.pause):
+                end += phase.seconds
+                at(end, "phase_done", phase.name)
+                if i == 0 and scenario.rejoin and resp.replacement:
+                    state.ready_at = end + sum(p.seconds for p in resp.replacement)
+            state.pause_end = end
+            at(end, "resume")
+        elif kind == "resume":
+            state.paused = False
+            restarted = resp.serving_after_pause == n
+            state.serving = resp.serving_after_pause
+            if restarted:
+                view = MembershipView.initial(tuple(range(n, 2 * n)))  # a new instance: every process new
+                tl.events.append({"t": t, "event": "new_instance", "epoch": view.epoch})
+            share_rate = state.serving * prefill * resp.reprefill_share
+            if resp.reprefill_tokens > 0 and share_rate > 0:
+                state.reprefill_until = t + resp.reprefill_tokens / share_rate
+                at(state.reprefill_until, "reprefill_done")
+            set_rate(t, *serving_rate(t))
+            if state.ready_at is not None:
+                at(max(t, state.ready_at), "switch_in")
+        elif kind == "reprefill_done":
+            if not state.paused:
+                set_rate(t, *serving_rate(t))
+        elif kind == "switch_in":
+            for i, r in enumerate(failed):
+                view = view.begin_join(r, 2 * n + i)
+            state.paused = True
+            set_rate(t, 0.0, "reintegration pause")
+            end = t + resp.reintegration_s
+            at(end, "switched_in")
+        elif kind == "switched_in":
+            for r in failed:
+                view = view.activate(r)
+            state.paused, state.serving, state.switched = False, n, True
+            set_rate(t, *serving_rate(t))
+    set_rate(scenario.horizon_s, rate, label)
+    t_fail = scenario.fail_at_s
+    back = tl.back_to(0.95, state.pause_end) if state.pause_end is not None else None
+    horizon_tokens = tl.steady * (scenario.horizon_s - t_fail)
+    if not failed:
+        return tl, {"recovery_pause_s": 0.0, "reintegration_pause_s": 0.0, "time_to_95_s": 0.0,
+                    "unavailable_s": 0.0, "tokens_lost": horizon_tokens - tl.tokens(t_fail, scenario.horizon_s)}
+    figures = {
+        "recovery_pause_s": resp.pause_s,
+        "reintegration_pause_s": (resp.reintegration_s if state.switched
+                                  else 0.0 if not resp.reintegration else None),  # None: not back in the horizon
+        "time_to_95_s": None if back is None else back - t_fail,
+        "unavailable_s": tl.paused_s(t_fail, scenario.horizon_s),
+        "tokens_lost": horizon_tokens - tl.tokens(t_fail, scenario.horizon_s),
+    }
+    return tl, figures
