@@ -106,7 +106,7 @@ def run_hosts_bench(
     prompt_len: int = 32,
     output_len: int = 32,
     failure_timeout_s: float = 1.0,
-    steady_rounds: int = 4,
+    steady_rounds: int = 8,
     steady_slice_s: float = 2.5,
     kill_at_s: float = 5.0,
     gap_s: float = 3.0,

@@ -6,7 +6,8 @@ file, rank 16 lost at t = 30 s, a replacement rejoining when ready) through ever
 system the recovery pause, reintegration pause, time back to 95 % of the steady rate and the
 time unavailable, each pause broken into its phases; the paper's figures beside them with the
 relative error of each ((simulated - published) / published); and SGLang's table (1, 2, 4, 8
-and 16 of 32 ranks lost) simulated again.
+and 16 of 32 ranks lost) simulated again; and `node_loss`: the 8 GPUs of node 1 lost at once (eep
+copies their experts from the backup another node keeps of them, over the NICs).
 
 What `run_scale` promises: EP 32, 64, 128, 256, 512 and 1024 ranks, one rank lost. The model
 stays DeepSeek-V3 (256 routed experts): up to EP 256 with 32 redundant experts (empty slots up
@@ -86,8 +87,16 @@ def run_paper(model_path: str | Path = DEFAULT_MODEL, cluster_path: str | Path =
         for system in SYSTEMS:
             row[system] = _one(system, sc, model, cluster, p, layout=wide)[2]["recovery_pause_s"]
         sglang_table.append(row)
+    node = tuple(range(cluster.gpus_per_node, 2 * cluster.gpus_per_node))  # node 1, all its GPUs
+    node_scenario = Scenario(PAPER_EP, node)
+    node_plan = plan_for(layout, model, cluster, node)
+    node_loss: dict[str, Any] = {"failed": list(node)}
+    node_loss["repair"] = respond("eep", node_scenario, model, cluster, constants_at("value"), plan=node_plan,
+                                  layout=layout).repair
+    for system in SYSTEMS:
+        node_loss[system] = _one(system, node_scenario, model, cluster, node_plan, layout=layout)[2]
     return {
-        "summary": summary, "published": PUBLISHED, "published_sources": PUBLISHED_SOURCES,
+        "summary": summary, "published": PUBLISHED, "published_sources": PUBLISHED_SOURCES, "node_loss": node_loss,
         "relative_error": relative,
         "sglang_table": {"rows": sglang_table, "published_range_s": list(SGLANG_PUBLISHED_RANGE_S)},
         "systems": detail, "timelines": timelines, "steady_tokens_per_s": timelines["eep"][0][2],
