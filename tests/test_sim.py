@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eep.sim.cluster import DEFAULT_CLUSTER, Cluster, ModelShape
 from eep.sim.constants import CONSTANTS, PUBLISHED, constants_at, markdown_table
@@ -120,3 +122,38 @@ def test_eep_sim_paper_and_scale_write_their_records(tmp_path: Path) -> None:
     s = json.loads(scale.read_text())
     assert [r["ep"] for r in s["rows"]] == [32, 64]
     assert 0 < s["summary"]["planner_max_ms"] == max(c["plan_ms"]["max"] for c in s["planner_cases"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(system=st.sampled_from(SYSTEMS), failed=st.sets(st.integers(0, 3), min_size=1, max_size=3),
+       fail_at=st.floats(0.0, 50.0), failure=st.sampled_from(["crash", "hang"]), rejoin=st.booleans(),
+       at=st.sampled_from(["low", "value", "high"]))
+def test_any_failure_keeps_the_timeline_consistent(system: str, failed: set[int], fail_at: float, failure: str,
+                                                  rejoin: bool, at: str) -> None:
+    """Seeded random failures of the tiny instance: the rate never exceeds the steady one, the
+    pauses are the sums of their phases, the tokens add up, and the view ends where it should."""
+    scenario = Scenario(4, tuple(sorted(failed)), fail_at_s=fail_at, horizon_s=400.0,
+                        failure=failure, redundant=0, rejoin=rejoin)  # type: ignore[arg-type]
+    c = {**constants_at(at), "decode_step_s": 0.05}
+    resp = respond(system, scenario, TINY, TWO_NODES, c)
+    timeline, figures = simulate(resp, scenario, c)
+    segments = timeline.segments
+    assert segments[0][0] == 0.0 and segments[-1][1] == 400.0
+    assert all(a[1] == b[0] for a, b in zip(segments, segments[1:]))  # no gap, no overlap
+    assert all(0.0 <= rate <= timeline.steady for _, _, rate, _ in segments)
+    assert timeline.tokens() == pytest.approx(timeline.steady * fail_at + timeline.tokens(fail_at))
+    assert figures["recovery_pause_s"] == pytest.approx(sum(p.seconds for p in resp.pause))
+    assert figures["unavailable_s"] >= min(figures["recovery_pause_s"], 400.0 - fail_at) - 1e-9
+    back = figures["time_to_95_s"]
+    assert back is None or back >= figures["recovery_pause_s"] - 1e-9
+    views = [e for e in timeline.events if e["event"] == "view"]
+    assert views[0]["active"] == 4 - len(failed)  # the failure: one commit, epoch + 1
+    if system != "full_restart":  # (a restart is a new instance: its epochs start again)
+        assert [v["epoch"] for v in views] == sorted(v["epoch"] for v in views)
+    kinds = {e["event"] for e in timeline.events}
+    everyone = views[-1]["active"] == 4
+    assert everyone == ("resume" in kinds if system == "full_restart" else "switched_in" in kinds)
+    assert everyone or system == "full_restart" or not rejoin or figures["reintegration_pause_s"] is None
+    reprefill_over = resp.reprefill_tokens == 0 or resp.reprefill_share == 0 or "reprefill_done" in kinds
+    if everyone and reprefill_over:
+        assert timeline.rate_at(399.0) == timeline.steady

@@ -7,11 +7,11 @@ What `simulate` promises, for a `Response` (eep.sim.systems) and a `Scenario`:
   one epoch) and the instance serves nothing through the response's pause phases, one event
   each; then the survivors serve; while they re-prefill the lost requests' tokens they decode
   at (1 - share) of their rate, until the re-prefill (at `prefill_tokens_per_s_per_gpu` x share
-  per survivor) is done;
+  per serving rank; halted in a pause, shared by the joiners once they are in) is done;
 - a replacement's warm-up starts when the failure is detected (the end of the first pause
-  phase) and runs off the critical path; once it is ready and the survivors serve, the
-  instance pauses for the switch-in phases and every rank serves again (`begin_join`, then
-  `activate`: one epoch each);
+  phase; `begin_join`: joining, not in the step) and runs off the critical path; once it is
+  ready and the survivors serve, the instance pauses for the switch-in phases and every rank
+  serves again (`activate`: one epoch each);
 - a system whose pause restarts every rank (no survivor serves in it) comes back with all of
   them.
 `Timeline` holds the piecewise-constant rate; the figures are read off it.
@@ -59,7 +59,9 @@ class Timeline:
 class _State:
     serving: int  # ranks serving
     paused: bool = False
-    reprefill_until: float = 0.0
+    reprefill_left: float = 0.0  # tokens still to prefill again
+    reprefill_since: float = 0.0  # the last time `reprefill_left` was brought up to date
+    reprefill_gen: int = 0  # the current re-prefill end event (older ones are stale)
     ready_at: float | None = None  # when the replacement is ready to switch in
     pause_end: float | None = None
     switched: bool = False
@@ -73,6 +75,10 @@ def simulate(resp: Response, scenario: Scenario, c: dict[str, float]) -> tuple[T
     queue: list[tuple[float, int, str, Any]] = []
     seq = itertools.count()
 
+    def commit(t: float, new: MembershipView) -> MembershipView:
+        tl.events.append({"t": t, "event": "view", "epoch": new.epoch, "active": len(new.active_ranks)})
+        return new
+
     def at(t: float, kind: str, payload: Any = None) -> None:
         heapq.heappush(queue, (t, next(seq), kind, payload))
 
@@ -85,9 +91,22 @@ def simulate(resp: Response, scenario: Scenario, c: dict[str, float]) -> tuple[T
             tl.segments.append((now, t, rate, label))
         now, rate, label = t, new_rate, new_label
 
+    def reprefill_speed() -> float:
+        return 0.0 if state.paused else state.serving * prefill * resp.reprefill_share
+
+    def reprefill_progress(t: float) -> None:
+        """Count the re-prefill work done since the last change, at the rate that held then."""
+        state.reprefill_left = max(0.0, state.reprefill_left - (t - state.reprefill_since) * reprefill_speed())
+        state.reprefill_since = t
+
+    def reprefill_reschedule(t: float) -> None:
+        state.reprefill_gen += 1
+        if state.reprefill_left > 0 and reprefill_speed() > 0:
+            at(t + state.reprefill_left / reprefill_speed(), "reprefill_done", state.reprefill_gen)
+
     def serving_rate(t: float) -> tuple[float, str]:
         base = state.serving * per_gpu
-        if t < state.reprefill_until:
+        if state.reprefill_left > 1e-9:
             return base * (1.0 - resp.reprefill_share), "re-prefill"
         return base, "serving" if state.serving == n else "degraded"
 
@@ -97,47 +116,53 @@ def simulate(resp: Response, scenario: Scenario, c: dict[str, float]) -> tuple[T
         t, _, kind, payload = heapq.heappop(queue)
         if t >= scenario.horizon_s:
             break
-        tl.events.append({"t": t, "event": kind, "epoch": view.epoch, **({"phase": payload} if payload else {})})
+        if kind == "reprefill_done" and payload != state.reprefill_gen:
+            continue  # the re-prefill's speed changed after this end was planned
+        tl.events.append({"t": t, "event": kind, "epoch": view.epoch,
+                          **({"phase": payload} if isinstance(payload, str) else {})})
         if kind == "fail":
-            view = view.fail(set(failed))
+            view = commit(t, view.fail(set(failed)))
             state.paused = True
             set_rate(t, 0.0, "recovery pause")
             end = t
             for i, phase in enumerate(resp.pause):
                 end += phase.seconds
                 at(end, "phase_done", phase.name)
-                if i == 0 and scenario.rejoin and resp.replacement:
+                if i == 0 and scenario.rejoin and resp.replacement:  # detected: the replacement starts
+                    at(end, "replacement_start")
                     state.ready_at = end + sum(p.seconds for p in resp.replacement)
             state.pause_end = end
             at(end, "resume")
         elif kind == "resume":
             state.paused = False
-            restarted = resp.serving_after_pause == n
-            state.serving = resp.serving_after_pause
-            if restarted:
-                view = MembershipView.initial(tuple(range(n, 2 * n)))  # a new instance: every process new
-                tl.events.append({"t": t, "event": "new_instance", "epoch": view.epoch})
-            share_rate = state.serving * prefill * resp.reprefill_share
-            if resp.reprefill_tokens > 0 and share_rate > 0:
-                state.reprefill_until = t + resp.reprefill_tokens / share_rate
-                at(state.reprefill_until, "reprefill_done")
+            if resp.serving_after_pause == n:  # a new instance: every process new
+                view = commit(t, MembershipView.initial(tuple(range(n, 2 * n))))
+            state.serving = len(view.active_ranks)  # the ranks the committed view serves with
+            if resp.reprefill_share > 0:
+                state.reprefill_left, state.reprefill_since = resp.reprefill_tokens, t
+            reprefill_reschedule(t)
             set_rate(t, *serving_rate(t))
             if state.ready_at is not None:
                 at(max(t, state.ready_at), "switch_in")
         elif kind == "reprefill_done":
-            if not state.paused:
-                set_rate(t, *serving_rate(t))
-        elif kind == "switch_in":
+            state.reprefill_left, state.reprefill_since = 0.0, t
+            set_rate(t, *serving_rate(t))
+        elif kind == "replacement_start":
             for i, r in enumerate(failed):
-                view = view.begin_join(r, 2 * n + i)
+                view = commit(t, view.begin_join(r, 2 * n + i))  # loading, not yet in the step
+        elif kind == "switch_in":
+            reprefill_progress(t)
             state.paused = True
+            reprefill_reschedule(t)  # halted while paused
             set_rate(t, 0.0, "reintegration pause")
             end = t + resp.reintegration_s
             at(end, "switched_in")
         elif kind == "switched_in":
             for r in failed:
-                view = view.activate(r)
-            state.paused, state.serving, state.switched = False, n, True
+                view = commit(t, view.activate(r))
+            state.reprefill_since = t
+            state.paused, state.serving, state.switched = False, len(view.active_ranks), True
+            reprefill_reschedule(t)  # the joiners take their share of it
             set_rate(t, *serving_rate(t))
     set_rate(scenario.horizon_s, rate, label)
     t_fail = scenario.fail_at_s
