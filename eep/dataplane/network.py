@@ -17,13 +17,13 @@ What this module promises:
   host through the shm `Endpoint`, the others through its `ZmqLink`, in one call. A single-host
   instance never builds one (it keeps `ShmExchange` and its speed).
 
-The sockets live in one context per process (`data_context`) whose I/O thread never preempts
-the rank. Sockets: `LINGER 0` (a closing rank never blocks on a dead peer), `RECONNECT_IVL` 50 ms (a
-replacement at the same address is reached quickly), and on every sending socket ZeroMQ
-heartbeats (200 ms, dropped after 1 s) with a 1 s connect timeout: not as a failure detector
-(liveness is the controller's: heartbeats through the agents, and `PeerTimeout`) but so that a
-connection to a host that vanished without a FIN or RST is dropped and made again, and the
-first message to a replacement never goes into a dead connection.
+A rank's sockets live in one context per process (`data_context`) whose I/O thread never
+preempts the rank. Sockets: `LINGER 0` (a closing rank never blocks on a dead peer),
+`RECONNECT_IVL` 50 ms (a replacement at the same address is reached quickly), and on every
+sending socket ZeroMQ heartbeats (200 ms, dropped after 1 s) with a 1 s connect timeout: not as
+a failure detector (liveness is the controller's: heartbeats through the agents, and
+`PeerTimeout`) but so that a connection to a host that vanished without a FIN or RST is dropped
+and made again, and the first message to a replacement never goes into a dead connection.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class AbortPusher:
     connection each, kept: an abort must not wait for a TCP handshake)."""
 
     def __init__(self, addresses: Sequence[str]) -> None:
-        self.ctx = data_context()
+        self.ctx = zmq.Context.instance()  # the controller's: an abort goes out at once
         self._socks: list[zmq.Socket] = []
         for addr in addresses:
             s = _sender(self.ctx, 16)
