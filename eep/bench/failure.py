@@ -578,10 +578,11 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
     runs would turn into a difference. The first third of a slice (at most 1 s: the loop ramping
     up) is not counted; at a slice's end the requests in flight are cancelled (the server aborts
     them). `round_ratios`: per round, the first server's speed over the second's on the same
-    work (`_same_work_ratio`). `cpu_round_ratios`: per round, the second server's CPU seconds
-    over the first's on that same work (`_same_work_cpu_ratio`), from each server's and its
-    ranks' CPU clocks read every `_CPU_SAMPLE_S` through the slice (`cpu_source` says which
-    clocks: `process_cpu_clock_ns`, exact, or the 10 ms ticks of /proc/PID/stat)."""
+    work (`_same_work_ratio`; where the two slices share no work, their token rates' ratio).
+    `cpu_round_ratios`: per round, the second server's CPU seconds over the first's on that same
+    work (`_same_work_cpu_ratio`), from each server's and its ranks' CPU clocks read every
+    `_CPU_SAMPLE_S` through the slice (`cpu_source` says which clocks: `process_cpu_clock_ns`,
+    exact, or the 10 ms ticks of /proc/PID/stat)."""
     ramp = min(1.0, slice_s / 3)
     first = next(iter(servers.values())).proc
     assert first is not None
@@ -654,13 +655,21 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
                         n / (slice_s - ramp))
     a, b = servers
     ratios = [_same_work_ratio(arrivals[k, a], arrivals[k, b], ramp) for k in range(rounds)]
+    # A server several times faster than the other may have served, by the end of its ramp, more
+    # than the other serves in its whole slice: no work is common to both. Leaving such a round
+    # out would drop exactly the rounds with the largest ratios; its ratio is then the slices'
+    # token rates after the ramp (`rate_ratio_rounds` counts them).
+    rate = {(s["round"], s["server"]): s["tokens_per_s"] for s in slices}
+    by_rate = [k for k in range(rounds) if ratios[k] is None and rate[k, b] > 0]
+    for k in by_rate:
+        ratios[k] = rate[k, a] / rate[k, b]
     cpu_ratios = [_same_work_cpu_ratio(arrivals[k, a], arrivals[k, b], ramp, cpu[k, a], cpu[k, b])
                   for k in range(rounds)]
     served = {k: [1.0 - led["bookkeeping_cpu_s"] / led["cpu_s"] if led is not None and led["cpu_s"] > 0 else None
                   for led in (books[k, a], books[k, b])] for k in range(rounds)}
     seconds = rounds * (slice_s - ramp)
     return {"tokens_per_s": {name: n / seconds for name, n in tokens.items()},
-            "round_ratios": [r for r in ratios if r is not None],
+            "round_ratios": [r for r in ratios if r is not None], "rate_ratio_rounds": len(by_rate),
             # per round: the share of the first server's CPU that served tokens (not bookkeeping)
             # over the second's (eep.runtime.accounting)
             "bookkeeping_round_ratios": [sa / sb for sa, sb in served.values() if sa is not None and sb],
