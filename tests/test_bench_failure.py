@@ -24,6 +24,7 @@ from eep.bench.failure import (
     _normal_gap,
     _process_cpu_s,
     _same_work_cpu_ratio,
+    _round_ratio,
     _same_work_ratio,
     _stat_cpu_s,
     _time_to,
@@ -196,6 +197,17 @@ def test_same_work_ratio_times_both_servers_over_the_same_tokens() -> None:
     assert _same_work_ratio(a, stalled, 1.0) == pytest.approx(1.25)
     assert _same_work_ratio(a, [(0.5, 10)], 1.0) is None  # nothing in common after the start
     assert _same_work_ratio(a, [], 1.0) is None
+
+
+def test_a_round_with_no_work_in_common_is_the_ratio_of_its_token_rates() -> None:
+    fast = [(0.01 * i, 10) for i in range(1, 301)]  # 1000 tokens/s: 1000 by the end of its 1 s ramp
+    slow = [(0.1 * i, 10) for i in range(1, 31)]  # 100 tokens/s: 300 in its whole 3 s slice
+    assert _same_work_ratio(fast, slow, 1.0) is None
+    assert _round_ratio(fast, slow, 1.0, 1000.0, 100.0) == (10.0, True)  # kept, not dropped
+    a = [(0.1 * i, 10) for i in range(1, 31)]
+    b = [(0.125 * i, 10) for i in range(1, 25)]
+    assert _round_ratio(a, b, 1.0, 100.0, 80.0) == (pytest.approx(1.25), False)  # work in common: same work
+    assert _round_ratio(fast, [], 1.0, 1000.0, 0.0) == (None, False)  # the other served nothing: no ratio
 
 
 def test_same_work_cpu_ratio_counts_each_servers_cpu_over_the_same_tokens() -> None:

@@ -79,11 +79,17 @@ def test_a_full_restart_is_the_sum_of_its_phases_and_then_prefills_every_request
 def test_sglang_loses_the_dead_ranks_requests_and_waits_out_its_timeout() -> None:
     c = _constants()
     for k in (1, 2):
-        scenario = Scenario(4, tuple(range(k)), redundant=0)
-        resp = respond("sglang", scenario, TINY, TWO_NODES, c)
+        scenario = Scenario(4, tuple(range(k)), fail_at_s=10.0, redundant=0)
+        layout = Layout.of(TINY, TWO_NODES, 4, 0, ranks_lost=k)
+        plan = plan_for(layout, TINY, TWO_NODES, scenario.failed)
+        resp = respond("sglang", scenario, TINY, TWO_NODES, c, plan=plan, layout=layout)
         assert resp.requests_lost == round(k * c["decode_tokens_per_s_per_gpu"] * c["decode_step_s"])
-        assert resp.pause[0].seconds == c["sglang_dispatch_timeout_s"]
-        assert resp.reprefill_tokens == 0
+        timeline, figures = simulate(resp, scenario, c)
+        # nothing served for the timeout, the copies and the batch run again; then the survivors
+        # serve at once (nothing to prefill again: the dead ranks' requests are gone)
+        expected = c["sglang_dispatch_timeout_s"] + plan[0].est_makespan_s + c["decode_step_s"]
+        assert _zero_stretch(timeline, 10.0) == pytest.approx(expected)
+        assert timeline.rate_at(10.0 + expected + 1e-6) == (4 - k) * c["decode_tokens_per_s_per_gpu"]
 
 
 def test_every_constant_has_a_source_and_a_range_around_its_value() -> None:
@@ -121,29 +127,50 @@ def test_eep_sim_paper_and_scale_write_their_records(tmp_path: Path) -> None:
     assert [row["failed"] for row in p["sglang_table"]["rows"]] == [1, 2, 4, 8, 16]
     s = json.loads(scale.read_text())
     assert [r["ep"] for r in s["rows"]] == [32, 64]
+    assert all(r["plan_ms"]["max"] > 0 and r["repair"]["bytes_moved"] > 0 for r in s["rows"])  # eep's real plans
+    assert p["layout"]["backup_bytes_per_node"] <= json.loads(DEFAULT_CLUSTER.read_text())["host_memory_bytes"]
     assert 0 < s["summary"]["planner_max_ms"] == max(c["plan_ms"]["max"] for c in s["planner_cases"])
 
 
-@settings(max_examples=60, deadline=None)
+def _zero_stretch(timeline: object, start: float) -> float:
+    """How long the rate stays 0 from `start` on."""
+    total = 0.0
+    for s, e, rate, _ in timeline.segments:  # type: ignore[attr-defined]
+        if e <= start:
+            continue
+        if rate != 0.0:
+            break
+        total += e - max(s, start)
+    return total
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(system=st.sampled_from(SYSTEMS), failed=st.sets(st.integers(0, 3), min_size=1, max_size=3),
        fail_at=st.floats(0.0, 50.0), failure=st.sampled_from(["crash", "hang"]), rejoin=st.booleans(),
        at=st.sampled_from(["low", "value", "high"]))
 def test_any_failure_keeps_the_timeline_consistent(system: str, failed: set[int], fail_at: float, failure: str,
                                                   rejoin: bool, at: str) -> None:
-    """Seeded random failures of the tiny instance: the rate never exceeds the steady one, the
-    pauses are the sums of their phases, the tokens add up, and the view ends where it should."""
+    """Random failures of the tiny instance (derandomized: the same examples every run): the
+    timeline is contiguous and runs past its last event, the rate never exceeds the steady one,
+    the instance serves nothing for exactly its pause after the failure, and the committed views
+    end with every rank back exactly when one came back."""
     scenario = Scenario(4, tuple(sorted(failed)), fail_at_s=fail_at, horizon_s=400.0,
                         failure=failure, redundant=0, rejoin=rejoin)  # type: ignore[arg-type]
     c = {**constants_at(at), "decode_step_s": 0.05}
     resp = respond(system, scenario, TINY, TWO_NODES, c)
     timeline, figures = simulate(resp, scenario, c)
     segments = timeline.segments
-    assert segments[0][0] == 0.0 and segments[-1][1] == 400.0
+    end = segments[-1][1]
+    assert segments[0][0] == 0.0 and end >= 400.0 and end > timeline.events[-1]["t"]
     assert all(a[1] == b[0] for a, b in zip(segments, segments[1:]))  # no gap, no overlap
     assert all(0.0 <= rate <= timeline.steady for _, _, rate, _ in segments)
-    assert timeline.tokens() == pytest.approx(timeline.steady * fail_at + timeline.tokens(fail_at))
-    assert figures["recovery_pause_s"] == pytest.approx(sum(p.seconds for p in resp.pause))
-    assert figures["unavailable_s"] >= min(figures["recovery_pause_s"], 400.0 - fail_at) - 1e-9
+    assert timeline.tokens(fail_at) <= timeline.steady * (end - fail_at) + 1e-6
+    zero = _zero_stretch(timeline, fail_at)
+    if system == "full_restart":  # every lost request prefilled again before a token: longer
+        assert zero >= sum(p.seconds for p in resp.pause) - 1e-9
+    else:
+        assert zero == pytest.approx(sum(p.seconds for p in resp.pause))
+    assert figures["unavailable_s"] >= zero - 1e-9
     back = figures["time_to_95_s"]
     assert back is None or back >= figures["recovery_pause_s"] - 1e-9
     views = [e for e in timeline.events if e["event"] == "view"]
@@ -156,4 +183,4 @@ def test_any_failure_keeps_the_timeline_consistent(system: str, failed: set[int]
     assert everyone or system == "full_restart" or not rejoin or figures["reintegration_pause_s"] is None
     reprefill_over = resp.reprefill_tokens == 0 or resp.reprefill_share == 0 or "reprefill_done" in kinds
     if everyone and reprefill_over:
-        assert timeline.rate_at(399.0) == timeline.steady
+        assert timeline.rate_at(end - 0.5) == timeline.steady

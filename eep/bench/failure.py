@@ -654,15 +654,10 @@ async def _interleaved(servers: dict[str, _Server], trace: Trace, *, concurrency
             logger.info("  steady slice %d/%d on %s: %.0f tok/s", len(slices), rounds * len(servers), name,
                         n / (slice_s - ramp))
     a, b = servers
-    ratios = [_same_work_ratio(arrivals[k, a], arrivals[k, b], ramp) for k in range(rounds)]
-    # A server several times faster than the other may have served, by the end of its ramp, more
-    # than the other serves in its whole slice: no work is common to both. Leaving such a round
-    # out would drop exactly the rounds with the largest ratios; its ratio is then the slices'
-    # token rates after the ramp (`rate_ratio_rounds` counts them).
     rate = {(s["round"], s["server"]): s["tokens_per_s"] for s in slices}
-    by_rate = [k for k in range(rounds) if ratios[k] is None and rate[k, b] > 0]
-    for k in by_rate:
-        ratios[k] = rate[k, a] / rate[k, b]
+    per_round = [_round_ratio(arrivals[k, a], arrivals[k, b], ramp, rate[k, a], rate[k, b]) for k in range(rounds)]
+    ratios = [r for r, _ in per_round]
+    by_rate = [k for k, (r, rated) in enumerate(per_round) if rated and r is not None]
     cpu_ratios = [_same_work_cpu_ratio(arrivals[k, a], arrivals[k, b], ramp, cpu[k, a], cpu[k, b])
                   for k in range(rounds)]
     served = {k: [1.0 - led["bookkeeping_cpu_s"] / led["cpu_s"] if led is not None and led["cpu_s"] > 0 else None
@@ -694,6 +689,19 @@ def _books_delta(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str
         return None
     by = {k: b["bookkeeping_cpu_s"][k] - a["bookkeeping_cpu_s"].get(k, 0.0) for k in b["bookkeeping_cpu_s"]}
     return {"bookkeeping_cpu_s": sum(by.values()), "by": by, "cpu_s": b["cpu_s"] - a["cpu_s"]}
+
+
+def _round_ratio(a: list[tuple[float, int]], b: list[tuple[float, int]], start: float, rate_a: float,
+                 rate_b: float) -> tuple[float | None, bool]:
+    """One round's ratio, `a`'s speed over `b`'s, and whether it is the rates' ratio.
+
+    On the same work (`_same_work_ratio`) where the two slices have work in common. A server
+    several times faster than the other may have served, by `start` (the end of its ramp), more
+    than the other serves in its whole slice: then the ratio of the slices' token rates after the
+    ramp, `rate_a / rate_b` (leaving such a round out would drop exactly the largest ratios)."""
+    if _same_work_span(a, b, start) is None and rate_b > 0:
+        return rate_a / rate_b, True
+    return _same_work_ratio(a, b, start), False
 
 
 def _same_work_ratio(a: list[tuple[float, int]], b: list[tuple[float, int]], start: float) -> float | None:

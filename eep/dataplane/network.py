@@ -64,7 +64,7 @@ def data_context() -> zmq.Context:
     65 ms at nice -10; the ranks' threads made ~130 context switches a step more than one host's.
     """
     global _context
-    if _context is None:
+    if _context is None or _context.closed:
         ctx = zmq.Context(io_threads=1)
         ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
         _context = ctx

@@ -85,7 +85,7 @@ CONSTANTS: dict[str, Constant] = {
                                    "host's agent through its pidfd (< 1 ms measured, eep bench recovery)"),
     "eep_reprefill_share": Constant(0.5, "of a step", "eep", "eep's choice: the chunks that prefill a dead rank's "
                                     "requests again take at most this share of each step's work (the scheduler's "
-                                    "prefill budget), so the survivors keep decoding meanwhile", low=0.25, high=1.0),
+                                    "prefill budget), so the survivors keep decoding meanwhile", low=0.25, high=0.75),
     # -- failures
     "failures_per_gpu_day": Constant(419 / (54 * 16384), "1/(GPU day)", "published",
                                      "Llama 3 report (arXiv:2407.21783): 419 unexpected interruptions in 54 days "

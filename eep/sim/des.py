@@ -14,7 +14,9 @@ What `simulate` promises, for a `Response` (eep.sim.systems) and a `Scenario`:
   serves again (`activate`: one epoch each);
 - a system whose pause restarts every rank (no survivor serves in it) comes back with all of
   them.
-`Timeline` holds the piecewise-constant rate; the figures are read off it.
+Every event is run, also past `horizon_s` (the timeline then ends a second after the last one),
+so no figure is cut short. `Timeline` holds the piecewise-constant rate; the figures are read off
+it.
 """
 
 from __future__ import annotations
@@ -112,10 +114,8 @@ def simulate(resp: Response, scenario: Scenario, c: dict[str, float]) -> tuple[T
 
     if failed:
         at(scenario.fail_at_s, "fail")
-    while queue:
+    while queue:  # every event, also past the horizon: no figure is cut short
         t, _, kind, payload = heapq.heappop(queue)
-        if t >= scenario.horizon_s:
-            break
         if kind == "reprefill_done" and payload != state.reprefill_gen:
             continue  # the re-prefill's speed changed after this end was planned
         tl.events.append({"t": t, "event": kind, "epoch": view.epoch,
@@ -164,19 +164,19 @@ def simulate(resp: Response, scenario: Scenario, c: dict[str, float]) -> tuple[T
             state.paused, state.serving, state.switched = False, len(view.active_ranks), True
             reprefill_reschedule(t)  # the joiners take their share of it
             set_rate(t, *serving_rate(t))
-    set_rate(scenario.horizon_s, rate, label)
+    end = max(scenario.horizon_s, now + 1.0)  # the horizon, or a second past the last event
+    set_rate(end, rate, label)
     t_fail = scenario.fail_at_s
     back = tl.back_to(0.95, state.pause_end) if state.pause_end is not None else None
-    horizon_tokens = tl.steady * (scenario.horizon_s - t_fail)
+    lost = tl.steady * (end - t_fail) - tl.tokens(t_fail, end)
     if not failed:
         return tl, {"recovery_pause_s": 0.0, "reintegration_pause_s": 0.0, "time_to_95_s": 0.0,
-                    "unavailable_s": 0.0, "tokens_lost": horizon_tokens - tl.tokens(t_fail, scenario.horizon_s)}
+                    "unavailable_s": 0.0, "tokens_lost": lost}
     figures = {
         "recovery_pause_s": resp.pause_s,
-        "reintegration_pause_s": (resp.reintegration_s if state.switched
-                                  else 0.0 if not resp.reintegration else None),  # None: not back in the horizon
-        "time_to_95_s": None if back is None else back - t_fail,
-        "unavailable_s": tl.paused_s(t_fail, scenario.horizon_s),
-        "tokens_lost": horizon_tokens - tl.tokens(t_fail, scenario.horizon_s),
+        "reintegration_pause_s": resp.reintegration_s if state.switched else 0.0,  # 0.0: no rejoin planned
+        "time_to_95_s": None if back is None else back - t_fail,  # None: never back to 95 % (no rejoin)
+        "unavailable_s": tl.paused_s(t_fail, end),
+        "tokens_lost": lost,
     }
     return tl, figures

@@ -6,8 +6,9 @@ file, rank 16 lost at t = 30 s, a replacement rejoining when ready) through ever
 system the recovery pause, reintegration pause, time back to 95 % of the steady rate and the
 time unavailable, each pause broken into its phases; the paper's figures beside them with the
 relative error of each ((simulated - published) / published); and SGLang's table (1, 2, 4, 8
-and 16 of 32 ranks lost) simulated again; and `node_loss`: the 8 GPUs of node 1 lost at once (eep
-copies their experts from the backup another node keeps of them, over the NICs).
+and 16 of 32 ranks lost) simulated again; and `node_loss`: the 8 GPUs of node 1 lost at once (no
+agent is left to see it: eep detects the node's silence within the failure timeout, and copies
+its experts from the backup another node keeps of them, over the NICs).
 
 What `run_scale` promises: EP 32, 64, 128, 256, 512 and 1024 ranks, one rank lost. The model
 stays DeepSeek-V3 (256 routed experts): up to EP 256 with 32 redundant experts (empty slots up
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from eep.sim.cluster import DEFAULT_CLUSTER, DEFAULT_MODEL, Cluster, ModelShape
-from eep.sim.constants import PUBLISHED, PUBLISHED_SOURCES, SGLANG_PUBLISHED_RANGE_S, constants_at
+from eep.sim.constants import CONSTANTS, PUBLISHED, PUBLISHED_SOURCES, SGLANG_PUBLISHED_RANGE_S, constants_at
 from eep.sim.des import Timeline, simulate
 from eep.sim.systems import LABELS, SYSTEMS, Layout, Response, Scenario, expected_failures, plan_for, respond
 
@@ -47,15 +48,47 @@ def _phases(resp: Response) -> dict[str, list[dict[str, Any]]]:
 
 
 def _one(system: str, scenario: Scenario, model: ModelShape, cluster: Cluster, plan: Any,
-         at: str = "value", layout: Layout | None = None) -> tuple[Response, Timeline, dict[str, float | None]]:
-    c = constants_at(at)
-    if at != "value":  # the cluster's figures at the same end of their ranges
-        cluster = replace(cluster, **{k: c[k] for k in HARDWARE})
-        plan = None if plan is None else plan_for(Layout.of(model, cluster, scenario.ep, scenario.redundant),
-                                                  model, cluster, scenario.failed)
-    resp = respond(system, scenario, model, cluster, c, plan=plan, layout=layout if at == "value" else None)
+         layout: Layout, c: dict[str, float] | None = None) -> tuple[Response, Timeline, dict[str, float | None]]:
+    c = constants_at("value") if c is None else c
+    resp = respond(system, scenario, model, cluster, c, plan=plan, layout=layout)
     tl, fig = simulate(resp, scenario, c)
     return resp, tl, fig
+
+
+def _spread(system: str, scenario: Scenario, model: ModelShape, cluster: Cluster, layout: Layout,
+            plan: Any) -> dict[str, list[float | None]]:
+    """The least and the most each figure comes to over the constants' ranges: every ranged
+    constant at each end alone, then, per figure, every one at the end that lowers it and every
+    one at the end that raises it (the figures are sums of phases, so these corners bound it). A
+    cluster figure is varied only where the cluster file has the table's value (another file's
+    figures are its own, without a range)."""
+    ranged = [k for k, const in CONSTANTS.items() if const.range[0] < const.range[1]
+              and (k not in HARDWARE or getattr(cluster, k) == const.value)]
+    plans: dict[tuple[tuple[str, float], ...], tuple[Layout, Any]] = {(): (layout, plan)}
+
+    def run(overrides: dict[str, float]) -> dict[str, float | None]:
+        hardware = tuple(sorted((k, v) for k, v in overrides.items() if k in HARDWARE))
+        varied = replace(cluster, **dict(hardware))
+        if hardware not in plans:  # other links: eep plans its copies again
+            lay = Layout.of(model, varied, scenario.ep, scenario.redundant)
+            plans[hardware] = (lay, plan_for(lay, model, varied, scenario.failed))
+        lay, p = plans[hardware]
+        return _one(system, scenario, model, varied, p, lay, {**constants_at("value"), **overrides})[2]
+
+    alone = {(k, i): run({k: CONSTANTS[k].range[i]}) for k in ranged for i in (0, 1)}
+    out: dict[str, list[float | None]] = {}
+    for f in FIGURES:
+        results = list(alone.values())
+        for lower in (True, False):
+            corner = {}
+            for k in ranged:
+                lo, hi = alone[k, 0][f], alone[k, 1][f]
+                if lo is not None and hi is not None:
+                    corner[k] = CONSTANTS[k].range[0 if (lo <= hi) == lower else 1]
+            results.append(run(corner))
+        values = [r[f] for r in results if r[f] is not None]
+        out[f] = [min(values), max(values)] if values else [None, None]
+    return out
 
 
 def run_paper(model_path: str | Path = DEFAULT_MODEL, cluster_path: str | Path = DEFAULT_CLUSTER) -> dict[str, Any]:
@@ -65,13 +98,10 @@ def run_paper(model_path: str | Path = DEFAULT_MODEL, cluster_path: str | Path =
     plan = plan_for(layout, model, cluster, scenario.failed)
     summary, detail, timelines = {}, {}, {}
     for system in SYSTEMS:
-        resp, tl, fig = _one(system, scenario, model, cluster, plan, layout=layout)
-        spread = {at: _one(system, scenario, model, cluster, plan, at)[2] for at in ("low", "high")}
+        resp, tl, fig = _one(system, scenario, model, cluster, plan, layout)
         summary[system] = fig
         detail[system] = {"label": LABELS[system], "phases": _phases(resp), "requests_lost": resp.requests_lost,
-                          "repair": resp.repair, "range": {k: sorted([spread["low"][k], spread["high"][k]],
-                                                                     key=lambda v: -1 if v is None else v)
-                                                           for k in FIGURES},
+                          "repair": resp.repair, "range": _spread(system, scenario, model, cluster, layout, plan),
                           "events": tl.events}
         timelines[system] = [list(s) for s in tl.segments]
     relative = {system: {k: (summary[system][k] - v) / v for k, v in pub.items() if summary[system][k] is not None}
@@ -85,16 +115,16 @@ def run_paper(model_path: str | Path = DEFAULT_MODEL, cluster_path: str | Path =
         row: dict[str, Any] = {"failed": k, "bytes_moved": p[0].bytes_moved, "copy_makespan_s": p[0].est_makespan_s,
                                "uncovered": len(p[0].uncovered)}
         for system in SYSTEMS:
-            row[system] = _one(system, sc, model, cluster, p, layout=wide)[2]["recovery_pause_s"]
+            row[system] = _one(system, sc, model, cluster, p, wide)[2]["recovery_pause_s"]
         sglang_table.append(row)
     node = tuple(range(cluster.gpus_per_node, 2 * cluster.gpus_per_node))  # node 1, all its GPUs
-    node_scenario = Scenario(PAPER_EP, node)
+    node_scenario = Scenario(PAPER_EP, node, failure="hang")  # no agent left to see it: the node's silence
     node_plan = plan_for(layout, model, cluster, node)
     node_loss: dict[str, Any] = {"failed": list(node)}
     node_loss["repair"] = respond("eep", node_scenario, model, cluster, constants_at("value"), plan=node_plan,
                                   layout=layout).repair
     for system in SYSTEMS:
-        node_loss[system] = _one(system, node_scenario, model, cluster, node_plan, layout=layout)[2]
+        node_loss[system] = _one(system, node_scenario, model, cluster, node_plan, layout)[2]
     return {
         "summary": summary, "published": PUBLISHED, "published_sources": PUBLISHED_SOURCES, "node_loss": node_loss,
         "relative_error": relative,
@@ -102,6 +132,8 @@ def run_paper(model_path: str | Path = DEFAULT_MODEL, cluster_path: str | Path =
         "systems": detail, "timelines": timelines, "steady_tokens_per_s": timelines["eep"][0][2],
         "scenario": {"ep": scenario.ep, "failed": list(scenario.failed), "fail_at_s": scenario.fail_at_s,
                      "horizon_s": scenario.horizon_s, "failure": scenario.failure},
+        "layout": {"slots_per_rank": layout.slots_per_rank, "redundant_experts": scenario.redundant,
+                   "backup_bytes_per_node": layout.backup_bytes_per_node(model)},
         "inputs": _inputs(model, cluster),
     }
 
@@ -142,17 +174,24 @@ def _scale_rows(model: ModelShape, cluster: Cluster, ep_sizes: tuple[int, ...],
                                "plan_ms": {"max": max(p[1] for p in timed),
                                            "median": statistics.median(p[1] for p in timed)},
                                "failures_in_30_days": failures, "systems": {}}
+        seconds = DAYS * 86400
         for system in SYSTEMS:
-            resp, tl, fig = _one(system, scenario, model, cluster, plan, layout=layout)
-            seconds = DAYS * 86400
+            resp, tl, fig = _one(system, scenario, model, cluster, plan, layout)
             if system == "eep":
                 row["repair"] = resp.repair
             row["systems"][system] = {
                 **fig, "requests_lost_per_failure": resp.requests_lost,
+                "requests_lost_in_30_days": failures * resp.requests_lost,
                 "down_s_in_30_days": failures * fig["unavailable_s"],  # type: ignore[operator]
                 "availability": 1 - failures * fig["unavailable_s"] / seconds,  # type: ignore[operator]
+                # tokens not decoded against the steady rate; a lost request's work so far is not counted
                 "goodput": 1 - failures * fig["tokens_lost"] / (tl.steady * seconds),  # type: ignore[operator]
             }
+        # every failure above is a crash (seen by eep's death notice); were every one a hang or a
+        # lost node, eep would see it by its silence (the failure timeout)
+        hang = Scenario(ep, scenario.failed, redundant=redundant, failure="hang")
+        hung = _one("eep", hang, model, cluster, plan, layout)[2]
+        row["systems"]["eep"]["down_s_in_30_days_if_hangs"] = failures * hung["unavailable_s"]  # type: ignore[operator]
         rows.append(row)
     return rows
 
@@ -173,8 +212,9 @@ def paper_table(result: dict[str, Any]) -> str:
     for system, pub in result["published"].items():
         for k, v in pub.items():
             err = result["relative_error"][system].get(k)
-            lines.append(f"  published {system} {k} {v:g} s: simulated {result['summary'][system][k]:.2f} s"
-                         + (f" ({100 * err:+.0f} %)" if err is not None else ""))
+            got = result["summary"][system][k]
+            lines.append(f"  published {system} {k} {v:g} s: simulated "
+                         + (f"{got:.2f} s ({100 * err:+.0f} %)" if got is not None and err is not None else "-"))
     return "\n".join(lines)
 
 
@@ -213,7 +253,8 @@ def plot_paper(result: dict[str, Any], path: str | Path) -> None:
         ax.axhline(95, color="black", linewidth=0.6, linestyle=":")
         f = result["summary"][system]
         ax.set_title(f"{LABELS[system]}: recovery {f['recovery_pause_s']:.2f} s, reintegration "
-                     f"{f['reintegration_pause_s'] or 0:.2f} s, back to 95 % after {f['time_to_95_s'] or 0:.1f} s",
+                     f"{f['reintegration_pause_s']:.2f} s, back to 95 % after "
+                     + (f"{f['time_to_95_s']:.1f} s" if f["time_to_95_s"] is not None else "never"),
                      fontsize=9, loc="left")
         ax.set_ylim(-5, 110)
         ax.set_ylabel("% of steady")

@@ -63,8 +63,9 @@ class Phase:
 @dataclass(frozen=True, slots=True)
 class Scenario:
     """`failed` ranks of an EP `ep` instance lost at `fail_at_s` (none: a schedule without a
-    failure); `failure` "crash" (the process dies) or "hang" (it stops answering); a replacement
-    rejoins when ready (`rejoin`)."""
+    failure); `failure` "crash" (the process dies: its host's agent sees it) or "hang" (it stops
+    answering, or its whole node is gone: seen by its silence); a replacement rejoins when ready
+    (`rejoin`)."""
 
     ep: int
     failed: tuple[int, ...]
@@ -112,6 +113,10 @@ class Layout:
     backups: dict[int, object]
     slots_per_rank: int
 
+    def backup_bytes_per_node(self, model: ModelShape) -> int:
+        """The most host memory one node's backup takes (its own experts and the next node's)."""
+        return max(int(mask.sum()) for mask in self.backups.values()) * model.expert_bytes  # type: ignore[attr-defined]
+
     @classmethod
     def of(cls, model: ModelShape, cluster: Cluster, ep: int, redundant: int, ranks_lost: int = 0) -> Layout:
         """Spare slots for the survivors of one node's loss (eep's default), or of `ranks_lost`
@@ -125,7 +130,12 @@ class Layout:
         covered = max(min(cluster.gpus_per_node, ep // 2), ranks_lost)
         tables = with_spare_slots(placed, ep, spare_slots_for(slots, ep, covered))
         host_of = tuple(r // cluster.gpus_per_node for r in range(ep))
-        return cls(tables, host_of, backup_masks(tables, host_of), tables.num_physical // ep)
+        layout = cls(tables, host_of, backup_masks(tables, host_of), tables.num_physical // ep)
+        need = layout.backup_bytes_per_node(model)
+        if need > cluster.host_memory_bytes:
+            raise ConfigError(f"the ring backups need {need / 1e9:.0f} GB of host memory per node; the cluster "
+                              f"has {cluster.host_memory_bytes / 1e9:.0f} GB")
+        return layout
 
 
 def plan_for(layout: Layout, model: ModelShape, cluster: Cluster, failed: tuple[int, ...]) -> tuple[RepairPlan, float]:
@@ -174,10 +184,14 @@ def respond(system: str, scenario: Scenario, model: ModelShape, cluster: Cluster
     rank_bytes = model.rest_bytes + slots * model.moe_layers * model.expert_bytes
     # a process (re)starting reads its weights from the node's NVMe, shared by the node's GPUs
     # that start together, and no faster than one PCIe link
-    load_one = rank_bytes / min(cluster.pcie_bytes_per_s, cluster.nvme_bytes_per_s)
-    load_node = rank_bytes * min(cluster.gpus_per_node, n) / cluster.nvme_bytes_per_s
+    def load_s(together: int) -> float:
+        return max(rank_bytes / cluster.pcie_bytes_per_s, rank_bytes * together / cluster.nvme_bytes_per_s)
+
+    per_node = [r // cluster.gpus_per_node for r in scenario.failed]
+    replacements = max((per_node.count(h) for h in set(per_node)), default=1)  # on the busiest node
+    load_node = load_s(min(cluster.gpus_per_node, n))
     warm = (Phase("process start + CUDA context", c["process_start_s"]),
-            Phase("weights from NVMe", load_one),
+            Phase("weights from NVMe", load_s(replacements)),
             Phase("DeepGEMM warm-up", c["deepgemm_warmup_s"]),
             Phase("CUDA graph capture", c["cuda_graph_capture_s"]))
     copies = Phase("copy lost experts (eep's plan)", repair.est_makespan_s)
