@@ -36,7 +36,6 @@ The systems, each as its published mechanism (`SYSTEMS` names them):
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -231,7 +230,3 @@ def respond(system: str, scenario: Scenario, model: ModelShape, cluster: Cluster
 
 def expected_failures(num_gpus: int, days: float, c: dict[str, float]) -> float:
     return num_gpus * days * c["failures_per_gpu_day"]
-
-
-def nodes(ep: int, cluster: Cluster) -> int:
-    return math.ceil(ep / cluster.gpus_per_node)
