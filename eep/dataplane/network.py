@@ -58,10 +58,10 @@ def data_context() -> zmq.Context:
     thread running on its CPU. Every send to a peer whose pipe was idle wakes the I/O thread; a
     normal thread would preempt the rank at once, and on a CPU shared by more ranks than cores
     the rank then often waits a whole time slice behind another rank before its next send. As a
-    batch thread it runs when the rank next blocks (its receives) or on an idle core. Measured
-    here (2 hosts x 2 ranks on 2 cores, the same instance alternating the I/O threads' policy
-    every 3 s): 61 ms per cross-host decode step as batch against 75 ms as normal threads, and
-    65 ms at nice -10; the ranks' threads made ~130 context switches a step more than one host's.
+    batch thread it runs when the rank next blocks (its receives) or on an idle core.
+    `scripts/hosts-profile.py io-policy` measures it (2 hosts x 2 ranks on 2 cores, one instance,
+    the I/O threads' policy switched every 3 s): 53 ms per cross-host decode step as batch
+    against 61 ms as normal threads.
     """
     global _context
     if _context is None or _context.closed:
