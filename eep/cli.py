@@ -188,13 +188,14 @@ def _cmd_bench_plan(args: argparse.Namespace) -> int:
 
 def _cmd_sim(args: argparse.Namespace) -> int:
     from eep.sim import report
+    from eep.sim.cluster import DEFAULT_CLUSTER, DEFAULT_MODEL
 
+    model, cluster = args.model_config or DEFAULT_MODEL, args.cluster or DEFAULT_CLUSTER
     if args.sim_command == "paper":
-        result = report.run_paper(args.model_config, args.cluster)
+        result = report.run_paper(model, cluster)
         table, plot = report.paper_table(result), report.plot_paper
     else:
-        result = report.run_scale(args.model_config, args.cluster,
-                                  tuple(int(n) for n in args.ep_sizes.split(",")))
+        result = report.run_scale(model, cluster, tuple(int(n) for n in args.ep_sizes.split(",")))
         table, plot = report.scale_table(result), report.plot_scale
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -480,15 +481,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", default="out/plan.json", help="the whole record (default: %(default)s)")
     pl.set_defaults(func=_cmd_bench_plan)
 
-    from eep.sim.cluster import DEFAULT_CLUSTER, DEFAULT_MODEL
-
     sim = sub.add_parser("sim", help="simulate one wide-EP instance on a GPU cluster through a failure (JSON, PNG)")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True, metavar="REPORT")
     for name, what in (("paper", "one rank of 32 lost: every system's timeline beside the published figures"),
                        ("scale", "EP 32-1024: recovery pause, bytes moved, planning time, availability over 30 days")):
         s = sim_sub.add_parser(name, help=what)
-        s.add_argument("--model-config", default=str(DEFAULT_MODEL), help="model shapes (default: DeepSeek-V3)")
-        s.add_argument("--cluster", default=str(DEFAULT_CLUSTER), help="topology file (default: H800 nodes)")
+        s.add_argument("--model-config", help="model shapes (default: eep/sim/data/deepseek_v3.json)")
+        s.add_argument("--cluster", help="topology file (default: eep/sim/data/h800_cluster.json, H800 nodes)")
         s.add_argument("--json", default=f"out/sim-{name}.json", help="the whole record (default: %(default)s)")
         s.add_argument("--plot", default=f"out/sim-{name}.png", help="the picture (default: %(default)s)")
         if name == "scale":

@@ -2,7 +2,7 @@
 
 What `run_paper` promises: the single-rank failure at EP 32 (DeepSeek-V3 on the H800 cluster
 file, rank 16 lost at t = 30 s, a replacement rejoining when ready) through every system of
-`eep.sim.systems.SYSTEMS`, at the constants' values and at both ends of their ranges; per
+`eep.sim.systems.SYSTEMS`, at the constants' values and over their ranges (`_spread`); per
 system the recovery pause, reintegration pause, time back to 95 % of the steady rate and the
 time unavailable, each pause broken into its phases; the paper's figures beside them with the
 relative error of each ((simulated - published) / published); and SGLang's table (1, 2, 4, 8
@@ -55,16 +55,19 @@ def _one(system: str, scenario: Scenario, model: ModelShape, cluster: Cluster, p
     return resp, tl, fig
 
 
-def _spread(system: str, scenario: Scenario, model: ModelShape, cluster: Cluster, layout: Layout,
-            plan: Any) -> dict[str, list[float | None]]:
+Plans = dict[tuple[tuple[str, float], ...], tuple[Layout, Any]]  # varied links -> (layout, eep's plan)
+
+
+def _spread(system: str, scenario: Scenario, model: ModelShape, cluster: Cluster,
+            plans: Plans) -> dict[str, list[float | None]]:
     """The least and the most each figure comes to over the constants' ranges: every ranged
     constant at each end alone, then, per figure, every one at the end that lowers it and every
     one at the end that raises it (the figures are sums of phases, so these corners bound it). A
     cluster figure is varied only where the cluster file has the table's value (another file's
-    figures are its own, without a range)."""
+    figures are its own, without a range). `plans` (shared by the systems) starts with `()`: the
+    cluster as it is."""
     ranged = [k for k, const in CONSTANTS.items() if const.range[0] < const.range[1]
               and (k not in HARDWARE or getattr(cluster, k) == const.value)]
-    plans: dict[tuple[tuple[str, float], ...], tuple[Layout, Any]] = {(): (layout, plan)}
 
     def run(overrides: dict[str, float]) -> dict[str, float | None]:
         hardware = tuple(sorted((k, v) for k, v in overrides.items() if k in HARDWARE))
@@ -97,11 +100,12 @@ def run_paper(model_path: str | Path = DEFAULT_MODEL, cluster_path: str | Path =
     layout = Layout.of(model, cluster, scenario.ep, scenario.redundant)
     plan = plan_for(layout, model, cluster, scenario.failed)
     summary, detail, timelines = {}, {}, {}
+    plans: Plans = {(): (layout, plan)}
     for system in SYSTEMS:
         resp, tl, fig = _one(system, scenario, model, cluster, plan, layout)
         summary[system] = fig
         detail[system] = {"label": LABELS[system], "phases": _phases(resp), "requests_lost": resp.requests_lost,
-                          "repair": resp.repair, "range": _spread(system, scenario, model, cluster, layout, plan),
+                          "repair": resp.repair, "range": _spread(system, scenario, model, cluster, plans),
                           "events": tl.events}
         timelines[system] = [list(s) for s in tl.segments]
     relative = {system: {k: (summary[system][k] - v) / v for k, v in pub.items() if summary[system][k] is not None}
@@ -121,10 +125,10 @@ def run_paper(model_path: str | Path = DEFAULT_MODEL, cluster_path: str | Path =
     node_scenario = Scenario(PAPER_EP, node, failure="hang")  # no agent left to see it: the node's silence
     node_plan = plan_for(layout, model, cluster, node)
     node_loss: dict[str, Any] = {"failed": list(node)}
-    node_loss["repair"] = respond("eep", node_scenario, model, cluster, constants_at("value"), plan=node_plan,
-                                  layout=layout).repair
     for system in SYSTEMS:
-        node_loss[system] = _one(system, node_scenario, model, cluster, node_plan, layout)[2]
+        resp, _, node_loss[system] = _one(system, node_scenario, model, cluster, node_plan, layout)
+        if system == "eep":
+            node_loss["repair"] = resp.repair
     return {
         "summary": summary, "published": PUBLISHED, "published_sources": PUBLISHED_SOURCES, "node_loss": node_loss,
         "relative_error": relative,
