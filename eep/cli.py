@@ -77,10 +77,14 @@ def default_socket() -> str:
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.node_rank > 0:  # a host agent: this host's ranks, for the controller on node 0
         from eep.runtime.agent import main as agent_main
+        from eep.runtime.executor import SECRET_HOW
+        from eep.security.secret import ClusterSecret
 
         if not args.dist_init_addr:
             raise ConfigError("--node-rank > 0 needs --dist-init-addr HOST:PORT (node 0's)")
-        return agent_main(args.node_rank, args.dist_init_addr)
+        if not args.cluster_secret_file:
+            raise ConfigError(f"a host agent (--node-rank > 0) needs --cluster-secret-file PATH: {SECRET_HOW}")
+        return agent_main(args.node_rank, args.dist_init_addr, ClusterSecret.load(args.cluster_secret_file))
     from eep.config import EngineConfig
     from eep.runtime.executor import EPConfig
     from eep.serving.server import ServeConfig, serve
@@ -98,6 +102,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             expert_backup=not args.no_expert_backup, cpu_affinity=not args.no_cpu_affinity,
             fork_server=not args.no_fork_server, nnodes=args.nnodes, dist_init_addr=args.dist_init_addr,
             etcd_endpoints=tuple(e for e in (args.etcd_endpoints or "").split(",") if e), instance=args.instance,
+            cluster_secret_file=args.cluster_secret_file, curve_data_plane=not args.insecure_data_plane,
+            allow_unauthenticated_gloo=args.allow_unauthenticated_gloo,
         ),
         request_timeout_s=args.request_timeout,
         http=args.http, api_key=args.api_key or os.environ.get("EEP_API_KEY"),
@@ -113,6 +119,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               flush=True)
 
     return serve(config, on_ready=ready)
+
+
+def _cmd_secret_init(args: argparse.Namespace) -> int:
+    from eep.security.secret import init_secret_file
+
+    path = init_secret_file(args.path)
+    print(f"{path}: a new cluster secret (mode 0600); copy it to every host and pass "
+          f"--cluster-secret-file {path} to every `eep serve` of the instance")
+    return 0
+
+
+def _cmd_secret_etcd_grant(args: argparse.Namespace) -> int:
+    from eep.membership.etcd_auth import enable_auth, grant_instance
+    from eep.security.secret import ClusterSecret
+
+    secret = ClusterSecret.load(args.cluster_secret_file)
+    try:
+        root = Path(args.root_password_file).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read {args.root_password_file}: {e.strerror}") from None
+    endpoint = args.etcd_endpoints.split(",")[0]
+    enable_auth(endpoint, root)
+    user = grant_instance(endpoint, root, args.instance, secret)
+    print(f"etcd user {user}: read and write on /eep/{args.instance}/ only; authentication is on")
+    return 0
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
@@ -285,6 +316,21 @@ def _cmd_bench_hosts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_fuzz(args: argparse.Namespace) -> int:
+    from eep.bench.fuzz import run_fuzz_bench, summary_table
+
+    result = run_fuzz_bench(
+        _model_path(args), ranks_per_host=args.ranks_per_host, concurrency=args.concurrency,
+        prompt_len=args.prompt_len, output_len=args.output_len, connections=args.connections, seed=args.seed,
+        dtype=args.dtype,
+    )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(summary_table(result))
+    print(f"record: {args.json}")
+    return 0
+
+
 def _write_json(result: dict[str, object], path: str | None) -> None:
     text = json.dumps(result, indent=2)
     if path:
@@ -360,11 +406,34 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--etcd-endpoints", metavar="URL[,URL...]",
                      help="etcd members that hold the committed membership (default: in memory)")
     srv.add_argument("--instance", default="default", help="the instance's name in etcd")
+    srv.add_argument("--cluster-secret-file", metavar="PATH",
+                     help="the cluster credential (`eep secret init PATH`, mode 0600, the same file on every host): "
+                          "required across hosts; every connection between hosts proves it holds it")
+    srv.add_argument("--insecure-data-plane", action="store_true",
+                     help="across hosts, the ranks' ZeroMQ data addresses without CURVE: frames from anyone who "
+                          "reaches them, unencrypted (only on a network you trust; measured cost: README)")
+    srv.add_argument("--allow-unauthenticated-gloo", action="store_true",
+                     help="allow --ep-backend gloo across hosts (torch's TCPStore and gloo's connections have no "
+                          "authentication: a benchmark baseline for a trusted network)")
     srv.add_argument(
         "--request-timeout", type=float, default=_default(ServeConfig, "request_timeout_s"),
         help="seconds before a generate request is aborted",
     )
     srv.set_defaults(func=_cmd_serve)
+
+    sec = sub.add_parser("secret", help="the cluster credential of a multi-host instance")
+    sec_sub = sec.add_subparsers(dest="secret_command", required=True, metavar="ACTION")
+    sinit = sec_sub.add_parser("init", help="write a fresh cluster secret (32 random bytes, mode 0600)")
+    sinit.add_argument("path", help="the file to create (never overwritten)")
+    sinit.set_defaults(func=_cmd_secret_init)
+    grant = sec_sub.add_parser("etcd-grant", help="make an instance's etcd user (read/write on its keys only; "
+                                                  "password derived from the cluster secret) and turn auth on")
+    grant.add_argument("--etcd-endpoints", required=True, metavar="URL[,URL...]", help="etcd (one member suffices)")
+    grant.add_argument("--instance", default="default", help="the instance's name in etcd")
+    grant.add_argument("--cluster-secret-file", required=True, metavar="PATH")
+    grant.add_argument("--root-password-file", required=True, metavar="PATH",
+                       help="etcd's root password (made with it if etcd has no root user yet)")
+    grant.set_defaults(func=_cmd_secret_etcd_grant)
 
     model = sub.add_parser("model", help="manage the embedded default model")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -475,6 +544,19 @@ def build_parser() -> argparse.ArgumentParser:
     hb.add_argument("--json", default="out/hosts.json", help="the whole record (default: %(default)s)")
     hb.add_argument("--plot", default="out/hosts.png", help="the picture (default: %(default)s)")
     hb.set_defaults(func=_cmd_bench_hosts)
+    fz = bench_sub.add_parser(
+        "fuzz", help="every door of a live two-host instance attacked while it serves (network namespaces, "
+                     "root): PoC, strangers, wrong secrets, malformed traffic, replays, a connection flood (JSON)")
+    _add_model_args(fz)
+    fz.set_defaults(dtype="float32")
+    fz.add_argument("--ranks-per-host", type=int, default=2)
+    fz.add_argument("--concurrency", type=int, default=16, help="streaming clients while the attacks run")
+    fz.add_argument("--connections", type=int, default=2000, help="connections opened and dropped, over all ports")
+    fz.add_argument("--prompt-len", type=int, default=16)
+    fz.add_argument("--output-len", type=int, default=24)
+    fz.add_argument("--seed", type=int, default=0, help="the order of the attacks, their random bytes, the trace")
+    fz.add_argument("--json", default="out/fuzz.json", help="the whole record (default: %(default)s)")
+    fz.set_defaults(func=_cmd_bench_fuzz)
     pl = bench_sub.add_parser("plan", help="the repair planner timed on DeepSeek-V3's MoE shape at EP 32-256 (JSON)")
     pl.add_argument("--ep-sizes", default="32,64,128,256", help="comma-separated EP sizes (multiples of 8)")
     pl.add_argument("--repeats", type=int, default=5, help="timed plans per case; the slowest is reported")

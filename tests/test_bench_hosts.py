@@ -1,5 +1,5 @@
-"""`eep bench hosts`: three real servers on namespace hosts (cross-host eep, the same ranks on
-one host, gloo across the hosts), async HTTP clients, a remote rank killed, a host lost and
+"""`eep bench hosts`: four real servers on namespace hosts (cross-host eep, the same ranks on
+one host, gloo across the hosts, cross-host eep with a plain data plane), async HTTP clients, a remote rank killed, a host lost and
 returned, a partition healed. The record must be complete, nothing lost, no wrong token, no
 step from a fenced rank; the speed targets live in the benchmark's figures, not here. Root only."""
 
@@ -17,7 +17,8 @@ from eep.testbed.netns import available
 
 pytestmark = [pytest.mark.skipif(available() is not None, reason=str(available())), pytest.mark.slow]
 
-KEYS = ("cross_host_over_single_host", "cross_host_over_gloo", "host_loss_detection_s", "host_loss_pause_s",
+KEYS = ("cross_host_over_single_host", "cross_host_over_gloo", "cross_host_over_insecure_data_plane",
+        "host_loss_detection_s", "host_loss_pause_s",
         "host_rejoin_pause_s", "partition_pause_s", "steps_committed_by_fenced_ranks", "requests_lost",
         "outputs_differing")
 
@@ -34,6 +35,8 @@ def test_the_hosts_bench_writes_a_complete_record_and_loses_nothing(tmp_path: Pa
     s = result["summary"]
     assert all(s.get(k) is not None for k in KEYS), {k: s.get(k) for k in KEYS}
     assert s["requests_lost"] == 0 and s["outputs_differing"] == 0 and s["steps_committed_by_fenced_ranks"] == 0
+    auth = s["data_plane_auth"]  # the A/B of the CURVE data plane: both sides measured
+    assert all(auth[k][side] is not None for k in ("step_ms", "exchange_critical_ms") for side in ("curve", "insecure"))
     ft = result["config"]["failure_timeout_s"]
     # the lost host was found by its silence, not by a timeout of the data plane (30 s)
     assert 0.5 * ft < s["host_loss_detection_s"] < 5 * ft

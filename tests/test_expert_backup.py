@@ -6,6 +6,7 @@ repair, is tests/test_hosts.py's."""
 
 from __future__ import annotations
 
+import secrets
 import socket
 import time
 import warnings
@@ -21,6 +22,11 @@ from eep.model.default_model import init_model
 from eep.model.loader import load_expert
 from eep.runtime.backup_server import BackupServer, BackupUnavailable, fetch_rows
 from eep.runtime.expert_backup import ExpertBackup, NotBackedUp
+from eep.security.curve import CurveKeys
+from eep.security.secret import ClusterSecret
+
+SECRET = ClusterSecret(secrets.token_bytes(32))
+KEYS = CurveKeys.from_secret(SECRET)
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +87,10 @@ def test_a_fetch_gets_the_exact_rows_and_is_refused_what_is_not_kept(
     model_dir: Path, keep: torch.Tensor, backup: ExpertBackup
 ) -> None:
     address = f"tcp://127.0.0.1:{_free_port()}"
-    server = BackupServer(backup, address)
+    server = BackupServer(backup, address, SECRET)
     try:
         pairs = [tuple(p) for p in keep.nonzero().tolist()[::7]]
-        rows = fetch_rows(address, pairs, timeout_s=5.0)  # type: ignore[arg-type]
+        rows = fetch_rows(address, pairs, 5.0, KEYS, backup.row_bytes)  # type: ignore[arg-type]
         assert len(rows) == len(pairs)
         for (layer, expert), row in zip(pairs, rows):
             with warnings.catch_warnings():
@@ -95,7 +101,13 @@ def test_a_fetch_gets_the_exact_rows_and_is_refused_what_is_not_kept(
             assert torch.equal(flat[e13.numel() :].view_as(e2), e2)
         missing = tuple((~keep).nonzero()[0].tolist())
         with pytest.raises(BackupUnavailable, match="does not keep"):
-            fetch_rows(address, [pairs[0], missing], timeout_s=5.0)  # type: ignore[list-item]
+            fetch_rows(address, [pairs[0], missing], 5.0, KEYS, backup.row_bytes)  # type: ignore[list-item]
+        with pytest.raises(BackupUnavailable, match="another shape"):  # the rows are not of the size asked
+            fetch_rows(address, pairs[:1], 5.0, KEYS, backup.row_bytes + 4)  # type: ignore[arg-type]
+        # a stranger (another cluster's keys) gets nothing: its handshake fails, no answer comes
+        stranger = CurveKeys.from_secret(ClusterSecret(secrets.token_bytes(32)))
+        with pytest.raises(BackupUnavailable, match="did not answer"):
+            fetch_rows(address, pairs[:1], 1.0, stranger, backup.row_bytes)  # type: ignore[arg-type]
     finally:
         server.close()
 
@@ -108,7 +120,7 @@ def test_a_backup_that_does_not_answer_is_given_up_within_the_bound() -> None:
         for address in (f"tcp://127.0.0.1:{silent.getsockname()[1]}", f"tcp://127.0.0.1:{_free_port()}"):
             start = time.monotonic()
             with pytest.raises(BackupUnavailable, match="did not answer within 0.5 s"):
-                fetch_rows(address, [(0, 0)], timeout_s=0.5)
+                fetch_rows(address, [(0, 0)], 0.5, KEYS, 4)
             assert time.monotonic() - start < 2.0
     finally:
         silent.close()

@@ -225,14 +225,15 @@ def test_views_are_committed_in_etcd_and_a_members_loss_does_not_stop_the_instan
     with NamespaceHosts(3, prefix=f"eepe{uuid.uuid4().hex[:6]}") as hosts, EtcdCluster(hosts) as cluster:
         instance = f"t{uuid.uuid4().hex[:6]}"
         # node 0's client reaches the member on its own host first
-        with HostsInstance(hosts, str(model_dir), ep_size=4, nnodes=2, args=[
-            *ARGS, "--etcd-endpoints", ",".join(cluster.endpoints), "--instance", instance,
-        ]) as inst:
+        inst = HostsInstance(hosts, str(model_dir), ep_size=4, nnodes=2, args=[
+            *ARGS, "--etcd-endpoints", ",".join(cluster.endpoints), "--instance", instance])
+        credentials = cluster.grant(instance, inst.secret)  # its etcd user, from its cluster secret
+        with inst:
             assert _generate(inst) == reference
 
             def read() -> tuple[Committed | None, dict]:  # type: ignore[type-arg]
                 with entered(hosts.names[2]):
-                    store = EtcdStore(cluster.endpoints[::-1], instance)
+                    store = EtcdStore(cluster.endpoints[::-1], instance, credentials=credentials)
                     try:
                         return store.current(), store.hosts()
                     finally:
@@ -279,17 +280,19 @@ def test_an_etcd_outage_neither_stops_serving_nor_fails_a_host_nor_commits_a_vie
             for i in which:
                 os.kill(pids[i], sig)
 
+        inst = HostsInstance(hosts, str(model_dir), ep_size=4, nnodes=2, args=[
+            *ARGS, "--etcd-endpoints", ",".join(cluster.endpoints), "--instance", instance])
+        credentials = cluster.grant(instance, inst.secret)
+
         def read() -> tuple[Committed | None, dict]:  # type: ignore[type-arg]
             with entered(hosts.names[2]):
-                store = EtcdStore(cluster.endpoints[::-1], instance, timeout_s=1.0)
+                store = EtcdStore(cluster.endpoints[::-1], instance, timeout_s=1.0, credentials=credentials)
                 try:
                     return store.current(), store.hosts()
                 finally:
                     store.close()
 
-        with HostsInstance(hosts, str(model_dir), ep_size=4, nnodes=2, args=[
-            *ARGS, "--etcd-endpoints", ",".join(cluster.endpoints), "--instance", instance,
-        ]) as inst:
+        with inst:
             assert _generate(inst) == reference
             try:
                 members(signal.SIGSTOP, [0, 1, 2])

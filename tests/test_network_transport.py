@@ -19,6 +19,7 @@ from eep.dataplane.network import AbortPusher, HybridExchange, ZmqLink, data_add
 from eep.dataplane.shm import Endpoint, ShmLayout, ShmSegment
 from eep.errors import OutOfStep, PeerTimeout, StaleEpoch, StepAborted
 from eep.runtime import wire
+from eep.security.channel import Channel
 
 
 def _base_port(n: int) -> int:
@@ -167,7 +168,7 @@ def test_a_bounded_control_send_to_a_peer_that_takes_nothing_fails_instead_of_ha
     # link): once the kernel's buffers are full a plain send would block the controller in a
     # view change for good; a bounded one fails with OSError and the peer is treated as gone
     server = wire.listen("127.0.0.1:0")
-    conn = wire.accepted(wire.connect(f"127.0.0.1:{server.getsockname()[1]}", 2.0), send_timeout_s=0.3)
+    conn = Channel(wire.tune(wire.connect(f"127.0.0.1:{server.getsockname()[1]}", 2.0), send_timeout_s=0.3))
     peer, _ = server.accept()  # never reads
     outcome: dict[str, object] = {}
 

@@ -1,10 +1,13 @@
 """The membership store (eep.membership.store): the same contract in memory and in a real etcd
-(started by the project, eep.testbed.etcd): one commit wins per epoch, watchers wake on a
-commit, a host is listed while its lease is renewed and drops out when its holder dies."""
+(started by the project, eep.testbed.etcd, with authentication on): one commit wins per epoch,
+watchers wake on a commit, a host is listed while its lease is renewed and drops out when its
+holder dies; a client without the instance's credentials can neither read nor write its keys."""
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -13,12 +16,16 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from eep.membership.store import (
     Committed, EpochConflict, EtcdStore, LeaseLost, MembershipStore, MemoryStore, StoreError,
 )
+from eep.security.secret import ClusterSecret
 from eep.testbed.etcd import EtcdServer
+
+SECRET = ClusterSecret(secrets.token_bytes(32))
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +41,14 @@ def store(request: pytest.FixtureRequest, etcd: EtcdServer) -> Iterator[Membersh
     if request.param == "memory":
         s: MembershipStore = MemoryStore()
     else:
-        s = EtcdStore(etcd.endpoint, instance=uuid.uuid4().hex)
+        s = _etcd_store(etcd, uuid.uuid4().hex)
     yield s
     s.close()
+
+
+def _etcd_store(etcd: EtcdServer, instance: str, endpoints: list[str] | None = None, **kw: float) -> EtcdStore:
+    """A store of `instance` with its own etcd user (granted as an operator grants it)."""
+    return EtcdStore(endpoints or etcd.endpoint, instance=instance, credentials=etcd.grant(instance, SECRET), **kw)
 
 
 def _view(epoch: int) -> Committed:
@@ -113,7 +125,7 @@ def test_a_host_is_listed_while_its_lease_is_renewed(store: MembershipStore) -> 
 _HOLDER = """
 import sys, time
 from eep.membership.store import EtcdStore
-store = EtcdStore(sys.argv[1], instance=sys.argv[2])
+store = EtcdStore(sys.argv[1], instance=sys.argv[2], credentials=(sys.argv[3], sys.argv[4]))
 lease = store.register_host("h9", {"pid": 0}, ttl_s=1.0)
 print("registered", flush=True)
 while True:
@@ -124,9 +136,10 @@ while True:
 
 def test_the_host_of_a_sigkilled_agent_drops_out_of_etcd_within_about_its_ttl(etcd: EtcdServer) -> None:
     instance = uuid.uuid4().hex
-    store = EtcdStore(etcd.endpoint, instance=instance)
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, etcd.endpoint, instance], stdout=subprocess.PIPE,
-                              text=True)
+    store = _etcd_store(etcd, instance)
+    user, password = SECRET.etcd_credentials(instance)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, etcd.endpoint, instance, user, password],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "registered"
         time.sleep(1.5)  # renewed past its first TTL
@@ -145,7 +158,7 @@ def test_the_host_of_a_sigkilled_agent_drops_out_of_etcd_within_about_its_ttl(et
 
 def test_a_dead_endpoint_is_skipped_and_none_left_raises(etcd: EtcdServer) -> None:
     dead = "http://127.0.0.1:9"  # discard port: nothing listens
-    store = EtcdStore([dead, etcd.endpoint], instance=uuid.uuid4().hex, timeout_s=1.0)
+    store = _etcd_store(etcd, uuid.uuid4().hex, [dead, etcd.endpoint], timeout_s=1.0)
     try:
         store.commit(None, _view(1))
         assert store.current() == _view(1)
@@ -157,3 +170,35 @@ def test_a_dead_endpoint_is_skipped_and_none_left_raises(etcd: EtcdServer) -> No
             alone.current()
     finally:
         alone.close()
+
+
+def test_without_the_instances_credentials_no_client_reads_or_writes_its_keys(etcd: EtcdServer) -> None:
+    instance = uuid.uuid4().hex
+    owner = _etcd_store(etcd, instance)
+    anonymous = EtcdStore(etcd.endpoint, instance=instance)
+    other_instance = _etcd_store(etcd, uuid.uuid4().hex)  # a real user, of another instance
+    wrong = EtcdStore(etcd.endpoint, instance=instance,
+                      credentials=ClusterSecret(secrets.token_bytes(32)).etcd_credentials(instance))
+    try:
+        owner.commit(None, _view(1))
+        owner.register_host("h1", {"pid": 1}, ttl_s=5.0)
+        for stranger, why in ((anonymous, "user name is empty"), (wrong, "refused user")):
+            with pytest.raises(StoreError, match=why):
+                stranger.current()
+            with pytest.raises(StoreError, match=why):
+                stranger.commit(1, _view(2))
+        # the other instance's user, pointed at this instance's keys: permission denied
+        other_instance._prefix = owner._prefix
+        for attempt in (other_instance.current, lambda: other_instance.commit(1, _view(2)), other_instance.hosts):
+            with pytest.raises(StoreError, match="permission denied"):
+                attempt()
+        # and below the store, the raw gateway: no read, no write, no delete without a token
+        key = base64.b64encode(f"/eep/{instance}/view".encode()).decode()
+        for path, body in (("/v3/kv/range", {"key": key}), ("/v3/kv/put", {"key": key, "value": "eA=="}),
+                           ("/v3/kv/deleterange", {"key": key})):
+            resp = httpx.post(etcd.endpoint + path, json=body, timeout=5)
+            assert resp.status_code != 200 and "user name is empty" in resp.text, (path, resp.text)
+        assert owner.current() == _view(1) and "h1" in owner.hosts()  # untouched by all of it
+    finally:
+        for s in (owner, anonymous, other_instance, wrong):
+            s.close()

@@ -1,11 +1,12 @@
 """The multi-host test bed (eep.testbed): hosts as network namespaces joined by a bridge, a
-3-member etcd cluster on them, and what the membership store does across them: a member's
+3-member etcd cluster on them (authentication on), and what the membership store does across them: a member's
 loss is ridden out by failing over to another endpoint, and a partitioned host can neither
 commit a view nor keep its lease. Root only (CI runs as root)."""
 
 from __future__ import annotations
 
 import base64
+import secrets
 import socket
 import subprocess
 import sys
@@ -19,12 +20,14 @@ from typing import TypeVar
 import pytest
 
 from eep.membership.store import Committed, EpochConflict, EtcdStore, LeaseLost, StoreError
+from eep.security.secret import ClusterSecret, init_secret_file
 from eep.testbed.etcd import EtcdCluster
 from eep.testbed.netns import NamespaceHosts, available, run_in
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
 
 T = TypeVar("T")
+SECRET = ClusterSecret(secrets.token_bytes(32))
 
 
 def on_host(hosts: NamespaceHosts, i: int, fn: Callable[[], T], timeout_s: float = 60.0) -> T:
@@ -88,8 +91,11 @@ def test_the_store_rides_out_the_loss_of_an_etcd_member(hosts: NamespaceHosts) -
     """Commits from host 0 go on while etcd member 0 (host 0's own, and perhaps the leader) is
     SIGKILLed: the client fails over to another endpoint and each epoch is committed once."""
     with EtcdCluster(hosts) as cluster:
+        instance = uuid.uuid4().hex
+        credentials = cluster.grant(instance, SECRET)
+
         def run() -> tuple[int, float]:
-            store = EtcdStore(cluster.endpoints, instance=uuid.uuid4().hex, timeout_s=0.5)
+            store = EtcdStore(cluster.endpoints, instance=instance, timeout_s=0.5, credentials=credentials)
             longest = 0.0
             try:
                 store.commit(None, Committed(1, {"n": 1}))
@@ -156,11 +162,13 @@ def test_a_commit_whose_answer_is_lost_is_made_once_and_known_as_made(hosts: Nam
     the same epoch is still refused."""
     with EtcdCluster(hosts) as cluster:
         instance = uuid.uuid4().hex
+        credentials = cluster.grant(instance, SECRET)
 
         def run() -> tuple[int, list[int], type]:
             proxy = _AnswerDropper(hosts.addresses[0], cluster.endpoints[0])
-            store = EtcdStore([proxy.endpoint, *cluster.endpoints[1:]], instance=instance, timeout_s=1.0)
-            other = EtcdStore(cluster.endpoints[::-1], instance=instance, timeout_s=1.0)
+            store = EtcdStore([proxy.endpoint, *cluster.endpoints[1:]], instance=instance, timeout_s=1.0,
+                              credentials=credentials)
+            other = EtcdStore(cluster.endpoints[::-1], instance=instance, timeout_s=1.0, credentials=credentials)
             try:
                 store.commit(None, Committed(0, {"n": 0}))  # through the proxy: applied, answer lost
                 store._good = 0  # back to the proxy for the next one too
@@ -186,8 +194,9 @@ def test_a_partitioned_host_can_neither_commit_nor_keep_its_lease(hosts: Namespa
     it learns the newer view by watching."""
     with EtcdCluster(hosts) as cluster:
         instance = uuid.uuid4().hex
+        credentials = cluster.grant(instance, SECRET)
         stores = {i: on_host(hosts, i, lambda: EtcdStore(cluster.endpoints[i:i + 1], instance=instance,
-                                                         timeout_s=0.5)) for i in (0, 2)}
+                                                         timeout_s=0.5, credentials=credentials)) for i in (0, 2)}
         try:
             on_host(hosts, 0, lambda: stores[0].commit(None, Committed(1, {"by": 0})))  # every member up
             lease = on_host(hosts, 2, lambda: stores[2].register_host("h2", {"ranks": [4, 5]}, ttl_s=1.0))
@@ -234,13 +243,27 @@ def test_the_script_makes_hosts_with_an_etcd_cluster_and_removes_everything() ->
                             timeout=120)
         assert up.returncode == 0, up.stderr
         assert f"{prefix}-h0=10.77.0.1" in up.stdout and "etcd endpoints: http://10.77.0.1:2379" in up.stdout
-        probe = subprocess.run(  # a client on host 1 commits through the cluster
+        password = Path(up.stdout.split("root's password: ")[1].split()[0])
+        assert password.stat().st_mode & 0o077 == 0
+        secret_file = init_secret_file(Path(password.parent) / "cluster.secret")
+        endpoints = "http://10.77.0.1:2379,http://10.77.0.2:2379,http://10.77.0.3:2379"
+        grant = subprocess.run(  # as an operator grants an instance its etcd user
+            ["ip", "netns", "exec", f"{prefix}-h1", sys.executable, "-m", "eep", "secret", "etcd-grant",
+             "--etcd-endpoints", endpoints, "--cluster-secret-file", str(secret_file),
+             "--root-password-file", str(password)], capture_output=True, text=True, timeout=60)
+        assert grant.returncode == 0 and "etcd user eep-default" in grant.stdout, grant.stderr
+        probe = subprocess.run(  # a client on host 1 commits through the cluster, with the instance's user
             ["ip", "netns", "exec", f"{prefix}-h1", sys.executable, "-c",
+             "import sys\n"
              "from eep.membership.store import EtcdStore, Committed\n"
-             "s = EtcdStore('http://10.77.0.1:2379,http://10.77.0.2:2379,http://10.77.0.3:2379')\n"
-             "s.commit(None, Committed(1, {'ok': True})); print(s.current().record)"],
-            capture_output=True, text=True, timeout=60)
+             "from eep.security.secret import ClusterSecret\n"
+             f"s = EtcdStore('{endpoints}', credentials=ClusterSecret.load(sys.argv[1]).etcd_credentials('default'))\n"
+             "s.commit(None, Committed(1, {'ok': True})); print(s.current().record)\n"
+             f"anon = EtcdStore('{endpoints}')\n"
+             "try:\n    anon.current()\nexcept Exception as e:\n    print('anonymous refused:', type(e).__name__)\n",
+             str(secret_file)], capture_output=True, text=True, timeout=60)
         assert probe.returncode == 0 and "{'ok': True}" in probe.stdout, probe.stderr
+        assert "anonymous refused: StoreError" in probe.stdout, probe.stdout
     finally:
         down = subprocess.run([*script, "down", "--prefix", prefix], capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr

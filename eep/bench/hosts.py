@@ -8,7 +8,10 @@ stopped here, all answering over HTTP on host 0:
   expert;
 - `single_host`: the same ranks as one instance on host 0 (shm only): the speed a host split
   should not lose; it also serves the fault-free reference outputs;
-- `gloo`: the same ranks across the same hosts on gloo's all_to_all, fixed membership.
+- `gloo`: the same ranks across the same hosts on gloo's all_to_all, fixed membership;
+- `insecure_data_plane`: `cross_host` with `--insecure-data-plane` (the ranks' ZeroMQ data
+  addresses without CURVE): the A/B of what authenticating and encrypting the data plane costs.
+Every server across hosts runs with its cluster secret (authenticated control connections).
 Steady decode speed: `cross_host` against each other server in alternating slices of the same
 closed-loop load on the same requests (as `eep bench failure`: `_interleaved`, the median of
 the rounds' same-work ratios). Then one timed run of `cross_host` under the same trace and
@@ -35,6 +38,9 @@ plane alone, per committed step over the steady slices (the sum over its dispatc
 of the shortest time any rank spent in the call: the last to arrive waits for no one), from the
 servers' `dataplane` counters in `/membership`; `step_ms` per server (the wall time per
 committed step in the steady slices: compute, exchange, the frontend's work);
+`cross_host_over_insecure_data_plane` (the CURVE data plane's speed over the plain one's) and
+`data_plane_auth` (both servers' step and exchange times per committed step, and the spread of
+the single rounds' ratios: how far this A/B resolves);
 `cross_host_over_gloo_ceiling` (`cross_host_over_gloo` had the cross-host exchange taken no
 time at all: its ratio times the cross-host step over the step less its exchange, the bound
 any transport meets at this load on this machine); `steps_committed_by_fenced_ranks` (the controller's count of
@@ -147,22 +153,26 @@ def run_hosts_bench(
                          args=[*common, "--rejoin", "auto"])
         stack.callback(stop, single)
         gloo = _server(net, model_path, nnodes=hosts, ep_size=ep_size, port=29700, http_port=8300,
-                       args=[*common, "--ep-backend", "gloo", "--fault-policy", "none"],
-                       env={"GLOO_SOCKET_IFNAME": "eth0"})
+                       args=[*common, "--ep-backend", "gloo", "--fault-policy", "none",
+                             "--allow-unauthenticated-gloo"], env={"GLOO_SOCKET_IFNAME": "eth0"})
         stack.callback(stop, gloo)  # stopped after the steady state; a second stop is a no-op
+        plain = _server(net, model_path, nnodes=hosts, ep_size=ep_size, port=29800, http_port=8400,
+                        args=[*common, "--rejoin", "auto", "--insecure-data-plane"])
+        stack.callback(stop, plain)
 
         logger.info("[2/4] steady state: %d rounds of %.1f s slices against each", steady_rounds, steady_slice_s)
         steady: dict[str, Any] = {}
-        servers = {"cross_host": cross, "single_host": single, "gloo": gloo}
+        servers = {"cross_host": cross, "single_host": single, "gloo": gloo, "insecure_data_plane": plain}
         run_in(h0, lambda: asyncio.run(_warm_all(servers, trace, concurrency)))
         before = run_in(h0, lambda: asyncio.run(_dataplanes(servers)))
-        for name, other in (("single_host", single), ("gloo", gloo)):
+        for name, other in (("single_host", single), ("gloo", gloo), ("insecure_data_plane", plain)):
             steady[name] = run_in(h0, lambda o=other: asyncio.run(fb._interleaved(  # type: ignore[misc]
                 {"cross_host": cross, name: o}, trace, concurrency=concurrency, rounds=steady_rounds,
                 slice_s=steady_slice_s)))
         after = run_in(h0, lambda: asyncio.run(_dataplanes(servers)))
         steady["dataplane"] = {name: _per_step(before[name], after[name]) for name in servers}
         stop(gloo)
+        stop(plain)
 
         logger.info("[3/4] the same kill on one host (the remote kill's reference)")
         local = run_in(h0, lambda: asyncio.run(_single_kill(single, trace, concurrency, kill_at_s, ranks_per_host)))
@@ -349,9 +359,18 @@ def _summary(run: dict[str, Any], local: dict[str, Any], steady: dict[str, Any])
     ceiling = (gloo_ratio * cross_step / (cross_step - cross_plane)
                if gloo_ratio and cross_step and cross_plane is not None and cross_step > cross_plane else None)
 
+    plain_rounds = steady.get("insecure_data_plane", {}).get("round_ratios") or []
+    auth = {  # the A/B of the CURVE data plane against the plain one, same hosts, same load, one run
+        "step_ms": {"curve": step_ms.get("cross_host"), "insecure": step_ms.get("insecure_data_plane")},
+        "exchange_critical_ms": {"curve": plane.get("cross_host", {}).get("exchange_critical_ms"),
+                                 "insecure": plane.get("insecure_data_plane", {}).get("exchange_critical_ms")},
+        "round_ratio_min": min(plain_rounds, default=None), "round_ratio_max": max(plain_rounds, default=None),
+    }
     summary = {
         "cross_host_over_single_host": ratios.get("single_host"),
         "cross_host_over_gloo": ratios.get("gloo"),
+        "cross_host_over_insecure_data_plane": ratios.get("insecure_data_plane"),
+        "data_plane_auth": auth,
         # the data plane alone: its own time per step (eep bench steady's exchange_critical_ms)
         "exchange_critical_ms": {name: v.get("exchange_critical_ms") for name, v in plane.items()},
         "cross_host_exchange_speedup_over_gloo": speedup("gloo"),

@@ -13,6 +13,11 @@ What this module promises:
   rank's address (`AbortPusher`); waits also look at the host segment's announced epoch at
   least every 50 ms (the agent announces every committed epoch there), so an abort is seen
   even if the push was lost.
+- With the cluster's CURVE keys (`eep.security.curve`, the default of a multi-host instance)
+  every connection to a rank's data address is authenticated and encrypted, and only a holder
+  of the cluster secret gets a frame in: a stranger's frame never reaches a combine. A frame
+  larger than the largest message of a step is refused by libzmq (`MAXMSGSIZE`: its sender is
+  disconnected), and one that is not (header, payload) of a known kind is dropped and counted.
 - `HybridExchange` is the `Exchange` a rank of a multi-host instance uses: peers on its own
   host through the shm `Endpoint`, the others through its `ZmqLink`, in one call. A single-host
   instance never builds one (it keeps `ShmExchange` and its speed).
@@ -39,7 +44,10 @@ import torch
 import zmq
 
 from eep.dataplane.shm import check_view, peer_order
-from eep.errors import DataPlaneError, OutOfStep, PeerTimeout, StaleEpoch, StepAborted
+from eep.errors import DataPlaneError, OutOfStep, PayloadTooLarge, PeerTimeout, StaleEpoch, StepAborted
+from eep.security import curve
+from eep.security.curve import CurveKeys
+from eep.security.rejections import Rejections
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +99,13 @@ class AbortPusher:
     """The controller's standing PUSH sockets to every rank's data address, for ABORTs (one
     connection each, kept: an abort must not wait for a TCP handshake)."""
 
-    def __init__(self, addresses: Sequence[str]) -> None:
+    def __init__(self, addresses: Sequence[str], keys: CurveKeys | None = None) -> None:
         self.ctx = zmq.Context.instance()  # the controller's: an abort goes out at once
         self._socks: list[zmq.Socket] = []
         for addr in addresses:
             s = _sender(self.ctx, 16)
+            if keys is not None:
+                curve.connect(s, keys)
             s.connect(addr)
             self._socks.append(s)
 
@@ -117,25 +127,36 @@ class ZmqLink:
     """Rank `rank`'s network side: receive on `addresses[rank]`, send to the ranks in `remote`."""
 
     def __init__(self, rank: int, addresses: Sequence[str], remote: Iterable[int], *, timeout_s: float,
-                 announced: Callable[[], int] | None = None) -> None:
+                 announced: Callable[[], int] | None = None, keys: CurveKeys | None = None,
+                 max_message_bytes: int | None = None) -> None:
+        """`keys`: the cluster's CURVE keys (None: plain TCP, for a network that is trusted);
+        `max_message_bytes`: the largest payload of one message (None: unbounded)."""
         self.rank, self.timeout_s = rank, timeout_s
+        self.max_message_bytes = max_message_bytes
         self.ctx = data_context()
         self._announced = announced or (lambda: 0)
         self._pull = self.ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
         self._pull.setsockopt(zmq.RCVHWM, 0)
+        if max_message_bytes is not None:
+            self._pull.setsockopt(zmq.MAXMSGSIZE, max(max_message_bytes, _HEADER.size))
+        if keys is not None:
+            curve.serve(self._pull, keys, door=f"rank{rank}-data@{addresses[rank].removeprefix('tcp://')}")
         self._bind(addresses[rank])
         self._push: dict[int, zmq.Socket] = {}
         for r in remote:
             s = _sender(self.ctx, 64)
             s.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+            if keys is not None:
+                curve.connect(s, keys)
             s.connect(addresses[r])
             self._push[r] = s
         self._inbox: dict[int, deque[tuple[int, int, zmq.Frame]]] = {r: deque() for r in self._push}
         self._aborted = 0  # the newest epoch an ABORT named
         self._poller = zmq.Poller()
         self._poller.register(self._pull, zmq.POLLIN)
-        self.dropped = 0
+        self.dropped = 0  # frames not taken: stale, or malformed (these also in `malformed`)
+        self.malformed = Rejections(f"rank{rank}-data@{addresses[rank].removeprefix('tcp://')}")
 
     def _bind(self, address: str, timeout_s: float = 5.0) -> None:
         """Bind, waiting (bounded) while the address is still held: the rank this process replaces
@@ -153,6 +174,10 @@ class ZmqLink:
                 time.sleep(0.02)
 
     def send(self, dst: int, data: torch.Tensor, *, epoch: int, step: int) -> None:
+        nbytes = data.numel() * data.element_size()
+        if self.max_message_bytes is not None and nbytes > self.max_message_bytes:
+            raise PayloadTooLarge(f"a message of {nbytes} bytes to rank {dst} exceeds the "
+                                  f"{self.max_message_bytes}-byte bound of one step's message")
         try:
             self._push[dst].send_multipart([_HEADER.pack(DATA, self.rank, epoch, step), memoryview(data.numpy())])
         except zmq.Again:
@@ -166,13 +191,16 @@ class ZmqLink:
                 parts = self._pull.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            kind, src, epoch, step = _HEADER.unpack(parts[0].bytes)
-            if kind == ABORT:
-                self._aborted = max(self._aborted, epoch)
-            elif src in self._inbox and len(parts) == 2:
-                self._inbox[src].append((epoch, step, parts[1]))
-            else:
-                self.dropped += 1
+            if len(parts[0]) == _HEADER.size:
+                kind, src, epoch, step = _HEADER.unpack(parts[0].bytes)
+                if kind == ABORT and len(parts) == 1:
+                    self._aborted = max(self._aborted, epoch)
+                    continue
+                if kind == DATA and src in self._inbox and len(parts) == 2:
+                    self._inbox[src].append((epoch, step, parts[1]))
+                    continue
+            self.dropped += 1
+            self.malformed.reject("a peer", f"a frame of {len(parts)} parts that is not one of the data plane's")
 
     def discard_older(self, epoch: int) -> None:
         """A new epoch starts: forget whatever older messages were filed."""

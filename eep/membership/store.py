@@ -12,7 +12,11 @@ plane's).
 
 etcd is reached through its JSON gateway (`/v3/...`, base64 keys and values) with httpx: no
 gRPC stack, every call bounded by `timeout_s`, and the endpoints tried in turn (an etcd client
-talks to one endpoint; failing over to the next member is the caller's job).
+talks to one endpoint; failing over to the next member is the caller's job). With
+`credentials` (user, password: from the cluster secret, `ClusterSecret.etcd_credentials`) the
+store authenticates to each member it talks to (`/v3/auth/authenticate`; a member's token is
+its own, and runs out) and sends the token with every call; an etcd user of one instance
+reads and writes that instance's keys only (`eep.membership.etcd_auth`).
 """
 
 from __future__ import annotations
@@ -211,6 +215,12 @@ class MemoryStore(MembershipStore):
 
 
 # -- across hosts -----------------------------------------------------------------------------
+def _token_refused(resp: httpx.Response) -> bool:
+    """etcd refused the token we sent (it expired, or is another member's), not the request."""
+    text = resp.text
+    return resp.status_code in (400, 401) and ("invalid auth token" in text or "user name is empty" in text)
+
+
 def _b64(s: str | bytes) -> str:
     return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
 
@@ -244,7 +254,8 @@ class EtcdStore(MembershipStore):
     committed epoch, decimal), `view` (the record, JSON) and `hosts/{host}` (each under its
     host's lease)."""
 
-    def __init__(self, endpoints: list[str] | str, instance: str = "default", *, timeout_s: float = 2.0) -> None:
+    def __init__(self, endpoints: list[str] | str, instance: str = "default", *, timeout_s: float = 2.0,
+                 credentials: tuple[str, str] | None = None) -> None:
         self.endpoints = [e.rstrip("/") for e in (endpoints.split(",") if isinstance(endpoints, str) else endpoints)]
         if not self.endpoints:
             raise StoreError("no etcd endpoint given")
@@ -253,22 +264,51 @@ class EtcdStore(MembershipStore):
         self._writer = uuid.uuid4().hex  # in every record this store commits: a retry knows its own commit
         self._good = 0  # the endpoint that answered last
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s))
+        self._credentials = credentials
+        self._tokens: dict[str, str | None] = {}  # endpoint -> its token (None: its auth is off)
+        self._lock = threading.Lock()  # the agent's lease thread and its main thread share a store
 
     def close(self) -> None:
         self._http.close()
+
+    def _headers(self, endpoint: str, fresh: bool = False) -> dict[str, str]:
+        """The token for `endpoint` (authenticating to it first if need be)."""
+        if self._credentials is None:
+            return {}
+        with self._lock:
+            if fresh or endpoint not in self._tokens:
+                self._tokens[endpoint] = self._authenticate(endpoint)
+            token = self._tokens[endpoint]
+        return {"Authorization": token} if token else {}
+
+    def _authenticate(self, endpoint: str) -> str | None:
+        assert self._credentials is not None
+        user, password = self._credentials
+        resp = self._http.post(endpoint + "/v3/auth/authenticate", json={"name": user, "password": password})
+        if resp.status_code == 200:
+            return str(resp.json()["token"])
+        if "authentication is not enabled" in resp.text:
+            logger.warning("etcd %s has authentication disabled: anyone who reaches it can read and commit this "
+                           "instance's membership (enable it: docs/security.md)", endpoint)
+            return None
+        raise StoreError(f"etcd {endpoint} refused user {user!r}: {resp.text[:200]} (is the instance's etcd user "
+                         f"made with this cluster secret? `eep secret etcd-grant`)")
 
     # every call: the endpoint that answered last first, then the others in turn
     def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         errors = []
         for k in range(len(self.endpoints)):
             i = (self._good + k) % len(self.endpoints)
+            endpoint = self.endpoints[i]
             try:
-                resp = self._http.post(self.endpoints[i] + path, json=body)
+                resp = self._http.post(endpoint + path, json=body, headers=self._headers(endpoint))
+                if resp.status_code != 200 and _token_refused(resp):  # ran out, or another member's
+                    resp = self._http.post(endpoint + path, json=body, headers=self._headers(endpoint, fresh=True))
             except httpx.HTTPError as e:
-                errors.append(f"{self.endpoints[i]}: {e.__class__.__name__}")
+                errors.append(f"{endpoint}: {e.__class__.__name__}")
                 continue
             if resp.status_code != 200:
-                raise StoreError(f"etcd {self.endpoints[i]}{path} answered {resp.status_code}: {resp.text[:300]}")
+                raise StoreError(f"etcd {endpoint}{path} answered {resp.status_code}: {resp.text[:300]}")
             self._good = i
             return resp.json()  # type: ignore[no-any-return]
         raise StoreError(f"no etcd endpoint answered {path} within {self.timeout_s:g} s: {'; '.join(errors)}")
@@ -331,12 +371,19 @@ class EtcdStore(MembershipStore):
         timeout = httpx.Timeout(self.timeout_s, read=timeout_s)
         endpoint = self.endpoints[self._good]
         try:
-            with self._http.stream("POST", endpoint + "/v3/watch", json=body, timeout=timeout) as resp:
+            headers = self._headers(endpoint)
+            with self._http.stream("POST", endpoint + "/v3/watch", json=body, timeout=timeout,
+                                   headers=headers) as resp:
                 for line in resp.iter_lines():
                     if not line.strip():
                         continue
                     result = json.loads(line).get("result", {})
                     if result.get("events"):
+                        return
+                    if result.get("canceled"):  # refused (a token that ran out): the next call authenticates
+                        with self._lock:
+                            self._tokens.pop(endpoint, None)
+                        time.sleep(min(0.05, timeout_s))
                         return
         except httpx.ReadTimeout:
             return

@@ -32,6 +32,17 @@ class Placement:
     logical_to_physical_map: torch.Tensor  # [L, E, R] int64, -1 padded
     logical_replica_count: torch.Tensor  # [L, E] int64
 
+    def __post_init__(self) -> None:
+        """The three tables fit each other (a Placement also arrives from the network)."""
+        p2l, l2p, count = self.physical_to_logical_map, self.logical_to_physical_map, self.logical_replica_count
+        for name, t, ndim in (("physical_to_logical_map", p2l, 2), ("logical_to_physical_map", l2p, 3),
+                              ("logical_replica_count", count, 2)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != ndim:
+                raise ConfigError(f"{name} must be a {ndim}-d int64 tensor")
+        if l2p.shape[:2] != count.shape or p2l.shape[0] != count.shape[0]:
+            raise ConfigError(f"routing tables of mismatched shapes: {list(p2l.shape)}, {list(l2p.shape)}, "
+                              f"{list(count.shape)}")
+
     @property
     def num_layers(self) -> int:
         return self.physical_to_logical_map.shape[0]
@@ -129,14 +140,25 @@ class RoutingTables:
         return tables
 
     def update_(self, placement: Placement) -> None:
-        """Switch to `placement` in place; shapes must match the allocation."""
-        for dst, src in (
+        """Switch to `placement` in place; shapes must match the allocation and every entry be
+        in range (checked before anything is written: a refused placement changes nothing)."""
+        pairs = (
             (self.physical_to_logical_map, placement.physical_to_logical_map),
             (self.logical_to_physical_map, placement.logical_to_physical_map),
             (self.logical_replica_count, placement.logical_replica_count),
-        ):
+        )
+        for dst, src in pairs:
             if dst.shape != src.shape:
                 raise ConfigError(f"placement table of shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+        num_physical, num_experts, max_replicas = (self.physical_to_logical_map.shape[1],
+                                                   self.logical_replica_count.shape[1],
+                                                   self.logical_to_physical_map.shape[2])
+        for name, t, lo, hi in (("physical_to_logical_map", placement.physical_to_logical_map, -1, num_experts),
+                                ("logical_to_physical_map", placement.logical_to_physical_map, -1, num_physical),
+                                ("logical_replica_count", placement.logical_replica_count, 0, max_replicas + 1)):
+            if t.numel() and (int(t.min()) < lo or int(t.max()) >= hi):
+                raise ConfigError(f"{name} has entries out of range [{lo}, {hi})")
+        for dst, src in pairs:
             dst.copy_(src)
         self._single_replica = [bool((row == 1).all()) for row in self.logical_replica_count]
 

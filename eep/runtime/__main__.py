@@ -1,7 +1,7 @@
 """`python -m eep.runtime FD`: start one rank process (see `eep.runtime.rank.main`).
 
 The rank's code lives in `eep.runtime.rank`, imported under its own name rather than run as
-`__main__`, so the messages it pickles back (`StepResult`, ...) unpickle in the executor.
+`__main__` (as a fork server's child runs it).
 """
 
 import sys

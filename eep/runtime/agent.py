@@ -16,13 +16,17 @@ What this module promises:
   its TTL on a thread of its own (`HostRegistration`): the record of live hosts for operators
   and a standby head. An etcd outage never delays a heartbeat report, and a lease that ran
   out meanwhile is taken again: etcd is not this host's liveness signal.
-- A rank talks to the controller over its own TCP connection (opened here, handed to the rank
-  as its control pipe, introduced by `RankConnect`): steps never pass through the agent.
+- Every connection to the controller is authenticated with the cluster secret
+  (`eep.security.channel`): the agent's own, and each rank's, which the agent opens,
+  authenticates and introduces (`RankConnect`) the moment it is asked, then hands to the rank
+  (`Handover`, with the descriptor, on the socketpair the rank is started with; the controller
+  never waits for a rank's imports): steps never pass through the agent.
 - The agent follows the controller: no message (`Announce` comes every heartbeat interval as
   a ping) for `controller_timeout_s`, or its connection closed, and the agent kills its ranks,
   removes what it created and exits. Nothing is left behind on a host whose head is gone.
 
-Run as `eep serve --nnodes N --node-rank i --dist-init-addr HOST:PORT` (i >= 1).
+Run as `eep serve --nnodes N --node-rank i --dist-init-addr HOST:PORT --cluster-secret-file F`
+(i >= 1).
 """
 
 from __future__ import annotations
@@ -31,16 +35,21 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 
 from eep.dataplane.shm import ShmSegment, sweep_orphans
 from eep.errors import EepError
 from eep.runtime import wire
 from eep.runtime.fork_server import ForkedProcess, ForkServer, start_rank
 from eep.runtime.heartbeat import HeartbeatBoard
+from eep.runtime.codec import encode
+from eep.runtime.launch import send_with_fd
+from eep.security.channel import Channel, client_handshake
+from eep.security.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +66,9 @@ class _Rank:
 
 
 class HostAgent:
-    def __init__(self, node: int, controller: str, *, start_timeout_s: float = 120.0,
+    def __init__(self, node: int, controller: str, secret: ClusterSecret, *, start_timeout_s: float = 120.0,
                  controller_timeout_s: float | None = None) -> None:
-        self.node, self.controller = node, controller
+        self.node, self.controller, self.secret = node, controller, secret
         self.start_timeout_s = start_timeout_s
         self.controller_timeout_s = controller_timeout_s
         self.epoch = 0
@@ -68,7 +77,7 @@ class HostAgent:
         self._board: HeartbeatBoard | None = None
         self._backup = None
         self._backup_server = None  # serves this host's backup to the ranks of other hosts
-        self._conn: Connection | None = None
+        self._conn: Channel | None = None
         self._store = None  # etcd, when the instance keeps its membership there
         self._registration = None  # this host's listing in it
         self._clean = False  # the controller shut the instance down (its ranks were stopped)
@@ -96,15 +105,21 @@ class HostAgent:
                                      f"{self.start_timeout_s:g} s ({e})") from None
                 time.sleep(0.2)
         address = sock.getsockname()[0]  # the interface that reaches the controller
-        self._conn = wire.accepted(sock)
+        try:
+            self._conn = client_handshake(wire.tune(sock), self.secret.key("control handshake"), peer=self.controller)
+        except OSError as e:
+            sock.close()
+            raise AgentError(f"node {self.node}: {e}") from None
         wire.send(self._conn, wire.AgentHello(0, self.node, address, os.getpid()))
         setup = None
         while not isinstance(setup, wire.HostSetup):  # pings (Announce) may come first
             if not self._conn.poll(max(0.0, deadline - time.monotonic())):
                 raise AgentError(f"node {self.node}: the controller sent no host set-up within {self.start_timeout_s:g} s")
-            setup = wire.recv(self._conn)
-            if not isinstance(setup, (wire.HostSetup, wire.Announce)):
-                raise AgentError(f"node {self.node}: expected HostSetup, got {type(setup).__name__}")
+            try:
+                setup = wire.recv(self._conn, wire.TO_AGENT)
+            except (EOFError, OSError) as e:
+                raise AgentError(f"node {self.node}: the controller's connection ended before the host set-up "
+                                 f"({e or 'closed'})") from None
         self.epoch = setup.epoch
         self._setup = setup
         wire.bound_sends(self._conn, setup.failure_timeout_s)  # a vanished controller never blocks a beat
@@ -124,7 +139,8 @@ class HostAgent:
             torch.set_num_threads(1)  # a host that returns builds this while its peers serve: one core at most
             self._backup = ExpertBackup.build(setup.model_path, setup.dtype, setup.backup_masks[self.node])
             port = wire.split_addr(self.controller)[1]
-            self._backup_server = BackupServer(self._backup, backup_address(address, port, setup.num_ranks, self.node))
+            self._backup_server = BackupServer(self._backup, backup_address(address, port, setup.num_ranks, self.node),
+                                               self.secret)
         if setup.etcd_endpoints:
             self._register(setup, address)
         logger.info("node %d: joined controller %s as %s (segment %s)", self.node, self.controller, address,
@@ -136,7 +152,8 @@ class HostAgent:
         authoritative record of which hosts are up, for operators and a standby head."""
         from eep.membership.store import EtcdStore, HostRegistration
 
-        self._store = EtcdStore(list(setup.etcd_endpoints), setup.instance, timeout_s=setup.failure_timeout_s)
+        self._store = EtcdStore(list(setup.etcd_endpoints), setup.instance, timeout_s=setup.failure_timeout_s,
+                                credentials=self.secret.etcd_credentials(setup.instance))
         self._registration = HostRegistration(self._store, f"node{self.node}", {"address": address, "pid": os.getpid()},
                                               ttl_s=max(2.0, 2 * setup.failure_timeout_s))
 
@@ -165,9 +182,9 @@ class HostAgent:
                 self._reap(r)
             if self._conn in ready:
                 try:
-                    msg = wire.recv(self._conn)
-                except (EOFError, OSError):
-                    logger.error("node %d: the controller closed its connection", self.node)
+                    msg = wire.recv(self._conn, wire.TO_AGENT)
+                except (EOFError, OSError) as e:
+                    logger.error("node %d: the controller's connection ended (%s)", self.node, e or "closed")
                     return 1
                 last_heard = time.monotonic()
                 if isinstance(msg, wire.Shutdown):
@@ -189,7 +206,8 @@ class HostAgent:
             if r is not None and r.proc.pid == msg.pid and r.proc.poll() is None:
                 r.proc.kill()
         else:
-            logger.warning("node %d: unexpected %s from the controller", self.node, type(msg).__name__)
+            logger.warning("node %d: ignored %s from the controller (sent once, at the start)", self.node,
+                           type(msg).__name__)
 
     # -- ranks ---------------------------------------------------------------------------------
     def _spawn(self, msg: wire.SpawnRank) -> None:
@@ -199,19 +217,37 @@ class HostAgent:
             old.proc.kill()
             self._reap(old)
         self._board.reset(msg.rank)
-        sock = wire.connect(self.controller, timeout_s=5.0)
-        if self._setup is not None:
-            wire.bound_sends(sock, self._setup.failure_timeout_s)  # the rank's sends: bounded as well
-        with sock:
-            # never waits for a fork server's imports: this loop must keep beating
-            self._forks, proc = start_rank(self._forks, sock.fileno())
-            conn = Connection(os.dup(sock.fileno()))
-        host_local = {"rendezvous": self._segment.name, "heartbeat": self._board.name,
-                      "backup": self._backup.name if self._backup is not None else None, "death_notice": None}
+        host_local: dict[str, str | None] = {
+            "rendezvous": self._segment.name, "heartbeat": self._board.name,
+            "backup": self._backup.name if self._backup is not None else None, "death_notice": None}
+        assert self._setup is not None
+        # the rank's own control connection, opened and authenticated here at once (no wait for
+        # the rank's start: the controller waits for this RankConnect), then handed to the rank
         try:
-            wire.send(conn, wire.RankConnect(self.epoch, msg.rank, msg.nonce, proc.pid, host_local))
-        finally:
-            conn.close()
+            sock = wire.tune(wire.connect(self.controller, timeout_s=5.0),
+                             send_timeout_s=self._setup.failure_timeout_s)  # the rank's sends: bounded as well
+        except OSError as e:
+            logger.warning("node %d: cannot reach the controller for rank %d: %s", self.node, msg.rank, e)
+            return
+        with sock:
+            try:
+                conn = client_handshake(sock, self.secret.key("control handshake"), peer=self.controller)
+            except OSError as e:
+                logger.warning("node %d: rank %d's connection was refused: %s", self.node, msg.rank, e)
+                return
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                # never waits for a fork server's imports: this loop must keep beating
+                self._forks, proc = start_rank(self._forks, theirs.fileno())
+                try:
+                    wire.send(conn, wire.RankConnect(self.epoch, msg.rank, msg.nonce, proc.pid, host_local))
+                    session, sent, received = conn.state()
+                    handover = wire.Handover(self.epoch, msg.rank, self.controller, self.secret.raw, session, sent,
+                                             received)
+                    send_with_fd(ours, encode(handover), sock.fileno())
+                except OSError as e:
+                    logger.warning("node %d: rank %d (pid %d) could not be handed its connection: %s", self.node,
+                                   msg.rank, proc.pid, e)
         self._ranks[msg.rank] = _Rank(msg.rank, proc, os.pidfd_open(proc.pid))
         if self._setup is not None and self._setup.cpu_affinity:
             # one core per rank, round-robin, as node 0 pins its own; set before the rank starts
@@ -271,8 +307,8 @@ class HostAgent:
         self._segment = self._board = self._backup = self._backup_server = None
 
 
-def main(node: int, controller: str) -> int:
-    agent = HostAgent(node, controller)
+def main(node: int, controller: str, secret: ClusterSecret) -> int:
+    agent = HostAgent(node, controller, secret)
     try:
         return agent.run()
     except AgentError as e:

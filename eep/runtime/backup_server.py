@@ -11,6 +11,11 @@ The protocol is one request and one reply on a fresh DEALER socket: the request 
 kept pair, the expert's row as the backup stores it (`w13` then `w2`, the model's dtype), sent
 without a copy out of the shared-memory file. Every wait is bounded: a silent or dead host makes
 `fetch_rows` raise `BackupUnavailable` within its timeout, and the caller reads its disk.
+
+Both ends are CURVE (`eep.security.curve`): only a holder of the cluster secret is answered,
+and the weights travel encrypted. A request that is not one frame of whole (layer, expert)
+pairs, at most one per expert of the model, is answered with nothing and logged; a reply whose
+frames do not match what was asked raises `BackupUnavailable`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ import zmq
 
 from eep.errors import EepError
 from eep.runtime.expert_backup import ExpertBackup
+from eep.security import curve
+from eep.security.curve import CurveKeys
+from eep.security.rejections import Rejections
+from eep.security.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +50,16 @@ def backup_address(host: str, dist_port: int, num_ranks: int, node: int) -> str:
 class BackupServer:
     """Answers `fetch_rows` requests for `backup` on `address`, on a thread of its own."""
 
-    def __init__(self, backup: ExpertBackup, address: str) -> None:
+    def __init__(self, backup: ExpertBackup, address: str, secret: ClusterSecret) -> None:
         self.backup, self.address = backup, address
+        self._max_pairs = backup.num_layers * backup.num_experts
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, 8 * self._max_pairs + 64)  # the largest request
+        curve.serve(self._sock, CurveKeys.from_secret(secret), door=f"backup@{address.removeprefix('tcp://')}")
+        self.refused = Rejections(f"backup@{address.removeprefix('tcp://')}")  # malformed requests
         try:
             self._sock.bind(address)
         except zmq.ZMQError as e:
@@ -64,12 +77,10 @@ class BackupServer:
                 if not self._sock.poll(_POLL_MS):
                     continue
                 frames = self._sock.recv_multipart()
-                if len(frames) != 3:
-                    logger.warning("backup request with %d frames ignored", len(frames))
+                asked = self._request(frames)
+                if asked is None:
                     continue
-                ident, _, request = frames
-                pairs = array.array("i", request)
-                asked = list(zip(pairs[0::2], pairs[1::2]))
+                ident = frames[0]
                 kept = bytes(int(self.backup.keeps(layer, expert)) for layer, expert in asked)
                 rows = [self.backup.raw(layer, expert) for (layer, expert), k in zip(asked, kept) if k]
                 self._sock.send_multipart([ident, b"", kept, *rows], copy=False)
@@ -79,20 +90,34 @@ class BackupServer:
         finally:
             self._sock.close()
 
+    def _request(self, frames: list[bytes]) -> list[tuple[int, int]] | None:
+        """The (layer, expert) pairs of a well-formed request; None (logged) for anything else."""
+        ok = len(frames) == 3 and frames[1] == b"" and len(frames[2]) % 8 == 0 \
+            and 0 < len(frames[2]) // 8 <= self._max_pairs
+        if not ok:
+            self.refused.reject("a peer", f"a malformed request of {len(frames)} frames, not answered")
+            return None
+        pairs = array.array("i", frames[2])
+        return list(zip(pairs[0::2], pairs[1::2]))
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5 * _POLL_MS / 1000)
         self._ctx.term()
 
 
-def fetch_rows(address: str, pairs: list[tuple[int, int]], timeout_s: float) -> list[memoryview]:
-    """The rows of `pairs` ((layer, expert)) from the backup served at `address`, in order.
+def fetch_rows(address: str, pairs: list[tuple[int, int]], timeout_s: float, keys: CurveKeys,
+               row_bytes: int) -> list[memoryview]:
+    """The rows of `pairs` ((layer, expert)) from the backup served at `address`, in order, each
+    of `row_bytes` bytes.
 
-    Raises BackupUnavailable if no answer comes within `timeout_s` or a pair is not kept there."""
+    Raises BackupUnavailable if no answer comes within `timeout_s`, a pair is not kept there or
+    the reply does not have the shape asked for."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(timeout_s * 1000)))
+    curve.connect(sock, keys)
     try:
         sock.connect(address)
         sock.send_multipart([b"", array.array("i", [v for pair in pairs for v in pair]).tobytes()])
@@ -101,8 +126,13 @@ def fetch_rows(address: str, pairs: list[tuple[int, int]], timeout_s: float) -> 
         frames = sock.recv_multipart(copy=False)
     finally:
         sock.close()
+    if len(frames) < 2 or frames[0].bytes != b"":
+        raise BackupUnavailable(f"the expert backup at {address} answered out of its protocol")
     kept, rows = frames[1].bytes, frames[2:]
     if len(kept) != len(pairs) or not all(kept):
         missing = [p for p, k in zip(pairs, kept) if not k]
         raise BackupUnavailable(f"the expert backup at {address} does not keep {missing[:4]}")
+    if len(rows) != len(pairs) or any(len(f) != row_bytes for f in rows):
+        raise BackupUnavailable(f"the expert backup at {address} sent rows of another shape than asked "
+                                f"(another model or dtype?)")
     return [f.buffer for f in rows]

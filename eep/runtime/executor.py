@@ -44,7 +44,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 
 import torch
 
@@ -70,7 +70,9 @@ from eep.runtime.hosts import HostError, HostListener, RemoteProcess
 from eep.runtime.fork_server import ForkedProcess
 from eep.runtime.local_host import LocalHost, renice
 from eep.runtime import wire
-from eep.runtime.rank import ExpertCopy, RankSpec, StepOrder, StepResult, recv, send
+from eep.runtime.wire import ExpertCopy, RankSpec, StepOrder, StepResult
+from eep.security.channel import Channel
+from eep.security.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ UNCOVERABLE_POLICIES = ("pause", "degrade")
 _MAX_RETRIES = 3
 _HISTORY = 1000  # events and repair records kept for status()
 _PLAN_AFTER_STEPS = 20  # steps after a view change before the next repairs are planned ahead
+SECRET_HOW = ("make one with `eep secret init PATH`, copy it to every host (mode 0600) and pass it to every "
+              "`eep serve` of the instance")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,11 @@ class EPConfig:
     dist_init_addr: str | None = None
     etcd_endpoints: tuple[str, ...] = ()  # the membership store (memory when empty)
     instance: str = "default"  # the store's key prefix
+    # the cluster credential (eep.security.secret): every connection between hosts proves it
+    # holds it; the data plane's CURVE keys and the etcd password derive from it
+    cluster_secret_file: str | None = None
+    curve_data_plane: bool = True  # the ranks' data addresses authenticate and encrypt (ZeroMQ CURVE)
+    allow_unauthenticated_gloo: bool = False  # gloo across hosts: torch's TCPStore and pairs, open to anyone
 
     def __post_init__(self) -> None:
         if self.fault_policy is None:
@@ -129,6 +138,12 @@ class EPConfig:
             raise ConfigError(f"nnodes must divide ep_size: {self.ep_size} ranks on {self.nnodes} nodes")
         if self.nnodes > 1 and self.dist_init_addr is None:
             raise ConfigError("more than one node needs --dist-init-addr HOST:PORT (node 0's address)")
+        if self.nnodes > 1 and self.cluster_secret_file is None:
+            raise ConfigError(f"an instance across hosts needs --cluster-secret-file PATH: {SECRET_HOW}")
+        if self.nnodes > 1 and self.backend == "gloo" and not self.allow_unauthenticated_gloo:
+            raise ConfigError("gloo across hosts is unauthenticated (torch's TCPStore and gloo's pair connections "
+                              "accept anyone who reaches them): it is a benchmark baseline only; pass "
+                              "--allow-unauthenticated-gloo to run it on a network you trust")
 
     @property
     def elastic(self) -> bool:
@@ -145,7 +160,7 @@ class _Proc:
     rank: int
     proc: subprocess.Popen[bytes] | ForkedProcess | RemoteProcess
     pidfd: int | None  # None: on another host (its agent relays the exit, `wake` wakes us)
-    conn: Connection
+    conn: Channel
     notice: DeathNotice | None = None  # readable `notice.fd` once the process died (< 1 ms)
     ready: bool = False
     warmup_s: float | None = None  # a replacement's isolated warm-up before it reported ready
@@ -251,7 +266,10 @@ class EPExecutor:
         self._hosts: HostListener | None = None  # the other nodes' agents (multi-host)
         self._aborts = None  # multi-host: ZeroMQ ABORTs to every rank's data address at each new epoch
         self._data_addresses: tuple[str, ...] | None = None
-        self._store: MembershipStore = (EtcdStore(list(ep.etcd_endpoints), ep.instance, timeout_s=ep.failure_timeout_s)
+        self._secret = ClusterSecret.load(ep.cluster_secret_file) if ep.cluster_secret_file else None
+        credentials = self._secret.etcd_credentials(ep.instance) if self._secret is not None else None
+        self._store: MembershipStore = (EtcdStore(list(ep.etcd_endpoints), ep.instance, timeout_s=ep.failure_timeout_s,
+                                                  credentials=credentials)
                                         if ep.etcd_endpoints else MemoryStore())
         try:
             layout = self._data_layout(cfg, dtype)
@@ -259,7 +277,7 @@ class EPExecutor:
                 self.num_ranks, layout=layout if ep.backend == "shm" else None, heartbeats=ep.elastic,
                 backup_mask=self._backup_masks[0] if self._backup_masks is not None else None,
                 model_path=config.model_path, dtype=config.dtype, cpu_affinity=ep.cpu_affinity,
-                fork_server=ep.fork_server,
+                fork_server=ep.fork_server, secret=self._secret if ep.nnodes > 1 else None,
             )
             self._rendezvous = self._local.segment.name if self._local.segment is not None else self._gloo_rendezvous()
             if ep.nnodes > 1:
@@ -294,12 +312,19 @@ class EPExecutor:
             self._backup_masks, self._heartbeat_interval_s, ep.failure_timeout_s, ep.etcd_endpoints, ep.instance,
             ep.cpu_affinity, ep.fork_server,
         )
-        self._hosts = HostListener(ep.dist_init_addr, self._heartbeat_interval_s, setup)  # also takes hosts back later
+        assert self._secret is not None
+        self._hosts = HostListener(ep.dist_init_addr, self._heartbeat_interval_s, setup, self._secret)  # also takes hosts back later
         agents = self._hosts.wait_agents(range(1, ep.nnodes), ep.start_timeout_s)
         address = {0: host0, **{n: link.address for n, link in agents.items()}}
         self._data_addresses = tuple(data_address(address[ep.node_of(r)], port + 1, r) for r in range(self.num_ranks))
         if ep.backend == "shm":
-            self._aborts = AbortPusher(self._data_addresses)
+            from eep.security.curve import CurveKeys
+
+            keys = CurveKeys.from_secret(self._secret) if ep.curve_data_plane else None
+            if keys is None:
+                logger.warning("--insecure-data-plane: the ranks' data addresses take frames from anyone who reaches "
+                               "them, unencrypted (the control connections stay authenticated)")
+            self._aborts = AbortPusher(self._data_addresses, keys)
         if self._backup_masks is not None:
             from eep.runtime.backup_server import backup_address
 
@@ -397,6 +422,7 @@ class EPExecutor:
             data_addresses=self._data_addresses if self.ep.backend == "shm" else None, epoch=self.view.epoch,
             node_of=tuple(self.ep.node_of(r) for r in range(self.num_ranks)) if self._data_addresses else None,
             backup_addresses=self._backup_addresses, backup_timeout_s=max(2.0, 2 * self.ep.failure_timeout_s),
+            data_plane_curve=self.ep.curve_data_plane,
         )
         if remote:
             return self._spawn_remote(spec)
@@ -425,7 +451,7 @@ class EPExecutor:
                                         f"data plane has ({self._data_addresses[spec.rank]})")
         p = _Proc(spec.rank, RemoteProcess(link, spec.rank, hello.pid), None, conn, None, wake=self._hosts.wake_r)
         self._procs[spec.rank] = p
-        send(conn, spec)
+        wire.send(conn, spec)
         return p
 
     def _await_ready(self, ranks: range | list[int], timeout_s: float) -> None:
@@ -457,7 +483,7 @@ class EPExecutor:
                 if p.conn in ready:
                     pending.discard(r)
                     try:
-                        msg = recv(p.conn)
+                        msg = wire.recv(p.conn, wire.FROM_RANK)
                     except (EOFError, OSError):
                         failures.append(RankFailed(r, "its pipe closed"))
                         continue
@@ -585,7 +611,7 @@ class EPExecutor:
         for rank in active:
             p = self._procs[rank]
             try:
-                send(p.conn, StepOrder(order_epoch, active, work[rank]))  # type: ignore[union-attr]
+                wire.send(p.conn, StepOrder(order_epoch, active, work[rank]))  # type: ignore[union-attr]
             except OSError as e:  # its end of the pipe is gone: the process died between steps
                 if not self.ep.elastic:
                     raise RankFailed(rank, f"its pipe is closed ({e.__class__.__name__})") from None
@@ -635,7 +661,7 @@ class EPExecutor:
             for r, p, ready in self._ready(pending, self._look_s(pending)):
                 if p.conn in ready:
                     try:
-                        msg = recv(p.conn)
+                        msg = wire.recv(p.conn, wire.FROM_RANK)
                     except (EOFError, OSError):
                         msg = None  # it exited
                     if isinstance(msg, wire.StepDone):
@@ -722,7 +748,7 @@ class EPExecutor:
             for r, p, ready in self._ready(pending, self.ep.failure_timeout_s / 4):
                 if p.conn in ready:
                     try:
-                        msg = recv(p.conn)
+                        msg = wire.recv(p.conn, wire.FROM_RANK)
                     except (EOFError, OSError):
                         failed.add(r)
                         pending.discard(r)
@@ -802,7 +828,7 @@ class EPExecutor:
                 if not p.remote:
                     renice(p.proc.pid, 19)
                 try:
-                    send(p.conn, wire.Fence(self.view.epoch, f"not in the view of epoch {self.view.epoch}"))
+                    wire.send(p.conn, wire.Fence(self.view.epoch, f"not in the view of epoch {self.view.epoch}"))
                 except OSError:
                     pass
             self._fenced.append(p)
@@ -979,7 +1005,7 @@ class EPExecutor:
         sent, broken = [], []
         for r, message in messages.items():
             try:
-                send(self._procs[r].conn, message)  # type: ignore[union-attr]
+                wire.send(self._procs[r].conn, message)  # type: ignore[union-attr]
                 sent.append(r)
             except OSError as e:
                 broken.append(RankFailed(r, f"its pipe is closed ({e.__class__.__name__})"))
@@ -1035,7 +1061,7 @@ class EPExecutor:
             self._procs[rank] = None
             if p is not None:
                 try:
-                    send(p.conn, wire.Stop(self.view.epoch))
+                    wire.send(p.conn, wire.Stop(self.view.epoch))
                 except OSError:
                     pass
                 code = p.close(kill=False)
@@ -1124,7 +1150,7 @@ class EPExecutor:
         for p in live:
             if p.proc.poll() is None:
                 try:
-                    send(p.conn, wire.Stop(self.view.epoch))
+                    wire.send(p.conn, wire.Stop(self.view.epoch))
                 except OSError:
                     pass
         for p in live:

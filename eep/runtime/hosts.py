@@ -1,9 +1,14 @@
 """The other hosts of a multi-host instance, as the controller sees them.
 
 What this module promises:
-- `HostListener` listens on the instance's `--dist-init-addr`. A connection introduces itself
-  by its first message: an agent (`AgentHello`) becomes an `AgentLink`; a rank's own control
-  connection (`RankConnect`) waits, by its nonce, for the `spawn` that asked for it.
+- `HostListener` listens on the instance's `--dist-init-addr`: the door to the instance from
+  every other host. A connection must first prove that it holds the cluster secret
+  (`eep.security.channel.server_handshake`, on a thread of its own, bounded in time and in
+  number); one that does not is closed with one WARNING naming its address
+  (`eep.security.rejections`) and nothing else happens. Then it introduces itself by its first
+  message: an agent (`AgentHello`) becomes an `AgentLink`; a rank's own control connection
+  (`RankConnect`) is handed, by its nonce, to the `spawn` that asked for it (an unknown nonce
+  is refused).
 - `AgentLink` reads its agent in a thread of its own: heartbeat ages (`Beats`), exits
   (`RankExited`, which also wakes the controller through `wake_fd`), and pings the agent with
   the committed epoch every heartbeat interval (`Announce`). `age_s(rank)` is an upper bound
@@ -24,12 +29,16 @@ import socket
 import subprocess
 import threading
 import time
-from multiprocessing.connection import Connection
 
 from eep.errors import EepError
 from eep.runtime import wire
+from eep.security.channel import HANDSHAKE_TIMEOUT_S, Channel, ProtocolError, server_handshake
+from eep.security.rejections import Rejections
+from eep.security.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
+
+_MAX_HANDSHAKES = 32  # connections being authenticated at once; more are closed at once
 
 
 class HostError(EepError):
@@ -37,7 +46,7 @@ class HostError(EepError):
 
 
 class AgentLink:
-    def __init__(self, hello: wire.AgentHello, conn: Connection, interval_s: float, wake_w: int) -> None:
+    def __init__(self, hello: wire.AgentHello, conn: Channel, interval_s: float, wake_w: int) -> None:
         self.node, self.address, self.pid = hello.node, hello.address, hello.pid
         self.conn, self.interval_s = conn, interval_s
         self.epoch = 0  # the controller's committed epoch, sent as the ping
@@ -65,10 +74,11 @@ class AgentLink:
                     next_ping = time.monotonic() + self.interval_s
                 if not self.conn.poll(max(0.0, next_ping - time.monotonic())):
                     continue
-                msg = wire.recv(self.conn)
-            except (EOFError, OSError):
+                msg = wire.recv(self.conn, wire.FROM_AGENT)
+            except (EOFError, OSError) as e:
                 if not self.closed:
-                    logger.warning("node %d: the agent's connection closed", self.node)
+                    why = f" ({e})" if isinstance(e, ProtocolError) else ""
+                    logger.warning("node %d: the agent's connection closed%s", self.node, why)
                 break
             now = time.monotonic()
             self.last_heard = now
@@ -150,17 +160,21 @@ class RemoteProcess:
 class HostListener:
     """Accepts agents and ranks' control connections on the instance's address."""
 
-    def __init__(self, addr: str, interval_s: float, setup: wire.HostSetup) -> None:
+    def __init__(self, addr: str, interval_s: float, setup: wire.HostSetup, secret: ClusterSecret) -> None:
         self.addr, self.interval_s, self.setup = addr, interval_s, setup
+        self._key = secret.key("control handshake")
         # an agent this long silent is not asked to start anything (a start would only wait for it)
         self.silent_after_s = min(setup.failure_timeout_s / 2, 5 * interval_s)
         self._sock = wire.listen(addr)
         self._sock.settimeout(0.2)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.agents: dict[int, AgentLink] = {}
-        self._ranks: dict[str, tuple[Connection, wire.RankConnect]] = {}
+        self._ranks: dict[str, tuple[Channel, wire.RankConnect]] = {}
+        self._expected: set[str] = set()  # nonces of the spawns waiting for their rank's connection
         self._cond = threading.Condition()
         self._closed = False
+        self.rejections = Rejections("controller")
+        self._handshakes = threading.BoundedSemaphore(_MAX_HANDSHAKES)
         self.epoch = setup.epoch  # the committed epoch (the controller keeps it current)
         self._thread = threading.Thread(target=self._accept, name="eep-host-listener", daemon=True)
         self._thread.start()
@@ -173,33 +187,61 @@ class HostListener:
                 continue
             except OSError:
                 return
-            conn = wire.accepted(sock, send_timeout_s=self.setup.failure_timeout_s)  # a cut-off peer never blocks us
+            if not self._handshakes.acquire(blocking=False):
+                self.rejections.reject(peer, f"more than {_MAX_HANDSHAKES} connections are being authenticated")
+                sock.close()
+                continue
+            threading.Thread(target=self._introduce, args=(sock, peer), name="eep-handshake", daemon=True).start()
+
+    def _introduce(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Authenticate one connection and take its first message (on a thread of its own)."""
+        try:
             try:
-                first = wire.recv(conn) if conn.poll(5.0) else None
-            except (EOFError, OSError):
-                first = None
-            if isinstance(first, wire.AgentHello):
-                try:
-                    wire.send(conn, dataclasses.replace(self.setup, epoch=self.epoch))
-                except OSError:
-                    conn.close()
-                    continue
-                link = AgentLink(first, conn, self.interval_s, self.wake_w)
-                link.epoch = self.epoch
-                with self._cond:
-                    old = self.agents.get(first.node)
-                    self.agents[first.node] = link
-                    self._cond.notify_all()
-                if old is not None:
-                    old.close()
-                logger.info("node %d: agent %s (pid %d) connected", first.node, first.address, first.pid)
-            elif isinstance(first, wire.RankConnect):
-                with self._cond:
-                    self._ranks[first.nonce] = (conn, first)
-                    self._cond.notify_all()
-            else:
-                logger.warning("a connection from %s did not introduce itself; closed", peer)
+                wire.tune(sock, send_timeout_s=self.setup.failure_timeout_s)  # a cut-off peer never blocks us
+                conn = server_handshake(sock, self._key, peer=f"{peer[0]}:{peer[1]}")
+                first = wire.recv(conn, wire.INTRODUCTION, timeout_s=HANDSHAKE_TIMEOUT_S)
+            except EOFError:
+                self.rejections.reject(peer, "closed before it introduced itself")
+                sock.close()
+                return
+            except OSError as e:  # AuthError, ProtocolError, a reset
+                self.rejections.reject(peer, str(e))
+                sock.close()
+                return
+            if self._closed:
                 conn.close()
+            elif isinstance(first, wire.AgentHello):
+                self._add_agent(first, conn)
+            else:
+                self._add_rank(first, conn, peer)
+        finally:
+            self._handshakes.release()
+
+    def _add_agent(self, hello: wire.AgentHello, conn: Channel) -> None:
+        try:
+            wire.send(conn, dataclasses.replace(self.setup, epoch=self.epoch))
+        except OSError:
+            conn.close()
+            return
+        link = AgentLink(hello, conn, self.interval_s, self.wake_w)
+        link.epoch = self.epoch
+        with self._cond:
+            old = self.agents.get(hello.node)
+            self.agents[hello.node] = link
+            self._cond.notify_all()
+        if old is not None:
+            old.close()
+        logger.info("node %d: agent %s (pid %d) connected", hello.node, hello.address, hello.pid)
+
+    def _add_rank(self, hello: wire.RankConnect, conn: Channel, peer: tuple[str, int]) -> None:
+        with self._cond:
+            if hello.nonce in self._expected:
+                self._expected.discard(hello.nonce)
+                self._ranks[hello.nonce] = (conn, hello)
+                self._cond.notify_all()
+                return
+        self.rejections.reject(peer, f"a connection for rank {hello.rank} that no start asked for")
+        conn.close()
 
     def wait_agents(self, nodes: range | list[int], timeout_s: float) -> dict[int, AgentLink]:
         """Every node's agent, connected and its host set up (segment, board, backup made)."""
@@ -223,18 +265,23 @@ class HostListener:
             return None
         return link
 
-    def spawn(self, node: int, rank: int, epoch: int, timeout_s: float = 5.0) -> tuple[Connection, wire.RankConnect]:
+    def spawn(self, node: int, rank: int, epoch: int, timeout_s: float = 5.0) -> tuple[Channel, wire.RankConnect]:
         """Ask node's agent to start `rank`; returns the rank's control connection to us."""
         link = self.agent(node)
         if link is None:
             raise HostError(f"node {node} has no agent: rank {rank} cannot be started")
-        nonce = secrets.token_hex(8)
+        nonce = secrets.token_hex(16)
+        with self._cond:
+            self._expected.add(nonce)
         try:
             link.send(wire.SpawnRank(epoch, rank, nonce))
         except OSError as e:
+            with self._cond:
+                self._expected.discard(nonce)
             raise HostError(f"node {node}'s agent is unreachable ({e})") from None
         with self._cond:
             if not self._cond.wait_for(lambda: nonce in self._ranks, timeout_s):
+                self._expected.discard(nonce)  # a connection that comes later is refused
                 raise HostError(f"node {node} did not start rank {rank} within {timeout_s:g} s")
             conn, hello = self._ranks.pop(nonce)
         link.expect(rank)

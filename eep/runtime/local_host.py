@@ -22,7 +22,6 @@ import logging
 import os
 import socket
 import subprocess
-from multiprocessing.connection import Connection
 
 import torch
 
@@ -30,7 +29,10 @@ from eep.dataplane.shm import ShmLayout, ShmSegment, sweep_orphans
 from eep.runtime.death_notice import DeathNotice
 from eep.runtime.fork_server import ForkedProcess, ForkServer, start_rank
 from eep.runtime.heartbeat import HeartbeatBoard
-from eep.runtime.rank import RankSpec, send
+from eep.runtime import wire
+from eep.runtime.wire import RankSpec
+from eep.security.channel import Channel
+from eep.security.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +43,20 @@ class Started:
 
     proc: subprocess.Popen[bytes] | ForkedProcess
     pidfd: int
-    conn: Connection
+    conn: Channel
     notice: DeathNotice
 
 
 class LocalHost:
     def __init__(self, num_ranks: int, *, layout: ShmLayout | None, heartbeats: bool,
                  backup_mask: torch.Tensor | None, model_path: str, dtype: str, cpu_affinity: bool,
-                 fork_server: bool = True) -> None:
+                 fork_server: bool = True, secret: ClusterSecret | None = None) -> None:
         """Make the host's segment (with `layout`; None: none, as on gloo), heartbeat board
         (if `heartbeats`), expert backup (the experts of `backup_mask`; None: none) and fork
-        server (its imports run while the rest is built)."""
+        server (its imports run while the rest is built). `secret`: the cluster's (multi-host),
+        handed to each rank over its socketpair and to the backup server."""
         self.cpu_affinity = cpu_affinity
+        self.secret = secret
         self.forks: ForkServer | None = None
         self.segment: ShmSegment | None = None
         self.board: HeartbeatBoard | None = None
@@ -85,7 +89,7 @@ class LocalHost:
         if self.backup is not None and self._backup_server is None:
             from eep.runtime.backup_server import BackupServer
 
-            self._backup_server = BackupServer(self.backup, address)
+            self._backup_server = BackupServer(self.backup, address, self.secret)
 
     def start(self, spec: RankSpec, wait_s: float = 0.0) -> Started:
         """Start rank `spec.rank` here and hand it `spec` (with its death notice filled in):
@@ -99,10 +103,10 @@ class LocalHost:
             ours, theirs = socket.socketpair()
             with ours, theirs:
                 self.forks, proc = start_rank(self.forks, theirs.fileno(), wait_s)
-                conn = Connection(os.dup(ours.fileno()))
+                conn = Channel(socket.socket(fileno=os.dup(ours.fileno())))
             pidfd = os.pidfd_open(proc.pid)
             try:
-                send(conn, spec)
+                wire.send(conn, wire.Launch(spec.epoch, spec, self.secret.raw if self.secret is not None else None))
             except OSError:
                 proc.kill()
                 proc.wait(timeout=10)

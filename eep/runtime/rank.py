@@ -5,6 +5,11 @@ The rank keeps no request state of its own beyond the KV cache: each step arrive
 executor as a list of `SeqWork`, and the rank answers with the tokens it sampled. A rank with
 no work still runs the step on zero tokens, because its peers need its (empty) messages at
 every exchange.
+
+A rank is started by its host with one end of a socketpair (`main`), on which the host sends
+`Launch` (node 0: that socketpair is the control pipe) or `Handover` (another host: with it
+the TCP connection to the controller its agent opened and authenticated for it). Every message
+from the controller is decoded into exactly the classes `wire.TO_RANK` names.
 """
 
 from __future__ import annotations
@@ -13,15 +18,12 @@ import faulthandler
 import gc
 import logging
 import os
-import pickle
 import select
 import signal
+import socket
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from typing import Any
 
 import torch
 
@@ -29,76 +31,23 @@ from eep.dataplane.dispatch import EPDispatcher
 from eep.engine.worker import ModelWorker, SeqWork
 from eep.errors import ConfigError, DataPlaneError, PeerTimeout, RankFenced
 from eep.model.checkpoint import CheckpointReader
-from eep.model.loader import SlotRange, load_expert, load_model
+from eep.model.loader import load_expert, load_model
 from eep.placement.routing import Placement, check_tables_only
 from eep.runtime import wire
 from eep.runtime.death_notice import HeldNotice
 from eep.runtime.expert_backup import ExpertBackup
 from eep.runtime.heartbeat import Heartbeat
+from eep.runtime.wire import ExpertCopy, RankSpec, StepOrder, StepResult  # noqa: F401 (the rank's messages)
+from eep.runtime.launch import recv_launch
+from eep.security.channel import Channel, ProtocolError
+from eep.security.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
 
 EXIT_FENCED = 3  # the exit code of a rank that found itself out of the view (it must rejoin)
 
 
-@dataclass(frozen=True, slots=True)
-class StepOrder:
-    """The executor's order to run one step: under which view, and this rank's share of it."""
-
-    epoch: int
-    active: tuple[int, ...]  # ranks exchanging in this step, ascending
-    work: list[SeqWork]
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    """A rank's answer to one step."""
-
-    tokens: list[int]  # one per chunk that samples, in the order of the step's work
-    compute_s: float  # wall time of the whole step on this rank
-    exchange_s: tuple[float, ...]  # of which each dispatch and combine call, in order (lockstep:
-    # the same sequence of calls on every rank)
-    cpu_ns: int = 0  # this process's CPU time so far (every thread, user + system)
-    heartbeat_ns: int = 0  # of which its heartbeat thread's (eep.runtime.accounting)
-
-    @property
-    def exchange_total_s(self) -> float:
-        return sum(self.exchange_s)
-
-
-@dataclass(frozen=True, slots=True)
-class RankSpec:
-    """Everything a rank process needs to start (picklable)."""
-
-    rank: int
-    num_ranks: int
-    model_path: str
-    dtype: str
-    max_num_seqs: int
-    max_model_len: int
-    placement: Placement
-    backend: str  # "shm" | "gloo"
-    rendezvous: str  # shm: segment name; gloo: init_method (file://...)
-    timeout_s: float  # every data-plane wait
-    poll_s: float = 1.0  # how often an idle rank checks that its supervisor is alive
-    heartbeat: str | None = None  # the controller's heartbeat board (shm file name)
-    heartbeat_interval_s: float = 0.1
-    backup: str | None = None  # the host expert backup (shm file name), a repair source
-    death_notice: str | None = None  # the mutex this process holds for life (eep.runtime.death_notice)
-    held: torch.Tensor | None = None  # [L, P] experts to load into the slots (default: placement's)
-    epoch: int = 0  # the controller's epoch when it started this process (its `Ready` carries it)
-    data_addresses: tuple[str, ...] | None = None  # multi-host: every rank's ZeroMQ address
-    node_of: tuple[int, ...] | None = None  # multi-host: every rank's node (shm within one, ZeroMQ across)
-    backup_addresses: tuple[str, ...] | None = None  # multi-host: each node's expert backup server
-    backup_timeout_s: float = 2.0  # the longest wait for another host's backup (then: the disk)
-
-    @property
-    def slots(self) -> SlotRange:
-        per_rank = self.placement.num_physical // self.num_ranks
-        return SlotRange(self.rank * per_rank, per_rank)
-
-
-def _exchange(spec: RankSpec):  # type: ignore[no-untyped-def]
+def _exchange(spec: RankSpec, secret: ClusterSecret | None):  # type: ignore[no-untyped-def]
     if spec.backend == "gloo":
         from eep.dataplane.gloo import GlooExchange
 
@@ -113,22 +62,17 @@ def _exchange(spec: RankSpec):  # type: ignore[no-untyped-def]
 
     assert spec.node_of is not None
     me = spec.node_of[spec.rank]
+    keys = None
+    if spec.data_plane_curve:
+        if secret is None:
+            raise ConfigError(f"rank {spec.rank} has data-plane peers on other hosts but no cluster secret")
+        from eep.security.curve import CurveKeys
+
+        keys = CurveKeys.from_secret(secret)
     link = ZmqLink(spec.rank, spec.data_addresses, [r for r in range(spec.num_ranks) if spec.node_of[r] != me],
-                   timeout_s=spec.timeout_s, announced=lambda: segment.control_epoch)
+                   timeout_s=spec.timeout_s, announced=lambda: segment.control_epoch, keys=keys,
+                   max_message_bytes=segment.layout.region_bytes)
     return HybridExchange(endpoint, link, spec.num_ranks, spec.node_of)
-
-
-@dataclass(frozen=True, slots=True)
-class ExpertCopy:
-    """A repair's order to a rank: write `expert` of MoE layer `layer` into global slot `slot`,
-    reading it from `source` ("backup" or "disk"); a backup on node `source_host` (None: this
-    rank's own host)."""
-
-    layer: int
-    slot: int
-    expert: int
-    source: str
-    source_host: int | None = None
 
 
 class _Isolated:
@@ -146,9 +90,11 @@ class _Isolated:
 class RankState:
     """What a rank process holds between steps: its model worker and its data-plane exchange."""
 
-    def __init__(self, spec: RankSpec, heartbeat: Heartbeat | None = None) -> None:
+    def __init__(self, spec: RankSpec, heartbeat: Heartbeat | None = None,
+                 secret: ClusterSecret | None = None) -> None:
         self.spec = spec
         self.heartbeat = heartbeat
+        self.secret = secret
         held = spec.held if spec.held is not None else spec.placement.physical_to_logical_map
         self.held = held.clone()  # the expert whose weights each of this rank's slots holds
         # Weights are loaded by `held` (only its slot map is read), the tables are allocated at
@@ -161,7 +107,7 @@ class RankState:
             slots=spec.slots, progress=False,
         )
         model.tables.update_(spec.placement)
-        self.exchange = _exchange(spec)
+        self.exchange = _exchange(spec, secret)
         self.exchange_timings: list[float] = []  # every dispatch/combine of the current step, in order
         for layer in model.moe_layers():
             layer.dispatcher = EPDispatcher(
@@ -238,6 +184,8 @@ class RankState:
         for c in copies:
             if not 0 <= c.slot - spec.slots.offset < spec.slots.count:
                 raise ConfigError(f"slot {c.slot} is not on rank {spec.rank}")
+            if not (0 <= c.layer < len(layers) and 0 <= c.expert < model.cfg.num_experts):
+                raise ConfigError(f"layer {c.layer} expert {c.expert} does not exist in this model")
             if c.source not in ("backup", "disk"):
                 raise ConfigError(f"unknown expert source {c.source!r}")
             if int(tables[c.layer, c.slot]) not in (-1, c.expert):
@@ -288,17 +236,21 @@ class RankState:
         out: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
         if not by_host:
             return out
-        if spec.backup_addresses is None:
-            raise ConfigError(f"rank {spec.rank} was told to copy from another host's backup but knows no address")
+        if spec.backup_addresses is None or self.secret is None:
+            raise ConfigError(f"rank {spec.rank} was told to copy from another host's backup but knows no address "
+                              f"or no cluster secret")
         from eep.runtime.backup_server import BackupUnavailable, fetch_rows
+        from eep.security.curve import CurveKeys
 
+        keys = CurveKeys.from_secret(self.secret)
         layer0 = model.moe_layers()[0]
         numel = layer0.w13[0].numel() + layer0.w2[0].numel()
         for host, pairs in by_host.items():
             pairs = sorted(set(pairs))
             start = time.perf_counter()
             try:
-                rows = fetch_rows(spec.backup_addresses[host], pairs, spec.backup_timeout_s)
+                rows = fetch_rows(spec.backup_addresses[host], pairs, spec.backup_timeout_s, keys,
+                                  numel * model.dtype.itemsize)
             except BackupUnavailable as e:
                 logger.warning("rank %d: %s; reading %d experts from the disk instead", spec.rank, e, len(pairs))
                 continue
@@ -331,34 +283,34 @@ class RankState:
         return ptrs
 
 
-def send(conn: Connection, message: object) -> None:
-    """Plain pickle: torch's multiprocessing reductions would try to share tensors by handle."""
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def recv(conn: Connection) -> Any:
-    return pickle.loads(conn.recv_bytes())
-
-
-def rank_main(spec: RankSpec, conn: Connection, supervisor: int | None = None) -> None:
+def rank_main(spec: RankSpec, conn: Channel, supervisor: int | None = None,
+              secret: ClusterSecret | None = None) -> None:
     """Entry point of a rank process: serve steps from `conn` until told to stop, or until
     `supervisor` (the process that started it: the executor or the host's agent; default the
-    parent, which a rank forked by a fork server is not) is gone."""
+    parent, which a rank forked by a fork server is not) is gone. `secret`: the cluster's
+    (multi-host), from which the data plane's keys derive."""
     torch.set_num_threads(1)  # N ranks share the host's cores: one thread each, no oversubscription
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints every thread's stack (debugging)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{spec.rank} %(levelname)s %(name)s: %(message)s")
+    _log_as(spec.rank)
     gone = _watch(supervisor if supervisor is not None else os.getppid())
     # held by this (the main) thread until the process ends: the kernel reports the death at once
     notice = HeldNotice(spec.death_notice) if spec.death_notice else None  # noqa: F841 (kept alive)
     heartbeat = Heartbeat(spec.heartbeat, spec.rank, spec.heartbeat_interval_s) if spec.heartbeat else None
     try:
-        _serve(spec, conn, RankState(spec, heartbeat), gone)
+        _serve(spec, conn, RankState(spec, heartbeat, secret), gone)
+    except ProtocolError as e:  # the control connection cannot be trusted any more: leave it
+        logger.warning("rank %d: %s; exiting as fenced", spec.rank, e)
+        raise SystemExit(EXIT_FENCED) from None
     except (BrokenPipeError, ConnectionResetError):  # the controller dropped this process: fenced
         logger.warning("rank %d: the controller closed the pipe; exiting as fenced", spec.rank)
         raise SystemExit(EXIT_FENCED) from None
     finally:
         if heartbeat is not None:
             heartbeat.stop()
+
+
+def _log_as(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
 
 
 def _watch(pid: int) -> Callable[[], bool]:
@@ -370,7 +322,7 @@ def _watch(pid: int) -> Callable[[], bool]:
     return lambda: bool(select.select([pidfd], [], [], 0)[0])
 
 
-def _serve(spec: RankSpec, conn: Connection, state: RankState, gone: Callable[[], bool]) -> None:
+def _serve(spec: RankSpec, conn: Channel, state: RankState, gone: Callable[[], bool]) -> None:
     warmup_s = None
     if spec.held is not None:  # a replacement: warm up before the controller switches it in
         start = time.perf_counter()
@@ -378,57 +330,73 @@ def _serve(spec: RankSpec, conn: Connection, state: RankState, gone: Callable[[]
         warmup_s = time.perf_counter() - start
     gc.collect()
     gc.freeze()  # torch and the model live as long as the process: a full collection skips them
-    send(conn, wire.Ready(spec.epoch, os.getpid(), warmup_s))
+    wire.send(conn, wire.Ready(spec.epoch, os.getpid(), warmup_s))
     while True:
         if not conn.poll(spec.poll_s):
             if gone():  # the executor (or agent) is gone: nobody will ever send a step
                 return
             continue
         try:
-            msg = recv(conn)
+            msg = wire.recv(conn, wire.TO_RANK)
         except EOFError:  # the executor closed our pipe: it is gone or has replaced us
             return
         if isinstance(msg, StepOrder):
             try:
-                send(conn, wire.StepDone(msg.epoch, state.step(msg)))
+                wire.send(conn, wire.StepDone(msg.epoch, state.step(msg)))
             except PeerTimeout as e:  # a silent peer: report it; the executor decides what follows
                 logger.warning("step aborted: %s", e)
-                send(conn, wire.PeerSilent(msg.epoch, e.peer))
+                wire.send(conn, wire.PeerSilent(msg.epoch, e.peer))
             except RankFenced as e:  # a newer view or process excludes this one: it must go
                 logger.warning("fenced: %s", e)
                 raise SystemExit(EXIT_FENCED) from None
             except DataPlaneError as e:  # aborted by the controller, or out of step: nothing committed
                 logger.warning("step aborted: %s", e)
-                send(conn, wire.StepAbandoned(msg.epoch, str(e)))
+                wire.send(conn, wire.StepAbandoned(msg.epoch, str(e)))
         elif isinstance(msg, wire.SetRouting):
             try:
                 state.update_routing(msg.placement)
-                send(conn, wire.RoutingSet(msg.epoch))
+                wire.send(conn, wire.RoutingSet(msg.epoch))
             except ConfigError as e:
-                send(conn, wire.Refused(msg.epoch, str(e)))
+                wire.send(conn, wire.Refused(msg.epoch, str(e)))
         elif isinstance(msg, wire.Repair):
             try:
-                send(conn, wire.Repaired(msg.epoch, state.repair(msg.interim, msg.copies, msg.placement)))
+                wire.send(conn, wire.Repaired(msg.epoch, state.repair(msg.interim, msg.copies, msg.placement)))
             except ConfigError as e:
-                send(conn, wire.Refused(msg.epoch, str(e)))
+                wire.send(conn, wire.Refused(msg.epoch, str(e)))
         elif isinstance(msg, wire.QueryPtrs):
-            send(conn, wire.Ptrs(msg.epoch, state.storage_ptrs()))
+            wire.send(conn, wire.Ptrs(msg.epoch, state.storage_ptrs()))
         elif isinstance(msg, wire.Stop):
             return
         elif isinstance(msg, wire.Fence):  # the view moved on without this process
             logger.warning("rank %d fenced by the controller in epoch %d: %s", spec.rank, msg.epoch, msg.reason)
             raise SystemExit(EXIT_FENCED)
-        else:
-            logger.warning("rank %d: ignored an unknown control message %s", spec.rank, type(msg).__name__)
 
 
 def main(argv: list[str], supervisor: int | None = None) -> None:
-    """`python -m eep.runtime FD`: FD is this rank's end of the executor's socketpair (also
-    what a fork server's child runs, with the controller as `supervisor`)."""
-    conn = Connection(int(argv[1]))
+    """`python -m eep.runtime FD`: FD is this rank's end of the socketpair its host started it
+    with (also what a fork server's child runs, with the host as `supervisor`). The host's first
+    message says where the controller is: `Launch` (this socketpair) or `Handover` (a TCP
+    connection to it, authenticated by the agent, that comes with the message)."""
+    local = socket.socket(fileno=int(argv[1]))
     try:
-        spec = recv(conn)
-    except EOFError:  # its host closed the pipe before handing it a rank
+        payload, fds = recv_launch(local, timeout_s=60.0)
+        launch = wire.LAUNCH.decode(payload)
+    except (EOFError, OSError):  # its host closed the pipe before handing it a rank
         return
-    rank_main(spec, conn, supervisor)
-
+    if isinstance(launch, wire.Launch):
+        secret = ClusterSecret(launch.secret) if launch.secret is not None else None
+        rank_main(launch.spec, Channel(local), supervisor, secret)
+        return
+    local.close()
+    _log_as(launch.rank)
+    if len(fds) != 1:
+        logger.error("rank %d: the agent's handover came without its connection", launch.rank)
+        raise SystemExit(1)
+    conn = Channel.resume(socket.socket(fileno=fds[0]), launch.session, launch.sent, launch.received, client=True,
+                          peer=launch.peer)
+    try:
+        spec = wire.recv(conn, wire.RANK_SPEC, timeout_s=30.0)
+    except (EOFError, OSError) as e:
+        logger.error("rank %d: no spec from the controller at %s: %s", launch.rank, launch.peer, e or "closed")
+        raise SystemExit(1) from None
+    rank_main(spec, conn, supervisor, ClusterSecret(launch.secret))

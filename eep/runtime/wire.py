@@ -1,41 +1,52 @@
-"""The wire between the controller and the host agents of a multi-host instance.
+"""The control plane's messages and connections: controller, host agents and ranks.
 
 What this module promises:
-- Every message is a frozen dataclass and carries the epoch of its sender's view; a
-  receiver ignores one from an epoch older than what it has already acted on (`stale`).
-- Framing is `multiprocessing.connection` over TCP (length-prefixed), payloads are pickled:
-  the peers are processes of the same eep installation inside one cluster; pickle is not
-  a format to accept from anyone else.
-- `connect` and `listen` make the sockets: TCP_NODELAY, keepalive (a peer that vanished with
-  its host is also noticed by the kernel), and every connect bounded by a timeout.
+- Every message is a frozen dataclass with typed fields and carries the epoch of its sender's
+  view. Messages are encoded by `eep.runtime.codec` (MessagePack, never pickle) and a receiver
+  decodes only the classes it expects at that point (`Protocol`s below): anything else drops
+  the connection (`ProtocolError`).
+- Connections are `eep.security.channel.Channel`s. Across hosts every one is authenticated
+  before a byte of payload is read: the peer proves it holds the cluster secret
+  (`eep.security.secret`) and every frame carries a tag under the session key. On one host a
+  rank's control pipe is a socketpair its host made itself, the same framing without tags.
+- `connect` and `listen` make the TCP sockets: TCP_NODELAY, keepalive (a peer that vanished
+  with its host is also noticed by the kernel), and every connect bounded by a timeout.
 
-Who sends what (agents):
-    agent -> controller: AgentHello (first message of an agent's connection), Beats (every
+Who sends what:
+    agent -> controller: AgentHello (the first message of an agent's connection), Beats (every
                          heartbeat interval: the ages of its ranks' heartbeats), RankExited
-    agent -> controller, on a rank's own connection: RankConnect (first message; then the
-                         connection is the rank's control pipe, as the socketpair is on one host)
     controller -> agent: HostSetup (once, after AgentHello), SpawnRank, KillRank, Announce
                          (every committed epoch, and every heartbeat interval as a ping), Shutdown
-
-Between the controller and a rank: the step order (`eep.runtime.rank.StepOrder`), `SetRouting`,
-`Repair`, `QueryPtrs`, `Stop`, `Fence`; the rank answers `Ready` (once), `StepDone`,
-`PeerSilent`, `StepAbandoned`, `RoutingSet`, `Repaired`, `Ptrs` or `Refused`, each with the
-epoch of the request it answers.
+    host -> rank, on the socketpair it starts the rank with: Launch (node 0: this socketpair is
+                         the rank's control pipe) or Handover (another host: with it, the TCP
+                         connection the agent opened to the controller for the rank,
+                         authenticated and introduced by RankConnect, and its session state)
+    controller -> rank:  RankSpec (first), then StepOrder, SetRouting, Repair, QueryPtrs, Stop, Fence
+    rank -> controller:  Ready (once), StepDone, PeerSilent, StepAbandoned, RoutingSet, Repaired,
+                         Ptrs or Refused, each with the epoch of the request it answers
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import struct
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from eep.dataplane.shm import ShmLayout
+from eep.engine.worker import SeqWork
+from eep.placement.routing import Placement
+from eep.runtime.codec import Protocol, encode
+from eep.security.channel import Channel
+
+if TYPE_CHECKING:
+    from eep.model.loader import SlotRange
 
 
+# -- controller <-> agent ------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class AgentHello:
     epoch: int
@@ -51,7 +62,7 @@ class HostSetup:
     num_ranks: int
     model_path: str
     dtype: str
-    backup_masks: dict[int, Any] | None  # node -> [L, E] bool tensor: what its expert backup keeps (None: none)
+    backup_masks: dict[int, torch.Tensor] | None  # node -> [L, E] bool: what its expert backup keeps (None: none)
     heartbeat_interval_s: float
     failure_timeout_s: float
     etcd_endpoints: tuple[str, ...] = ()  # where the agent keeps its host's lease (none: no lease)
@@ -73,7 +84,7 @@ class RankConnect:
     rank: int
     nonce: str
     pid: int
-    host_local: dict[str, Any]  # the host's names the rank attaches to (segment, board, backup, notice)
+    host_local: dict[str, str | None]  # the host's names the rank attaches to (segment, board, backup, notice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,20 +119,92 @@ class Shutdown:
     reason: str
 
 
-# -- controller <-> rank (the rank's control pipe: a socketpair on node 0, TCP elsewhere) ------
-# The step order itself is `eep.runtime.rank.StepOrder` (epoch, active ranks, work).
+# -- controller <-> rank ---------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RankSpec:
+    """Everything a rank process needs to start."""
+
+    rank: int
+    num_ranks: int
+    model_path: str
+    dtype: str
+    max_num_seqs: int
+    max_model_len: int
+    placement: Placement
+    backend: str  # "shm" | "gloo"
+    rendezvous: str  # shm: segment name; gloo: init_method (file://...)
+    timeout_s: float  # every data-plane wait
+    poll_s: float = 1.0  # how often an idle rank checks that its supervisor is alive
+    heartbeat: str | None = None  # the controller's heartbeat board (shm file name)
+    heartbeat_interval_s: float = 0.1
+    backup: str | None = None  # the host expert backup (shm file name), a repair source
+    death_notice: str | None = None  # the mutex this process holds for life (eep.runtime.death_notice)
+    held: torch.Tensor | None = None  # [L, P] experts to load into the slots (default: placement's)
+    epoch: int = 0  # the controller's epoch when it started this process (its `Ready` carries it)
+    data_addresses: tuple[str, ...] | None = None  # multi-host: every rank's ZeroMQ address
+    node_of: tuple[int, ...] | None = None  # multi-host: every rank's node (shm within one, ZeroMQ across)
+    backup_addresses: tuple[str, ...] | None = None  # multi-host: each node's expert backup server
+    backup_timeout_s: float = 2.0  # the longest wait for another host's backup (then: the disk)
+    data_plane_curve: bool = True  # multi-host: the data addresses authenticate and encrypt (CURVE)
+
+    @property
+    def slots(self) -> SlotRange:
+        from eep.model.loader import SlotRange
+
+        per_rank = self.placement.num_physical // self.num_ranks
+        return SlotRange(self.rank * per_rank, per_rank)
+
+
+@dataclass(frozen=True, slots=True)
+class StepOrder:
+    """The executor's order to run one step: under which view, and this rank's share of it."""
+
+    epoch: int
+    active: tuple[int, ...]  # ranks exchanging in this step, ascending
+    work: list[SeqWork]
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """A rank's answer to one step."""
+
+    tokens: list[int]  # one per chunk that samples, in the order of the step's work
+    compute_s: float  # wall time of the whole step on this rank
+    exchange_s: tuple[float, ...]  # of which each dispatch and combine call, in order (lockstep:
+    # the same sequence of calls on every rank)
+    cpu_ns: int = 0  # this process's CPU time so far (every thread, user + system)
+    heartbeat_ns: int = 0  # of which its heartbeat thread's (eep.runtime.accounting)
+
+    @property
+    def exchange_total_s(self) -> float:
+        return sum(self.exchange_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertCopy:
+    """A repair's order to a rank: write `expert` of MoE layer `layer` into global slot `slot`,
+    reading it from `source` ("backup" or "disk"); a backup on node `source_host` (None: this
+    rank's own host)."""
+
+    layer: int
+    slot: int
+    expert: int
+    source: str
+    source_host: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class SetRouting:
     epoch: int
-    placement: Any  # eep.placement.routing.Placement: switch the tables in place
+    placement: Placement  # switch the tables in place
 
 
 @dataclass(frozen=True, slots=True)
 class Repair:
     epoch: int
-    interim: Any  # Placement: the tables while the copies are written (their targets unlisted)
-    copies: list[Any]  # eep.runtime.rank.ExpertCopy for this rank
-    placement: Any  # Placement: the tables once they are written
+    interim: Placement  # the tables while the copies are written (their targets unlisted)
+    copies: list[ExpertCopy]  # for this rank
+    placement: Placement  # the tables once they are written
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +233,7 @@ class Ready:
 @dataclass(frozen=True, slots=True)
 class StepDone:
     epoch: int
-    result: Any  # eep.runtime.rank.StepResult
+    result: StepResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,15 +271,53 @@ class Refused:
     reason: str  # a control request the rank cannot carry out (ConfigError)
 
 
-def send(conn: Connection, message: object) -> None:
-    """One message of this module (or a `StepOrder`); every one carries the epoch it is of."""
+# -- host -> rank, on the socketpair the rank was started with (never a network path) ----------
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """Node 0: serve the controller on this socketpair; `spec` is the rank's."""
+
+    epoch: int
+    spec: RankSpec
+    secret: bytes | None  # the cluster secret (multi-host: the data plane's CURVE keys derive from it)
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """Another host: the control connection to the controller that the agent opened and
+    authenticated for this rank (and introduced by RankConnect) comes with this message, as a
+    file descriptor; `session`, `sent` and `received` are its authentication state. The rank
+    takes its RankSpec from it and serves it from then on."""
+
+    epoch: int
+    rank: int
+    peer: str  # the controller's address
+    secret: bytes  # the cluster secret (the data plane's CURVE keys derive from it)
+    session: bytes
+    sent: int
+    received: int
+
+
+INTRODUCTION = Protocol("the first message on the controller's port", (AgentHello, RankConnect))
+FROM_AGENT = Protocol("agent to controller", (Beats, RankExited))
+TO_AGENT = Protocol("controller to agent", (HostSetup, Announce, SpawnRank, KillRank, Shutdown))
+RANK_SPEC = Protocol("the controller's first message to a rank", (RankSpec,))
+TO_RANK = Protocol("controller to rank", (StepOrder, SetRouting, Repair, QueryPtrs, Stop, Fence))
+FROM_RANK = Protocol("rank to controller", (Ready, StepDone, PeerSilent, StepAbandoned, RoutingSet, Repaired,
+                                            Ptrs, Refused))
+LAUNCH = Protocol("a host to the rank it starts", (Launch, Handover))
+
+
+def send(channel: Channel, message: object) -> None:
+    """One message of this module; every one carries the epoch it is of."""
     if not isinstance(getattr(message, "epoch", None), int):
         raise TypeError(f"{type(message).__name__} carries no epoch: not a message of the wire")
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    channel.send_bytes(encode(message))
 
 
-def recv(conn: Connection) -> Any:
-    return pickle.loads(conn.recv_bytes())
+def recv(channel: Channel, protocol: Protocol, timeout_s: float | None = None) -> Any:
+    """The next message, one of `protocol`'s classes (ProtocolError otherwise; EOFError: closed)."""
+    data = channel.recv_bytes() if timeout_s is None else channel.recv_bytes(timeout_s)
+    return protocol.decode(data)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -204,12 +325,12 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
-def bound_sends(conn: Connection | socket.socket, timeout_s: float) -> None:
+def bound_sends(conn: Channel | socket.socket, timeout_s: float) -> None:
     """Make a send on this connection that cannot go on for `timeout_s` fail with OSError
     instead of blocking for ever (SO_SNDTIMEO). A peer on a host that vanished without a FIN, or
     behind a cut link, stops taking bytes: once the kernel's buffer is full a plain send would
     hang its caller (the controller in a view change, an agent in its beat loop). A message may
-    be left half sent: the caller must treat the connection as broken and close it."""
+    be left half sent: the channel then refuses further sends (the caller closes it)."""
     sec = int(timeout_s)
     timeval = struct.pack("ll", sec, max(1 if sec == 0 else 0, int((timeout_s - sec) * 1e6)))
     sock = socket.socket(fileno=os.dup(conn.fileno()))
@@ -244,11 +365,10 @@ def listen(addr: str) -> socket.socket:
     return sock
 
 
-def accepted(sock: socket.socket, send_timeout_s: float | None = None) -> Connection:
-    """The `Connection` of a socket from `accept` or `connect` (the Connection takes over its
-    fd); with `send_timeout_s`, its sends are bounded (`bound_sends`)."""
+def tune(sock: socket.socket, send_timeout_s: float | None = None) -> socket.socket:
+    """TCP_NODELAY and keepalive on an accepted or connected socket; with `send_timeout_s`, its
+    sends are bounded (`bound_sends`)."""
     _tune(sock)
     if send_timeout_s is not None:
         bound_sends(sock, send_timeout_s)
-    with sock:
-        return Connection(sock.detach())
+    return sock

@@ -6,12 +6,18 @@ their private addresses. Tests and benches use them; a deployment runs its own e
 
 etcd runs with `--heartbeat-interval 50 --election-timeout 500`: with its defaults (100 / 1000
 ms) it grants a 1 s lease as 2 s, and a host's lease is how a lost host is seen.
+
+Authentication is on (`auth=True`, the default): a `root` user with a random password
+(`root_password`), and `grant(instance, secret)` makes an instance's user, as an operator does
+with `eep secret etcd-grant` (`eep.membership.etcd_auth`). A client without credentials can
+neither read nor write anything.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +29,7 @@ from pathlib import Path
 import httpx
 
 from eep.errors import ConfigError
+from eep.security.secret import ClusterSecret
 from eep.testbed.netns import NamespaceHosts, entered
 
 logger = logging.getLogger(__name__)
@@ -39,21 +46,43 @@ class EtcdServer:
 
     def __init__(self, host: str = "127.0.0.1", *, name: str = "eep-etcd", start_timeout_s: float = 20.0,
                  netns: str | None = None, cluster: dict[str, str] | None = None, data_dir: Path | None = None,
-                 detach: bool = False) -> None:
+                 detach: bool = False, auth: bool = True) -> None:
         """`netns`: run in that namespace (then the ports are etcd's own, 2379 and 2380, on
         `host`); `cluster`: every member's name -> peer URL (a member of that cluster);
         `data_dir`: where its data goes (default: a new temporary directory); `detach`: leave
         it running and its data in place at exit (the command line's `up`)."""
         self.host, self.name, self.start_timeout_s = host, name, start_timeout_s
         self.netns, self.cluster, self.detach = netns, cluster, detach
+        self.auth = auth
+        self.root_password = secrets.token_hex(16)
         self.endpoint = ""
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: Path | None = data_dir
 
     def __enter__(self) -> EtcdServer:
         self.start()
-        self.wait_ready()
+        try:
+            self.wait_ready()
+            if self.auth:
+                self.enable_auth()
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    def enable_auth(self) -> None:
+        from eep.membership.etcd_auth import enable_auth
+
+        with entered(self.netns) if self.netns else contextlib.nullcontext():
+            enable_auth(self.endpoint, self.root_password)
+
+    def grant(self, instance: str, secret: ClusterSecret) -> tuple[str, str]:
+        """Make `instance`'s etcd user (as `eep secret etcd-grant`); its credentials."""
+        from eep.membership.etcd_auth import grant_instance
+
+        with entered(self.netns) if self.netns else contextlib.nullcontext():
+            grant_instance(self.endpoint, self.root_password, instance, secret)
+        return secret.etcd_credentials(instance)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -145,15 +174,17 @@ class EtcdCluster:
     """A member on each of `members` of namespace `hosts`, at their private addresses (client
     port 2379): `endpoints` for the clients that run on those hosts."""
 
-    def __init__(self, hosts: NamespaceHosts, members: range | list[int] = range(3), *, detach: bool = False) -> None:
-        self.hosts = hosts
+    def __init__(self, hosts: NamespaceHosts, members: range | list[int] = range(3), *, detach: bool = False,
+                 auth: bool = True) -> None:
+        self.hosts, self.auth = hosts, auth
         self.members = list(members)
         self.detach = detach
         base = Path(tempfile.gettempdir()) / f"{hosts.prefix}-etcd" if detach else None
         peers = {f"m{i}": f"http://{hosts.addresses[i]}:2380" for i in self.members}
         self.servers = [EtcdServer(hosts.addresses[i], name=f"m{i}", netns=hosts.names[i], cluster=peers,
-                                   data_dir=None if base is None else base / f"m{i}", detach=detach)
+                                   data_dir=None if base is None else base / f"m{i}", detach=detach, auth=auth)
                         for i in self.members]
+        self.root_password = self.servers[0].root_password
 
     @property
     def endpoints(self) -> list[str]:
@@ -172,9 +203,14 @@ class EtcdCluster:
                 s.start()
             for s in self.servers:
                 s.wait_ready()
+            if self.auth:  # cluster-wide: once, on one member
+                self.servers[0].enable_auth()
         except BaseException:
             self.stop()
             raise
+
+    def grant(self, instance: str, secret: ClusterSecret) -> tuple[str, str]:
+        return self.servers[0].grant(instance, secret)
 
     def stop(self) -> None:
         for s in self.servers:

@@ -4,7 +4,9 @@
 
 The frontend answers on a Unix socket in a temporary directory: a path in the file system is
 reachable from every network namespace, so a client in the root namespace talks to it without
-any address of its own on the bridge.
+any address of its own on the bridge. The instance's cluster secret (`secret_file`, made by
+`eep secret init`'s own function, 0600) lies in the same directory and is passed to every
+node; grant its etcd user (`EtcdCluster.grant(instance, inst.secret)`) before `start`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from eep.errors import EepError
+from eep.security.secret import ClusterSecret, init_secret_file
 from eep.testbed.netns import NamespaceHosts
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ class HostsInstance:
         self.ready_line = ""
         self.dir = Path(tempfile.mkdtemp(prefix="eep-hosts-", dir="/tmp"))  # short: a socket path has 107 bytes
         self.socket = self.dir / "eep.sock"
+        self.secret_file = init_secret_file(self.dir / "cluster.secret")
+        self.secret = ClusterSecret.load(self.secret_file)
         self.head: subprocess.Popen[str] | None = None
         self.agents: dict[int, subprocess.Popen[str]] = {}
 
@@ -56,7 +61,7 @@ class HostsInstance:
     def _cmd(self, node: int) -> list[str]:
         return [sys.executable, "-m", "eep", "serve", "--model-path", self.model_path, "--ep-size", str(self.ep_size),
                 "--nnodes", str(self.nnodes), "--node-rank", str(node), "--dist-init-addr", self.dist_init_addr,
-                *self.args]
+                "--cluster-secret-file", str(self.secret_file), *self.args]
 
     def log(self, node: int) -> Path:
         return self.dir / f"node{node}.log"

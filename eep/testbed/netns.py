@@ -221,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
             cluster = EtcdCluster(hosts, members=range(min(3, args.n)), detach=True)
             cluster.start()
             print("etcd endpoints:", ",".join(cluster.endpoints))
+            password = Path(tempfile.gettempdir()) / f"{args.prefix}-etcd" / "root.password"
+            fd = os.open(password, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(cluster.root_password + "\n")
+            print(f"etcd authentication on; root's password: {password} (grant an instance: "
+                  f"eep secret etcd-grant --root-password-file {password} ...)")
         return 0
     existing = [n for n in _ip("netns", "list").stdout.split() if n.startswith(args.prefix + "-")]
     hosts = NamespaceHosts(1, args.prefix)
