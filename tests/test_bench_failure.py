@@ -208,6 +208,11 @@ def test_a_round_with_no_work_in_common_is_the_ratio_of_its_token_rates() -> Non
     b = [(0.125 * i, 10) for i in range(1, 25)]
     assert _round_ratio(a, b, 1.0, 100.0, 80.0) == (pytest.approx(1.25), False)  # work in common: same work
     assert _round_ratio(fast, [], 1.0, 1000.0, 0.0) == (None, False)  # the other served nothing: no ratio
+    # a few tokens in common only (the faster one's ramp ends just below the slower one's total):
+    # the same-work times would be those of single chunks; the rates' ratio is taken
+    slower = [(0.1 * i, 10) for i in range(1, 102)]  # 100 tokens/s: 1010 in all, 10 above the fast ramp
+    assert _same_work_ratio(fast, slower, 1.0) is not None
+    assert _round_ratio(fast, slower, 1.0, 1000.0, 100.0) == (10.0, True)
 
 
 def test_same_work_cpu_ratio_counts_each_servers_cpu_over_the_same_tokens() -> None:

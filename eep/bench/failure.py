@@ -695,13 +695,36 @@ def _round_ratio(a: list[tuple[float, int]], b: list[tuple[float, int]], start: 
                  rate_b: float) -> tuple[float | None, bool]:
     """One round's ratio, `a`'s speed over `b`'s, and whether it is the rates' ratio.
 
-    On the same work (`_same_work_ratio`) where the two slices have work in common. A server
-    several times faster than the other may have served, by `start` (the end of its ramp), more
-    than the other serves in its whole slice: then the ratio of the slices' token rates after the
-    ramp, `rate_a / rate_b` (leaving such a round out would drop exactly the largest ratios)."""
-    if _same_work_span(a, b, start) is None and rate_b > 0:
+    On the same work (`_same_work_ratio`) where the two slices have enough work in common. A
+    server several times faster than the other may have served, by `start` (the end of its
+    ramp), more than (or nearly as much as) the other serves in its whole slice: with less in
+    common than `_MIN_COMMON_SHARE` of what the slower of them served after the ramp (a span of
+    a step or two, whose times are those of single chunks: a ratio of 0.006 was seen), the ratio
+    of the slices' token rates after the ramp, `rate_a / rate_b` (leaving such a round out would
+    drop exactly the largest ratios)."""
+    common = _common_work(a, b, start)
+    after = min(_total(a) - _count_by(a, start), _total(b) - _count_by(b, start))
+    if (common is None or common[1] - common[0] < _MIN_COMMON_SHARE * after) and rate_b > 0:
         return rate_a / rate_b, True
     return _same_work_ratio(a, b, start), False
+
+
+_MIN_COMMON_SHARE = 0.25
+
+
+def _total(chunks: list[tuple[float, int]]) -> int:
+    return sum(n for _, n in chunks)
+
+
+def _count_by(chunks: list[tuple[float, int]], t: float) -> int:
+    return sum(n for at, n in chunks if at <= t)
+
+
+def _common_work(a: list[tuple[float, int]], b: list[tuple[float, int]], start: float) -> tuple[int, int] | None:
+    """The token counts both had reached by `start` and both reached in all; None if empty."""
+    lo = max(_count_by(a, start), _count_by(b, start))
+    hi = min(_total(a), _total(b))
+    return (lo, hi) if hi > lo else None
 
 
 def _same_work_ratio(a: list[tuple[float, int]], b: list[tuple[float, int]], start: float) -> float | None:
