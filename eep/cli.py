@@ -76,8 +76,8 @@ def default_socket() -> str:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.node_rank > 0:  # a host agent: this host's ranks, for the controller on node 0
+        from eep.control.config import SECRET_HOW
         from eep.runtime.agent import main as agent_main
-        from eep.runtime.executor import SECRET_HOW
         from eep.security.secret import ClusterSecret
 
         if not args.dist_init_addr:
@@ -86,7 +86,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"a host agent (--node-rank > 0) needs --cluster-secret-file PATH: {SECRET_HOW}")
         return agent_main(args.node_rank, args.dist_init_addr, ClusterSecret.load(args.cluster_secret_file))
     from eep.config import EngineConfig
-    from eep.runtime.executor import EPConfig
+    from eep.control.config import EPConfig
     from eep.serving.server import ServeConfig, serve
 
     config = ServeConfig(
@@ -172,7 +172,7 @@ def _cmd_bench_engine(args: argparse.Namespace) -> int:
 
 def _cmd_bench_steady(args: argparse.Namespace) -> int:
     from eep.bench.steady import run_steady_bench
-    from eep.runtime.executor import BACKENDS
+    from eep.control.config import BACKENDS
 
     result = run_steady_bench(
         _model_path(args),
@@ -198,8 +198,8 @@ def _cmd_bench_recovery(args: argparse.Namespace) -> int:
         rejoin_after_s=args.rejoin_after, num_redundant_experts=args.ep_num_redundant_experts,
         failure_timeout_s=args.failure_timeout, dtype=args.dtype, seed=args.seed, fork_server=not args.no_fork_server,
     )
-    summary = {k: result[k] for k in ("recovery_pause_s", "reintegration_pause_s", "time_to_95_s", "rejoin_s",
-                                       "requests_lost", "outputs_differing")}
+    summary = {k: result[k] for k in ("recovery_pause_s", "reintegration_pause_s", "time_to_95_s", "reached_95",
+                                       "rejoin_s", "requests_lost", "outputs_differing")}
     if args.json:  # the whole record (series, events); the summary goes to stdout
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -237,7 +237,12 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_failure(args: argparse.Namespace) -> int:
-    from eep.bench.failure import plot, run_failure_bench, run_steady_calibration, summary_table
+    from eep.bench.failure import (
+        plot,
+        run_failure_bench,
+        run_steady_calibration,
+        summary_table,
+    )
 
     args.json = args.json or ("out/calibration.json" if args.calibrate else "out/failure.json")
     if args.calibrate:
@@ -361,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ep-backend", choices=["shm", "gloo"], default="shm", help="data plane between ranks")
     gen.set_defaults(func=_cmd_generate)
 
-    from eep.runtime.executor import EPConfig
+    from eep.control.config import EPConfig
     from eep.serving.server import ServeConfig
 
     srv = sub.add_parser("serve", help="run an instance that answers requests on a Unix socket (eep.Client)")
@@ -411,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "required across hosts; every connection between hosts proves it holds it")
     srv.add_argument("--insecure-data-plane", action="store_true",
                      help="across hosts, the ranks' ZeroMQ data addresses without CURVE: frames from anyone who "
-                          "reaches them, unencrypted (only on a network you trust; measured cost: README)")
+                          "reaches them, unencrypted (only on a network you trust; measured cost: docs/benchmarks.md)")
     srv.add_argument("--allow-unauthenticated-gloo", action="store_true",
                      help="allow --ep-backend gloo across hosts (torch's TCPStore and gloo's connections have no "
                           "authentication: a benchmark baseline for a trusted network)")

@@ -21,7 +21,7 @@ from eep.engine.sampling import SamplingParams
 from eep.errors import ConfigError
 
 if TYPE_CHECKING:
-    from eep.runtime.executor import EPConfig
+    from eep.control.config import EPConfig
 
 
 def build_engine(config: EngineConfig, ep: EPConfig | None = None) -> LLMEngine:
@@ -32,7 +32,7 @@ def build_engine(config: EngineConfig, ep: EPConfig | None = None) -> LLMEngine:
     """
     executor: Executor | None = None
     if ep is not None and ep.ep_size > 1:
-        from eep.runtime.executor import EPExecutor
+        from eep.control.executor import EPExecutor
 
         executor = EPExecutor(config, ep)
     try:
@@ -68,7 +68,7 @@ class LLM:
             model_path, dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens, max_prefill_tokens=max_prefill_tokens,
         )
-        from eep.runtime.executor import EPConfig
+        from eep.control.config import EPConfig
 
         # ep_config sets everything at once (failure timeout, rejoin policy, ...); else the shorthands
         ep = ep_config or EPConfig(ep_size=ep_size, num_redundant_experts=ep_num_redundant_experts, backend=ep_backend)
@@ -86,19 +86,19 @@ class LLM:
         """Membership view, expert coverage (experts with 0 / 1 / >= 2 live replicas), whether
         admission is paused and why, the repairs and the event timeline (expert-parallel
         instances; a single-process instance has one rank and no events)."""
-        status = getattr(self.engine.executor, "status", None)
-        if status is None:
+        elastic = self.engine.executor.elastic
+        if elastic is None:
             return {"view": {"epoch": 0, "ranks": [{"rank": 0, "state": "active"}], "active": [0]},
                     "coverage": None, "paused": None, "degraded": False, "repairs": [], "events": []}
-        return status()
+        return elastic.status()
 
     def rejoin(self, rank: int) -> None:
         """Start a replacement for failed `rank`; it is switched in by a later `generate` step
         once it has loaded (rejoin "manual"; with "auto" the instance does this itself)."""
-        rejoin = getattr(self.engine.executor, "rejoin", None)
-        if rejoin is None:
+        elastic = self.engine.executor.elastic
+        if elastic is None:
             raise ConfigError("rejoin needs an expert-parallel instance (ep_size > 1)")
-        rejoin(rank)
+        elastic.rejoin(rank)
 
     def close(self) -> None:
         self.engine.close()

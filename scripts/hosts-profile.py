@@ -10,7 +10,7 @@
         SCHED_BATCH (as eep sets it) and SCHED_OTHER every window, in ABBA order: ms per committed
         step and per step in the data plane, per policy.
 
-The README's "Across hosts" section quotes both. A diagnostic, not a benchmark: no JSON, no
+docs/benchmarks.md ("Across hosts") quotes both. A diagnostic, not a benchmark: no JSON, no
 targets; the figures are this machine's.
 """
 
@@ -29,8 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eep.bench import failure as fb  # noqa: E402
-from eep.bench import hosts as hb  # noqa: E402
+from eep.bench.harness import Trace, complete, http_client, start_namespace_server, warm  # noqa: E402
 from eep.bench.steady import checkpoint_vocab  # noqa: E402
 from eep.cli import default_cache_dir  # noqa: E402
 from eep.model.default_model import DEFAULT_ARCH, ensure_default_model  # noqa: E402
@@ -65,16 +64,16 @@ def _threads(pids: set[int]) -> collections.Counter[tuple[str, str, str]]:
     return out
 
 
-async def _load(srv: Any, trace: fb.Trace, measure: Any) -> Any:
+async def _load(srv: Any, trace: Trace, measure: Any) -> Any:
     """`measure(client, pids)` under the closed-loop load, after a warm-up and a 1.5 s ramp."""
-    async with fb._client(srv, CONCURRENCY) as client:  # type: ignore[arg-type]
-        await fb._warm(client, srv, trace, CONCURRENCY)  # type: ignore[arg-type]
+    async with http_client(srv, CONCURRENCY) as client:  # type: ignore[arg-type]
+        await warm(client, srv, trace, CONCURRENCY)  # type: ignore[arg-type]
         pids = set((await client.get("/membership")).json()["pids"])
         counter, records, clock = itertools.count(), [], time.monotonic()
 
         async def worker() -> None:
             while True:
-                await fb._complete(client, srv.model_name, trace, next(counter), clock, records)
+                await complete(client, srv.model_name, trace, next(counter), clock, records)
 
         tasks = [asyncio.create_task(worker()) for _ in range(CONCURRENCY)]
         try:
@@ -90,9 +89,9 @@ async def _dataplane(client: Any) -> dict[str, float]:
     return (await client.get("/membership")).json()["dataplane"]  # type: ignore[no-any-return]
 
 
-def cpu(net: NamespaceHosts, model: str, trace: fb.Trace, common: list[str], window: float) -> None:
+def cpu(net: NamespaceHosts, model: str, trace: Trace, common: list[str], window: float) -> None:
     for name, nnodes in (("cross-host", 2), ("one host", 1)):
-        srv = hb._server(net, model, nnodes=nnodes, ep_size=4, port=29500, http_port=8100, args=common)
+        srv = start_namespace_server(net, model, nnodes=nnodes, ep_size=4, port=29500, http_port=8100, args=common)
 
         async def measure(client: Any, pids: set[int]) -> tuple[float, float, collections.Counter[Any]]:
             d0, c0, t0 = await _dataplane(client), _threads(pids), time.monotonic()
@@ -112,9 +111,9 @@ def cpu(net: NamespaceHosts, model: str, trace: fb.Trace, common: list[str], win
                 print(f"  {v:8.2f} {what:20} {kind} / {thread}")
 
 
-def io_policy(net: NamespaceHosts, model: str, trace: fb.Trace, common: list[str], rounds: int,
+def io_policy(net: NamespaceHosts, model: str, trace: Trace, common: list[str], rounds: int,
               window: float) -> None:
-    srv = hb._server(net, model, nnodes=2, ep_size=4, port=29500, http_port=8100, args=common)
+    srv = start_namespace_server(net, model, nnodes=2, ep_size=4, port=29500, http_port=8100, args=common)
 
     async def measure(client: Any, pids: set[int]) -> dict[int, list[tuple[float, float]]]:
         io = [int(t) for p in pids for t in os.listdir(f"/proc/{p}/task")
@@ -156,7 +155,7 @@ def main() -> int:
     p.add_argument("--window", type=float, default=3.0, help="seconds per policy and round")
     args = parser.parse_args()
     model = str(ensure_default_model(default_cache_dir(), DEFAULT_ARCH))
-    trace = fb.Trace(0, checkpoint_vocab(model), 32, 32)
+    trace = Trace(0, checkpoint_vocab(model), 32, 32)
     common = ["--dtype", "float32", "--max-model-len", str(trace.max_model_len), "--max-num-seqs", "8",
               "--failure-timeout", "1.0", "--rejoin", "auto"]
     with NamespaceHosts(2, prefix="eepprof") as net:

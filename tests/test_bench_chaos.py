@@ -13,7 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from eep.bench.chaos import _Chaos, gap_within, normal_gap, run_chaos_bench, stuck_stretch, view_timeline
+from eep.bench.chaos import ChaosRun, run_chaos_bench
+from eep.bench.chaos_figures import normal_gap, stuck_stretch, view_timeline
+from eep.bench.harness.timeline import gap_within
 from eep.cli import build_parser
 from eep.model.default_model import init_model
 
@@ -78,12 +80,12 @@ def test_stuck_stretch_counts_only_pending_all_active_stretches_without_tokens()
 
 def test_the_view_timeline_is_the_servers_commits_after_the_first_poll() -> None:
     polls = [(0.5, True), (1.6, False), (2.7, True)]
-    events = [
-        {"t": 0.2, "kind": "view_committed", "detail": "start; active [0, 1, 2]"},  # before the first poll
-        {"t": 1.5, "kind": "view_committed", "detail": "failed [1]; active [0, 2]"},
-        {"t": 1.55, "kind": "paused", "detail": "no slot left; active [0]"},  # not a view
-        {"t": 2.6, "kind": "view_committed", "detail": "rank 1 switched in; active [0, 1, 2]"},
-        {"t": 3.0, "kind": "view_committed", "detail": "failed [0, 1, 2]; active []"},
+    events = [  # the structured fields count; the words are free to change
+        {"t": 0.2, "kind": "view_committed", "active": [0, 1, 2], "detail": "started"},  # before the first poll
+        {"t": 1.5, "kind": "view_committed", "active": [0, 2], "detail": "failed [1]; active [0, 1, 2] before"},
+        {"t": 1.55, "kind": "paused", "active": [0], "detail": "no slot left"},  # not a view
+        {"t": 2.6, "kind": "view_committed", "active": [0, 1, 2], "detail": "rank 1 switched in"},
+        {"t": 3.0, "kind": "view_committed", "active": [], "detail": ""},
     ]
     assert view_timeline(polls, events, 3) == [(0.5, True), (1.5, False), (2.6, True), (3.0, False)]
     assert view_timeline(polls, [], 3) == polls  # no events: the polls
@@ -99,21 +101,22 @@ def test_gap_within_is_clipped_to_the_action_window() -> None:
 
 def test_chaos_never_counts_a_stopped_killed_or_drained_rank_as_healthy() -> None:
     srv = SimpleNamespace(url="http://127.0.0.1:1", proc=None, model_name="m", admin_key="k")
-    chaos = _Chaos(srv, None, rng=random.Random(0), concurrency=1, seconds=1.0,  # type: ignore[arg-type]
-                   failure_timeout_s=1.0, gap_s=(1.0, 2.0), settle_timeout_s=1.0, drain_timeout_s=1.0)
-    chaos.clock = time.monotonic()
-    chaos.states = ["active", "active", "active", "joining"]
-    chaos.pids = [10, 11, 12, 13]
-    assert chaos.healthy() == [0, 1, 2] and chaos.feasible("double_kill")
-    assert chaos.feasible("kill_during_rejoin")  # rank 3 is loading
-    chaos.doomed.add(10)  # SIGKILLed, the view not updated yet
-    chaos.stopped[11] = float("inf")  # SIGSTOPped
-    assert chaos.healthy() == [2]
+    chaos = ChaosRun(srv, None, rng=random.Random(0), concurrency=1, seconds=1.0,  # type: ignore[arg-type]
+                     failure_timeout_s=1.0, gap_s=(1.0, 2.0), settle_timeout_s=1.0, drain_timeout_s=1.0)
+    watch, acts, schedule = chaos.watch, chaos.acts, chaos.schedule
+    watch.clock = time.monotonic()
+    watch.states = ["active", "active", "active", "joining"]
+    watch.pids = [10, 11, 12, 13]
+    assert acts.healthy() == [0, 1, 2] and schedule.feasible("double_kill")
+    assert schedule.feasible("kill_during_rejoin")  # rank 3 is loading
+    acts.doomed.add(10)  # SIGKILLed, the view not updated yet
+    acts.stopped[11] = float("inf")  # SIGSTOPped
+    assert acts.healthy() == [2]
     for kind in ("kill", "double_kill", "stop", "drain", "down_to_one", "kill_paused", "kill_during_rejoin"):
-        assert not chaos.feasible(kind), kind  # nothing may take the last healthy rank
-    chaos.stopped[11] = chaos.now() - 0.1  # resumed, and past its grace
-    assert chaos.healthy() == [1, 2] and chaos.feasible("kill") and not chaos.feasible("double_kill")
-    assert chaos.auth == {"Authorization": "Bearer k"}
+        assert not schedule.feasible(kind), kind  # nothing may take the last healthy rank
+    acts.stopped[11] = watch.now() - 0.1  # resumed, and past its grace
+    assert acts.healthy() == [1, 2] and schedule.feasible("kill") and not schedule.feasible("double_kill")
+    assert watch.auth == {"Authorization": "Bearer k"}
 
 
 def test_cli_bench_chaos_defaults() -> None:

@@ -15,20 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from eep.bench.failure import (
-    BIN_S,
-    SYSTEMS,
-    _cpu_at,
-    _descendants,
-    _longest_gap,
-    _normal_gap,
-    _process_cpu_s,
-    _same_work_cpu_ratio,
-    _round_ratio,
-    _same_work_ratio,
-    _stat_cpu_s,
-    _time_to,
+from eep.bench.failure import SYSTEMS
+from eep.bench.harness.cpu import cpu_at, descendants, process_cpu_s, stat_cpu_s
+from eep.bench.harness.interleave import (
+    round_ratio,
+    same_work_cpu_ratio,
+    same_work_ratio,
 )
+from eep.bench.harness.timeline import BIN_S, longest_gap, normal_gap, time_to
 from eep.model.default_model import init_model
 
 
@@ -129,8 +123,8 @@ def test_bench_failure_runs_three_systems_and_writes_record_and_picture(model_di
     # the load went on until the rank was back (and tail_s more), however long its start took
     assert eep["times"]["rejoin_done"] + 1.5 <= eep["times"]["load_end"] + 0.1
     kinds = [e["kind"] for e in eep["events"]]
-    assert kinds[:3] == ["fault_seen", "view_committed", "repair"] and "rejoined" in kinds
-    fault = eep["events"][0]
+    assert kinds[:4] == ["view_committed", "fault_seen", "view_committed", "repair"] and "rejoined" in kinds
+    fault = next(e for e in eep["events"] if e["kind"] == "fault_seen")
     assert fault["rank"] == 1 and eep["times"]["kill"] < fault["t"] < eep["times"]["kill"] + 2
     # the restart relaunched every rank: its membership shows a fresh instance (no fault seen)
     assert not any(e["kind"] == "fault_seen" for e in restart["events"])
@@ -171,18 +165,18 @@ def test_bench_failure_calibrate_compares_two_identical_servers(model_dir: Path,
 
 def test_longest_gap_counts_the_stretches_that_overlap_the_interval() -> None:
     arrivals = [0.0, 0.1, 0.2, 1.0, 1.1, 1.2]
-    assert _longest_gap(arrivals, 0.15, 0.5) == pytest.approx(0.8)  # 0.2 -> 1.0 spans the kill at 0.15+
-    assert _longest_gap(arrivals, 1.05, 1.15) == pytest.approx(0.1)
-    assert _longest_gap([], 2.0, 3.0) == pytest.approx(1.0)  # nothing at all: the whole interval
-    assert _longest_gap([0.0], 0.5, 2.0) == pytest.approx(2.0)  # nothing after: up to the bound
+    assert longest_gap(arrivals, 0.15, 0.5) == pytest.approx(0.8)  # 0.2 -> 1.0 spans the kill at 0.15+
+    assert longest_gap(arrivals, 1.05, 1.15) == pytest.approx(0.1)
+    assert longest_gap([], 2.0, 3.0) == pytest.approx(1.0)  # nothing at all: the whole interval
+    assert longest_gap([0.0], 0.5, 2.0) == pytest.approx(2.0)  # nothing after: up to the bound
 
 
 def test_normal_gap_is_the_median_of_each_windows_longest_gap() -> None:
     steps = [k * 0.1 for k in range(41)]  # a step's tokens every 0.1 s for 4 s
-    assert _normal_gap(steps, 0.0, 4.0) == pytest.approx(0.1)
+    assert normal_gap(steps, 0.0, 4.0) == pytest.approx(0.1)
     slow = [t for t in steps if not 1.05 < t < 1.45]  # one stall of 0.5 s in 1.0..1.5
-    assert _normal_gap(slow, 0.0, 4.0) == pytest.approx(0.1)  # one slow window does not move it
-    assert _normal_gap(steps, 0.0, 0.3) == 0.0  # no whole window: nothing to measure
+    assert normal_gap(slow, 0.0, 4.0) == pytest.approx(0.1)  # one slow window does not move it
+    assert normal_gap(steps, 0.0, 0.3) == 0.0  # no whole window: nothing to measure
 
 
 def test_same_work_ratio_times_both_servers_over_the_same_tokens() -> None:
@@ -190,29 +184,29 @@ def test_same_work_ratio_times_both_servers_over_the_same_tokens() -> None:
     a = [(0.1 * i, 10) for i in range(1, 31)]
     b = [(0.125 * i, 10) for i in range(1, 25)]
     # from the count both reached by 1 s (a: 100, b: 80 -> 100) to the count both reached (240)
-    assert _same_work_ratio(a, b, 1.0) == pytest.approx(1.25)
-    assert _same_work_ratio(b, a, 1.0) == pytest.approx(0.8)
+    assert same_work_ratio(a, b, 1.0) == pytest.approx(1.25)
+    assert same_work_ratio(b, a, 1.0) == pytest.approx(0.8)
     # a stall in b's first second does not matter, only the time for the same tokens after it
     stalled = [(0.5 + 0.125 * i, 10) for i in range(1, 25)]
-    assert _same_work_ratio(a, stalled, 1.0) == pytest.approx(1.25)
-    assert _same_work_ratio(a, [(0.5, 10)], 1.0) is None  # nothing in common after the start
-    assert _same_work_ratio(a, [], 1.0) is None
+    assert same_work_ratio(a, stalled, 1.0) == pytest.approx(1.25)
+    assert same_work_ratio(a, [(0.5, 10)], 1.0) is None  # nothing in common after the start
+    assert same_work_ratio(a, [], 1.0) is None
 
 
 def test_a_round_with_no_work_in_common_is_the_ratio_of_its_token_rates() -> None:
     fast = [(0.01 * i, 10) for i in range(1, 301)]  # 1000 tokens/s: 1000 by the end of its 1 s ramp
     slow = [(0.1 * i, 10) for i in range(1, 31)]  # 100 tokens/s: 300 in its whole 3 s slice
-    assert _same_work_ratio(fast, slow, 1.0) is None
-    assert _round_ratio(fast, slow, 1.0, 1000.0, 100.0) == (10.0, True)  # kept, not dropped
+    assert same_work_ratio(fast, slow, 1.0) is None
+    assert round_ratio(fast, slow, 1.0, 1000.0, 100.0) == (10.0, True)  # kept, not dropped
     a = [(0.1 * i, 10) for i in range(1, 31)]
     b = [(0.125 * i, 10) for i in range(1, 25)]
-    assert _round_ratio(a, b, 1.0, 100.0, 80.0) == (pytest.approx(1.25), False)  # work in common: same work
-    assert _round_ratio(fast, [], 1.0, 1000.0, 0.0) == (None, False)  # the other served nothing: no ratio
+    assert round_ratio(a, b, 1.0, 100.0, 80.0) == (pytest.approx(1.25), False)  # work in common: same work
+    assert round_ratio(fast, [], 1.0, 1000.0, 0.0) == (None, False)  # the other served nothing: no ratio
     # a few tokens in common only (the faster one's ramp ends just below the slower one's total):
     # the same-work times would be those of single chunks; the rates' ratio is taken
     slower = [(0.1 * i, 10) for i in range(1, 102)]  # 100 tokens/s: 1010 in all, 10 above the fast ramp
-    assert _same_work_ratio(fast, slower, 1.0) is not None
-    assert _round_ratio(fast, slower, 1.0, 1000.0, 100.0) == (10.0, True)
+    assert same_work_ratio(fast, slower, 1.0) is not None
+    assert round_ratio(fast, slower, 1.0, 1000.0, 100.0) == (10.0, True)
 
 
 def test_same_work_cpu_ratio_counts_each_servers_cpu_over_the_same_tokens() -> None:
@@ -220,11 +214,11 @@ def test_same_work_cpu_ratio_counts_each_servers_cpu_over_the_same_tokens() -> N
     b = [(0.125 * i, 10) for i in range(1, 25)]  # b at 1.25..3.0 s
     cpu_a = [(0.0, 0.0), (3.0, 6.0)]  # 2 CPU-seconds per second: 2.8 s over a's 1.4 s
     cpu_b = [(0.0, 0.0), (1.25, 1.0), (3.0, 5.2)]  # 2.4 per second from 1.25 s: 4.2 s over b's 1.75 s
-    assert _same_work_cpu_ratio(a, b, 1.0, cpu_a, cpu_b) == pytest.approx(4.2 / 2.8)
-    assert _same_work_cpu_ratio(a, b, 1.0, cpu_a, None) is None  # a server without samples: no figure
-    assert _same_work_cpu_ratio(a, [], 1.0, cpu_a, cpu_b) is None
-    assert _cpu_at(cpu_b, 2.0) == pytest.approx(1.0 + 0.75 * 2.4)  # between samples: linear
-    assert _cpu_at(cpu_b, 9.0) == 5.2 and _cpu_at(cpu_b, -1.0) == 0.0  # outside: the nearest sample
+    assert same_work_cpu_ratio(a, b, 1.0, cpu_a, cpu_b) == pytest.approx(4.2 / 2.8)
+    assert same_work_cpu_ratio(a, b, 1.0, cpu_a, None) is None  # a server without samples: no figure
+    assert same_work_cpu_ratio(a, [], 1.0, cpu_a, cpu_b) is None
+    assert cpu_at(cpu_b, 2.0) == pytest.approx(1.0 + 0.75 * 2.4)  # between samples: linear
+    assert cpu_at(cpu_b, 9.0) == 5.2 and cpu_at(cpu_b, -1.0) == 0.0  # outside: the nearest sample
 
 
 def test_process_cpu_clock_resolves_far_below_a_clock_tick() -> None:
@@ -237,17 +231,17 @@ def test_process_cpu_clock_resolves_far_below_a_clock_tick() -> None:
         "print('spun', flush=True); time.sleep(30)")], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None and child.stdout.readline() == "spun\n"
-        assert _descendants(os.getpid()).count(child.pid) == 1
-        first = _process_cpu_s(child.pid)
+        assert descendants(os.getpid()).count(child.pid) == 1
+        first = process_cpu_s(child.pid)
         assert first >= 0.2  # the exited thread's 0.2 s included
-        assert abs(_stat_cpu_s(child.pid) - first) < 0.05
-        readings = {_process_cpu_s(child.pid) for _ in range(3)} | {first}
+        assert abs(stat_cpu_s(child.pid) - first) < 0.05
+        readings = {process_cpu_s(child.pid) for _ in range(3)} | {first}
         assert any(r * 100 % 1 > 1e-6 for r in readings)  # not whole ticks
     finally:
         child.kill()
         child.wait(10)
     with pytest.raises(OSError):
-        _process_cpu_s(child.pid)  # gone (reaped): a slice that sees this has no CPU figure
+        process_cpu_s(child.pid)  # gone (reaped): a slice that sees this has no CPU figure
 
 
 def test_restart_systems_are_shm_by_default_and_gloo_by_name() -> None:
@@ -261,8 +255,8 @@ def test_time_to_finds_the_first_window_back_at_the_target_rate() -> None:
     steady = [(i * BIN_S, 10) for i in range(1, 51)]  # 100 tokens/s up to 5 s
     gap_then_back = [(5.0 + 1.0 + i * BIN_S, 10) for i in range(40)]  # nothing for 1 s, then 100 tokens/s
     chunks = steady + gap_then_back
-    t = _time_to(chunks, 5.0, 95.0)
+    t = time_to(chunks, 5.0, 95.0)
     assert t is not None and 0.9 <= t <= 1.1
-    assert _time_to(steady, 4.0, 95.0) == 0.0  # no drop at all
-    assert _time_to(steady, 4.5, 95.0) is None  # the run ends before two windows fit
-    assert _time_to(steady + [(5.0 + 1.0, 1)], 5.0, 95.0) is None  # never back to the rate
+    assert time_to(steady, 4.0, 95.0) == 0.0  # no drop at all
+    assert time_to(steady, 4.5, 95.0) is None  # the run ends before two windows fit
+    assert time_to(steady + [(5.0 + 1.0, 1)], 5.0, 95.0) is None  # never back to the rate

@@ -32,17 +32,18 @@ def test_bench_recovery_writes_a_consistent_record(model_dir: Path, tmp_path: Pa
 
     result = json.loads(out.read_text(), parse_constant=no_constants)
     summary = json.loads(done.stdout, parse_constant=no_constants)
-    keys = ("recovery_pause_s", "reintegration_pause_s", "time_to_95_s", "rejoin_s", "requests_lost",
+    keys = ("recovery_pause_s", "reintegration_pause_s", "time_to_95_s", "reached_95", "rejoin_s", "requests_lost",
             "outputs_differing")
     assert set(summary) == set(keys) and all(summary[k] == result[k] for k in keys)
     assert result["requests_lost"] == 0 and result["outputs_differing"] == 0
     assert 0 < result["recovery_pause_s"] < 30
     times = result["times"]
     assert result["rejoin_s"] == times["rejoined"] - times["rejoin_requested"] > 0
-    # None when the rate never came back within the run: a figure, not a test
-    assert result["time_to_95_s"] is None or result["time_to_95_s"] >= 0
+    # never None: when the rate never came back within the run, the time to the run's end (a lower bound)
+    assert isinstance(result["time_to_95_s"], float) and result["time_to_95_s"] >= 0
+    assert isinstance(result["reached_95"], bool)
     kinds = [e["kind"] for e in result["events"]]
-    assert kinds[:3] == ["fault_seen", "view_committed", "repair"] and "rejoined" in kinds
+    assert kinds[:4] == ["view_committed", "fault_seen", "view_committed", "repair"] and "rejoined" in kinds
     repair = result["repairs"][0]
     assert repair["dead"] == [1] and repair["tier2_experts"] == len(repair["experts"]) > 0
     assert {e["source"] for e in repair["experts"]} <= {"backup", "disk"}

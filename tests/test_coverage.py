@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from eep.membership.coverage import coverable, outside, pause_reason, plan_coverage
+from eep.placement.coverage import coverable, outside, pause_reason, plan_coverage
 from eep.membership.view import MembershipView, RankState
 from eep.placement.eplb import plan_placement
 from eep.placement.repair import RepairPlan

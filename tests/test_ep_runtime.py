@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from eep.config import EngineConfig
+from eep.control.config import EPConfig
+from eep.control.executor import EPExecutor
 from eep.engine.engine import LLMEngine
 from eep.engine.sampling import SamplingParams
+from eep.errors import ConfigError, RankFailed
 from eep.model.default_model import init_model
-from eep.errors import ConfigError
 from eep.placement.routing import Placement, placement_from_phy2log, without_slots
-from eep.runtime.executor import EPConfig, EPExecutor, RankFailed
-from eep.runtime.local_host import spread_over_cores
+from eep.runtime.host_resources import spread_over_cores
 
 SHM = Path("/dev/shm")
 PARAMS = [SamplingParams(max_tokens=m, ignore_eos=True) for m in (10, 4, 12, 7, 9, 1)]

@@ -20,12 +20,14 @@ import pytest
 import torch
 
 from eep.config import EngineConfig
+from eep.control.config import EPConfig
+from eep.control.executor import EPExecutor
 from eep.engine.engine import LLMEngine
 from eep.engine.request import Request
 from eep.engine.sampling import SamplingParams
-from eep.membership.view import RankState
+from eep.membership.view import MembershipView, RankState
 from eep.model.default_model import init_model
-from eep.runtime.executor import EPConfig, EPExecutor
+from eep.runtime import wire
 from eep.runtime.rank import EXIT_FENCED
 
 NUM_REQUESTS = 32
@@ -184,15 +186,15 @@ def test_the_repair_plan_is_made_ahead_and_is_the_plan_of_the_failure(
     ex = _executor(engine)
     _run(engine, PROMPTS)
     _run(engine, PROMPTS)  # more than 20 steps: the planner has started
-    assert ex._planner is not None
-    ex._planner.join(30)
-    ready = dict(ex._plans)
+    assert ex.coverage_keeper.planner.started
+    ex.coverage_keeper.planner.join(30)
+    ready = ex.coverage_keeper.planner.plans
     assert set(ready) == {frozenset({r}) for r in range(4)}
     placement, held, view = ex.placement, ex.held.clone(), ex.view
     reqs = _run(engine, PROMPTS, at_step=3, victims=(2,))
     assert _outputs(reqs) == reference
     assert ex.repairs[-1]["plan_ready"] is True and ex.repairs[-1]["dead"] == [2]
-    fresh = ex._plan(view.fail({2}), placement, held)  # what the failure would have planned
+    fresh = ex.coverage_keeper.plan(view.fail({2}), placement, held)  # what the failure would have planned
     made = ready[frozenset({2})][2]
     assert made.transfers == fresh.transfers and made.tiers == fresh.tiers
     assert torch.equal(made.placement.physical_to_logical_map, fresh.placement.physical_to_logical_map)
@@ -208,10 +210,10 @@ def test_the_ledger_charges_elastic_bookkeeping_against_all_the_work(
     before = ex.status()["accounting"]
     for _ in range(5):  # until the plans are made ahead (a number of steps after the last view change)
         assert _outputs(_run(engine, PROMPTS)) == reference
-        if ex._planner is not None:
+        if ex.coverage_keeper.planner.started:
             break
-    assert ex._planner is not None
-    ex._planner.join(10)  # the plans are charged when made
+    assert ex.coverage_keeper.planner.started
+    ex.coverage_keeper.planner.join(10)  # the plans are charged when made
     after = ex.status()["accounting"]
     books = {k: v - before["bookkeeping_cpu_s"][k] for k, v in after["bookkeeping_cpu_s"].items()}  # type: ignore[index]
     cpu = after["cpu_s"] - before["cpu_s"]  # type: ignore[index]
@@ -238,7 +240,7 @@ def test_two_ranks_killed_at_once(model_dir: Path, reference: list[list[int]]) -
 def test_sigstop_is_detected_fenced_on_sigcont_and_rejoins(engine: LLMEngine, reference: list[list[int]]) -> None:
     ex = _executor(engine)
     victim = 3
-    proc = ex._procs[victim]
+    proc = ex.pool.process(victim)
     assert proc is not None
     reqs = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, PARAMS)]
     for _ in range(3):
@@ -321,20 +323,18 @@ def test_ranks_are_forked_from_one_server_whose_death_takes_no_rank(
 
 
 def test_kill_during_repair_and_during_reintegration(
-    engine: LLMEngine, reference: list[list[int]], monkeypatch: pytest.MonkeyPatch
+    engine: LLMEngine, reference: list[list[int]]
 ) -> None:
     ex = _executor(engine)
     # a second rank dies while the copies of the first repair are being written
     second = {"victim": 3, "done": False}
-    reconcile_once = ex._reconcile_once
 
-    def kill_then_repair(t0: float, joined: tuple[int, ...]) -> None:
+    def kill_then_repair(view: MembershipView) -> None:
         if not second["done"]:
             second["done"] = True
             os.kill(ex.pids()[second["victim"]], signal.SIGKILL)
-        reconcile_once(t0, joined)
 
-    monkeypatch.setattr(ex, "_reconcile_once", kill_then_repair)
+    ex.hooks.before_repair = kill_then_repair
     reqs = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, PARAMS)]
     for step in range(8):
         if step == 4:
@@ -352,15 +352,14 @@ def test_kill_during_repair_and_during_reintegration(
     # a survivor dies at the step boundary where a joiner is switched in
     os.kill(ex.pids()[2], signal.SIGKILL)
     _run(engine, PROMPTS[:4])
-    activate = ex._activate
+    ex.hooks.before_repair = None
 
     def kill_then_activate(rank: int) -> None:
         os.kill(ex.pids()[0], signal.SIGKILL)
-        activate(rank)
 
-    monkeypatch.setattr(ex, "_activate", kill_then_activate)
+    ex.hooks.before_switch_in = kill_then_activate
     ex.rejoin(2)
-    joiner = ex._procs[2]
+    joiner = ex.pool.process(2)
     assert joiner is not None and joiner.conn.poll(60)  # loaded: the next step boundary switches it in
     reqs = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, PARAMS)]
     deadline = time.monotonic() + 60
@@ -369,7 +368,7 @@ def test_kill_during_repair_and_during_reintegration(
         engine.step()
     assert _outputs(reqs) == reference
     assert ex.view.states[0] is RankState.FAILED and ex.view.states[2] is RankState.ACTIVE
-    monkeypatch.undo()
+    ex.hooks.before_switch_in = None
     _rejoin(engine, 0)
     assert _outputs(_run(engine, PROMPTS)) == reference
 
@@ -528,7 +527,7 @@ def test_llm_api_reports_membership_coverage_and_events_and_rejoins(model_dir: P
         assert status["view"]["active"] == [0]  # type: ignore[index]
         assert status["view"]["ranks"][1]["state"] == "failed"  # type: ignore[index]
         kinds = [e["kind"] for e in status["events"]]  # type: ignore[union-attr]
-        assert kinds[:4] == ["fault_seen", "view_committed", "repair", "resume"]
+        assert kinds[:5] == ["view_committed", "fault_seen", "view_committed", "repair", "resume"]  # started, then the failure
         assert all(isinstance(e["time"], float) for e in status["events"])  # type: ignore[union-attr]
         llm.rejoin(1)
         deadline = time.monotonic() + 60
@@ -540,7 +539,7 @@ def test_llm_api_reports_membership_coverage_and_events_and_rejoins(model_dir: P
 
 def test_drain_moves_requests_off_a_rank_gracefully_and_it_can_rejoin(engine: LLMEngine, reference: list[list[int]]) -> None:
     ex = _executor(engine)
-    proc = ex._procs[2]
+    proc = ex.pool.process(2)
     assert proc is not None
     reqs = [engine.add_request(p, sp) for p, sp in zip(PROMPTS, PARAMS)]
     for _ in range(4):
@@ -580,3 +579,63 @@ def test_full_restart_relaunches_every_rank_and_loses_no_request(
         assert _outputs(_run(engine, PROMPTS)) == reference  # the relaunched instance serves on
     finally:
         engine.close()
+
+
+def test_every_view_is_stored_also_those_that_keep_the_epoch(engine: LLMEngine, reference: list[list[int]]) -> None:
+    """A joiner that starts loading, and one that dies while it loads, change the view but not
+    the epoch: those views reach the membership store too, as every other."""
+    ex = _executor(engine)
+    assert _outputs(_run(engine, PROMPTS, at_step=3, victims=(1,))) == reference
+
+    def stored() -> dict[str, object]:
+        committed = ex.store.current()
+        assert committed is not None and committed.epoch == ex.view.epoch
+        return committed.record["view"]  # type: ignore[no-any-return]
+
+    assert stored() == ex.view.to_dict()
+    epoch = ex.view.epoch
+    ex.rejoin(1)
+    assert ex.view.epoch == epoch and stored()["ranks"][1]["state"] == "joining"  # type: ignore[index]
+    os.kill(ex.pids()[1], signal.SIGKILL)  # the joiner dies while it loads
+    deadline = time.monotonic() + 30
+    while ex.view.states[1] is not RankState.FAILED:
+        assert time.monotonic() < deadline
+        engine.step()
+        time.sleep(0.05)
+    assert ex.view.epoch == epoch and stored() == ex.view.to_dict()
+    _rejoin(engine, 1)
+    assert stored() == ex.view.to_dict() and _outputs(_run(engine, PROMPTS)) == reference
+
+
+def test_the_view_names_processes_by_incarnations_of_its_own_not_by_pids(
+    engine: LLMEngine, reference: list[list[int]]
+) -> None:
+    """pids of different hosts can be equal: a view naming processes by pid would refuse the
+    rejoin of a rank whose new pid another host's rank has. Every process gets a fresh
+    incarnation id from the controller instead, and every step's answers are checked against it."""
+    ex = _executor(engine)
+    seen = set(ex.view.incarnations)
+    assert len(seen) == 4 and not seen & set(ex.pids())
+    for victim in (2, 2, 0):
+        assert _outputs(_run(engine, PROMPTS, at_step=2, victims=(victim,))) == reference
+        _rejoin(engine, victim)
+        new = ex.view.incarnations[victim]
+        assert new not in seen and new == ex.pool[victim].incarnation and new != ex.pids()[victim]
+        seen.add(new)
+    assert ex.steps_from_fenced == 0
+
+
+def test_a_reply_of_an_older_epoch_is_dropped_not_taken_for_the_answer(
+    engine: LLMEngine, reference: list[list[int]]
+) -> None:
+    """A rank's pipe holds an answer to an earlier request (of an older epoch) when a step's
+    orders go out: the step reads past it by its epoch instead of failing the rank."""
+    ex = _executor(engine)
+    assert _outputs(_run(engine, PROMPTS, at_step=2, victims=(3,))) == reference
+    _rejoin(engine, 3)
+    old = ex.view.epoch - 1
+    wire.send(ex.pool[0].conn, wire.QueryPtrs(old))  # rank 0 answers Ptrs of the old epoch
+    assert ex.pool[0].conn.poll(30)
+    before = ex.view
+    assert _outputs(_run(engine, PROMPTS)) == reference
+    assert ex.view == before and ex.status()["stale_replies_dropped"] == 1

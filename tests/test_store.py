@@ -19,8 +19,15 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from eep.errors import MembershipError
 from eep.membership.store import (
-    Committed, EpochConflict, EtcdStore, LeaseLost, MembershipStore, MemoryStore, StoreError,
+    Committed,
+    EpochConflict,
+    EtcdStore,
+    LeaseLost,
+    MembershipStore,
+    MemoryStore,
+    StoreError,
 )
 from eep.security.secret import ClusterSecret
 from eep.testbed.etcd import EtcdServer
@@ -64,6 +71,30 @@ def test_commits_chain_by_epoch_and_a_stale_one_is_refused(store: MembershipStor
     store.commit(1, _view(2))
     with pytest.raises(EpochConflict):
         store.commit(1, _view(3))  # from epoch 1 again: refused, epoch 2 stays
+    assert store.current() == _view(2)
+
+
+def test_a_view_changed_within_its_epoch_is_stored_and_only_over_the_writers_own_record(
+    store: MembershipStore, etcd: EtcdServer
+) -> None:
+    """A joiner that starts loading (or fails) changes the view, not the epoch: that view is
+    stored too, by the store that committed the epoch; another writer cannot overwrite it."""
+    store.commit(None, _view(1))
+    joining = Committed(1, {"epoch": 1, "states": ["active"] * 3 + ["joining"]})
+    store.commit(1, joining)
+    assert store.current() == joining
+    with pytest.raises(MembershipError, match="older"):
+        store.commit(1, _view(0))
+    if isinstance(store, EtcdStore):  # another controller of the same instance, at the same epoch
+        other = EtcdStore(etcd.endpoint, instance=store._prefix.split("/")[2],
+                          credentials=store._credentials)  # type: ignore[arg-type]
+        try:
+            with pytest.raises(EpochConflict):
+                other.commit(1, Committed(1, {"by": "other"}))
+        finally:
+            other.close()
+    assert store.current() == joining
+    store.commit(1, _view(2))
     assert store.current() == _view(2)
 
 

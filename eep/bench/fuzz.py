@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import pickle
@@ -48,8 +47,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from eep.bench import failure as fb
-from eep.bench.hosts import _server, _Srv
+from eep.bench.harness import (
+    BenchFailed,
+    ClosedLoop,
+    NamespaceServer,
+    RequestRecord,
+    Trace,
+    complete,
+    http_client,
+    membership,
+    provenance,
+    start_namespace_server,
+    warm,
+)
 from eep.bench.steady import checkpoint_vocab
 from eep.errors import ConfigError
 from eep.testbed.netns import NamespaceHosts, available, pids_in, run_in
@@ -85,7 +95,7 @@ def run_fuzz_bench(
     if (why := available()) is not None:
         raise ConfigError(f"eep bench fuzz needs network namespaces: {why}")
     ep_size = 2 * ranks_per_host
-    trace = fb.Trace(seed, checkpoint_vocab(model_path), prompt_len, output_len)
+    trace = Trace(seed, checkpoint_vocab(model_path), prompt_len, output_len)
     per_rank = -(-concurrency // ep_size)
     args = ["--dtype", dtype, "--max-model-len", str(trace.max_model_len), "--max-num-seqs", str(per_rank)]
     canary = Path(tempfile.mkdtemp(prefix="eep-fuzz-")) / "code-executed"
@@ -93,61 +103,85 @@ def run_fuzz_bench(
                                          "prompt_len": prompt_len, "output_len": output_len,
                                          "connections": connections, "seed": seed, "dtype": dtype}}
     with NamespaceHosts(3, prefix=f"eepf{uuid.uuid4().hex[:5]}") as net:
-        srv = _server(net, model_path, nnodes=2, ep_size=ep_size, port=_PORT, http_port=_HTTP_PORT, args=args)
+        srv = start_namespace_server(net, model_path, nnodes=2, ep_size=ep_size, port=_PORT, http_port=_HTTP_PORT,
+                                     args=args)
         try:
-            doors = _doors(net, ep_size)
-            attacker = _Attacker(net, srv, doors, canary, seed, _num_experts(model_path))
-            run_in(net.names[0], lambda: asyncio.run(_warm(srv, trace, concurrency)))
-            attacker.warm_backups()  # their first answer starts pyzmq's zero-copy collector: not a leak
-            before = _open_files(net)
-            stop = threading.Event()
-            load: dict[str, Any] = {}
-            clients = threading.Thread(target=lambda: load.update(run_in(net.names[0], lambda: asyncio.run(
-                _load(srv, trace, concurrency, stop)), timeout_s=3600)), daemon=True)
-            clients.start()
-            time.sleep(1.0)
-            logger.info("[fuzz] %d doors: %s", len(doors), ", ".join(d.name for d in doors))
-            try:
-                attacker.run(connections)
-            finally:
-                logger.info("[fuzz] %d attempts made; waiting %.0f s for the doors to close what was left open",
-                            attacker.attempts, _SETTLE_S)
-                time.sleep(_SETTLE_S)
-                stop.set()
-                clients.join(600)
-                time.sleep(1.0)  # the frontend closes the clients' connections
-            after = _open_files(net)
-            growth = _growth(before, after)
-            status = run_in(net.names[0], lambda: asyncio.run(_health(srv, trace)))
-            logs = "\n".join(srv.inst.log_tail(n, chars=50_000_000) for n in (0, 1))
+            attacker = _Attacker(net, srv, _doors(net, ep_size), canary, seed, _num_experts(model_path))
+            seen = _attack_under_load(net, srv, attacker, trace, concurrency, connections)
         finally:
-            srv.inst.stop()
-            srv.inst.remove()
-    records: list[fb._Record] = load.get("records", [])
+            srv.stop()
+    records: list[RequestRecord] = seen["records"]
     reference = _reference(model_path, trace, [r.index for r in records if r.complete], dtype)
-    events = status["events"]
+    result["summary"] = _summary(attacker, canary, records, reference, seen)
+    result["attempts_by_kind"] = dict(sorted(attacker.by_kind.items()))
+    result["captured_replays"] = attacker.captured
+    before, after = seen["before"], seen["after"]
+    result["open_files"] = {"before": {str(p): len(v) for p, v in before.items()},
+                            "after": {str(p): len(v) for p, v in after.items()}, "grown": seen["growth"]["by_process"]}
+    result["errors"] = sorted({r.error for r in records if r.error})[:5]
+    result |= provenance()
+    with contextlib.suppress(OSError):
+        canary.unlink()
+        canary.parent.rmdir()
+    return result
+
+
+def _attack_under_load(net: NamespaceHosts, srv: NamespaceServer, attacker: _Attacker, trace: Trace,
+                       concurrency: int, connections: int) -> dict[str, Any]:
+    """The attacks while the clients run on host 0; then the doors' settling, the open files
+    before and after, the instance's health and its logs: what the summary is made of."""
+    run_in(net.names[0], lambda: asyncio.run(_warm(srv, trace, concurrency)))
+    attacker.warm_backups()  # their first answer starts pyzmq's zero-copy collector: not a leak
+    before = _open_files(net)
+    stop = threading.Event()
+    load: dict[str, Any] = {}
+
+    def clients() -> None:
+        try:
+            load.update(run_in(net.names[0], lambda: asyncio.run(_load(srv, trace, concurrency, stop)),
+                               timeout_s=3600))
+        except BaseException as e:  # noqa: BLE001 - raised below, in the bench's thread
+            load["error"] = e
+
+    thread = threading.Thread(target=clients, daemon=True)
+    thread.start()
+    time.sleep(1.0)
+    logger.info("[fuzz] %d doors: %s", len(attacker.doors), ", ".join(d.name for d in attacker.doors))
+    try:
+        attacker.run(connections)
+    finally:
+        logger.info("[fuzz] %d attempts made; waiting %.0f s for the doors to close what was left open",
+                    attacker.attempts, _SETTLE_S)
+        time.sleep(_SETTLE_S)
+        stop.set()
+        thread.join(600)
+        time.sleep(1.0)  # the frontend closes the clients' connections
+    if "error" in load or thread.is_alive():
+        raise BenchFailed(f"the clients failed: {load.get('error') or 'still running 600 s after the stop'}")
+    after = _open_files(net)
+    status = run_in(net.names[0], lambda: asyncio.run(_health(srv, trace)))
+    logs = "\n".join(srv.inst.log_tail(n, chars=50_000_000) for n in (0, 1))
+    return {"records": load["records"], "before": before, "after": after, "growth": _growth(before, after),
+            "status": status, "logs": logs}
+
+
+def _summary(attacker: _Attacker, canary: Path, records: list[RequestRecord], reference: dict[int, list[int]],
+             seen: dict[str, Any]) -> dict[str, Any]:
+    events, logs = seen["status"]["events"], seen["logs"]
+    # The one figure read off the logs, by design: that the doors say what they refused (a
+    # bounded log, `eep.security.rejections`); the server exposes no structured count of it
     suppressed = sum(int(m) for m in re.findall(r"rejected door=\S+: (\d+) more peers", logs))
-    result["summary"] = {
+    return {
         "attempts": attacker.attempts,
         "code_executed": canary.exists(),
         "requests": len(records),
         "requests_lost": sum(not r.complete for r in records),
         "outputs_differing": sum(r.token_ids != reference[r.index] for r in records if r.complete),
         "ranks_failed": len({e["rank"] for e in events if e["kind"] == "fault_seen"}),
-        "healthy_at_end": status["healthy"],
-        "fd_growth": growth["total"],
+        "healthy_at_end": seen["status"]["healthy"],
+        "fd_growth": seen["growth"]["total"],
         "rejections_logged": len(re.findall(r"rejected door=\S+ peer=", logs)) + suppressed,
     }
-    result["attempts_by_kind"] = dict(sorted(attacker.by_kind.items()))
-    result["captured_replays"] = attacker.captured
-    result["open_files"] = {"before": {str(p): len(v) for p, v in before.items()},
-                            "after": {str(p): len(v) for p, v in after.items()}, "grown": growth["by_process"]}
-    result["errors"] = sorted({r.error for r in records if r.error})[:5]
-    result |= fb._provenance()
-    with contextlib.suppress(OSError):
-        canary.unlink()
-        canary.parent.rmdir()
-    return result
 
 
 class _Door:
@@ -216,35 +250,29 @@ def _cmdline(pid: int) -> str:
         return "(gone)"
 
 
-async def _warm(srv: _Srv, trace: fb.Trace, concurrency: int) -> None:
-    async with fb._client(srv, concurrency) as client:  # type: ignore[arg-type]
-        await fb._warm(client, srv, trace, concurrency)  # type: ignore[arg-type]
+async def _warm(srv: NamespaceServer, trace: Trace, concurrency: int) -> None:
+    async with http_client(srv, concurrency) as client:
+        await warm(client, srv, trace, concurrency)
 
 
-async def _load(srv: _Srv, trace: fb.Trace, concurrency: int, stop: threading.Event) -> dict[str, Any]:
-    records: list[fb._Record] = []
-    counter = itertools.count()
-    clock = time.monotonic()
-    async with fb._client(srv, concurrency) as client:  # type: ignore[arg-type]
-        async def worker() -> None:
-            while not stop.is_set():
-                await fb._complete(client, srv.model_name, trace, next(counter), clock, records)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"records": records}
+async def _load(srv: NamespaceServer, trace: Trace, concurrency: int, stop: threading.Event) -> dict[str, Any]:
+    async with http_client(srv, concurrency) as client:
+        load = ClosedLoop(client, srv, trace, clock=time.monotonic(), keep_going=lambda: not stop.is_set())
+        await asyncio.gather(*load.start(concurrency))
+    return {"records": load.records}
 
 
-async def _health(srv: _Srv, trace: fb.Trace) -> dict[str, Any]:
-    async with fb._client(srv, 2) as client:  # type: ignore[arg-type]
+async def _health(srv: NamespaceServer, trace: Trace) -> dict[str, Any]:
+    async with http_client(srv, 2) as client:
         health = await client.get("/health")
-        membership = (await client.get("/membership")).json()
-        fresh = await fb._complete(client, srv.model_name, trace, 10**7, time.monotonic())
-    active = membership["view"]["active"]
-    healthy = health.status_code == 200 and active == list(range(len(membership["pids"]))) and fresh.complete
-    return {"healthy": healthy, "events": membership["events"]}
+        status = await membership(client)
+        fresh = await complete(client, srv.model_name, trace, 10**7, time.monotonic())
+    active = status["view"]["active"]
+    healthy = health.status_code == 200 and active == list(range(len(status["pids"]))) and fresh.complete
+    return {"healthy": healthy, "events": status["events"]}
 
 
-def _reference(model_path: str, trace: fb.Trace, indices: list[int], dtype: str) -> dict[int, list[int]]:
+def _reference(model_path: str, trace: Trace, indices: list[int], dtype: str) -> dict[int, list[int]]:
     """The single-process engine's greedy outputs of the trace's requests `indices`."""
     from eep.config import EngineConfig
     from eep.engine.engine import LLMEngine
@@ -265,7 +293,7 @@ def _reference(model_path: str, trace: fb.Trace, indices: list[int], dtype: str)
 class _Attacker:
     """The stranger on host 2 (and, for the replays it captures, a sniffer on host 1's link)."""
 
-    def __init__(self, net: NamespaceHosts, srv: _Srv, doors: list[_Door], canary: Path, seed: int,
+    def __init__(self, net: NamespaceHosts, srv: NamespaceServer, doors: list[_Door], canary: Path, seed: int,
                  num_experts: int) -> None:
         from eep.security.secret import ClusterSecret
 

@@ -13,8 +13,8 @@ stopped here, all answering over HTTP on host 0:
   addresses without CURVE): the A/B of what authenticating and encrypting the data plane costs.
 Every server across hosts runs with its cluster secret (authenticated control connections).
 Steady decode speed: `cross_host` against each other server in alternating slices of the same
-closed-loop load on the same requests (as `eep bench failure`: `_interleaved`, the median of
-the rounds' same-work ratios). Then one timed run of `cross_host` under the same trace and
+closed-loop load on the same requests (as `eep bench failure`: `eep.bench.harness.interleaved`,
+the median of the rounds' same-work ratios). Then one timed run of `cross_host` under the same trace and
 clients as `eep bench failure`, through this schedule:
   1. `kill_at_s`: a rank on host 1 SIGKILLed (it is restarted at once: rejoin auto);
   2. once it is back, +`gap_s`: host 1 lost: its link taken down (no FIN, no RST reaches
@@ -47,60 +47,45 @@ any transport meets at this load on this machine); `steps_committed_by_fenced_ra
 committed steps with an answer from a process outside the view); `requests_lost`;
 `outputs_differing` (against the single-host server, fault-free).
 """
-
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
 import signal
 import statistics
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from eep.bench import failure as fb
+from eep.bench.harness import (
+    BenchFailed,
+    ClosedLoop,
+    NamespaceServer,
+    RequestRecord,
+    System,
+    Trace,
+    drive_fault_run,
+    http_client,
+    interleaved,
+    membership,
+    provenance,
+    save_timeline_plot,
+    serve_reference,
+    start_namespace_server,
+    timeline,
+    warm,
+    warm_all,
+)
 from eep.bench.steady import checkpoint_vocab
 from eep.errors import ConfigError
-from eep.testbed.instance import HostsInstance
 from eep.testbed.netns import NamespaceHosts, available, run_in
 
 logger = logging.getLogger(__name__)
 
 _BACK_TIMEOUT_S = 120.0
-
-
-@dataclass
-class _Srv:
-    """The part of `eep.bench.failure._Server` its load functions use, for a namespace instance."""
-
-    inst: HostsInstance
-    url: str
-    model_name: str
-    admin_key: str
-    warmed: bool = False
-
-    @property
-    def proc(self) -> Any:
-        return self.inst.head
-
-    def log_tail(self, lines: int = 30) -> str:
-        return self.inst.log_tail(0)
-
-
-def _server(hosts: NamespaceHosts, model_path: str, *, nnodes: int, ep_size: int, port: int, http_port: int,
-            args: list[str], env: dict[str, str] | None = None) -> _Srv:
-    admin = uuid.uuid4().hex
-    inst = HostsInstance(hosts, model_path, ep_size=ep_size, nnodes=nnodes, port=port, env=env, args=[
-        *args, "--http", f"{hosts.addresses[0]}:{http_port}", "--admin-api-key", admin])
-    inst.start()
-    url = inst.ready_line.rsplit(" http ", 1)[1].strip()
-    logger.info("  ready: %s", inst.ready_line.strip())
-    return _Srv(inst, url, Path(model_path).name, admin)
+_BACK_POLL_S = 0.1
 
 
 def run_hosts_bench(
@@ -127,7 +112,7 @@ def run_hosts_bench(
     if hosts < 2 or ranks_per_host < 1 or partition_s <= failure_timeout_s:
         raise ConfigError("need >= 2 hosts, >= 1 rank per host and partition_s > failure_timeout_s")
     ep_size = hosts * ranks_per_host
-    trace = fb.Trace(seed, checkpoint_vocab(model_path), prompt_len, output_len)
+    trace = Trace(seed, checkpoint_vocab(model_path), prompt_len, output_len)
     survivors = ep_size - ranks_per_host
     per_rank = -(-concurrency // survivors)  # the survivors of a host's loss hold every running request
     common = ["--dtype", dtype, "--max-model-len", str(trace.max_model_len), "--max-num-seqs", str(per_rank),
@@ -139,73 +124,86 @@ def run_hosts_bench(
     }}
     with NamespaceHosts(hosts, prefix=f"eepb{uuid.uuid4().hex[:5]}") as net, contextlib.ExitStack() as stack:
         h0 = net.names[0]
-
-        def stop(srv: _Srv) -> None:
-            srv.inst.stop()
-            srv.inst.remove()
-
         logger.info("[1/4] servers: cross-host eep, the same ranks on one host, gloo across hosts")
-        cross = _server(net, model_path, nnodes=hosts, ep_size=ep_size, port=29500, http_port=8100,
-                        args=[*common, "--rejoin", "auto"])  # default spare slots: one host's loss is covered
-        stack.callback(stop, cross)
-        # --rejoin auto as the cross-host server: after the same kill both start a new rank at once
-        single = _server(net, model_path, nnodes=1, ep_size=ep_size, port=29600, http_port=8200,
-                         args=[*common, "--rejoin", "auto"])
-        stack.callback(stop, single)
-        gloo = _server(net, model_path, nnodes=hosts, ep_size=ep_size, port=29700, http_port=8300,
-                       args=[*common, "--ep-backend", "gloo", "--fault-policy", "none",
-                             "--allow-unauthenticated-gloo"], env={"GLOO_SOCKET_IFNAME": "eth0"})
-        stack.callback(stop, gloo)  # stopped after the steady state; a second stop is a no-op
-        plain = _server(net, model_path, nnodes=hosts, ep_size=ep_size, port=29800, http_port=8400,
-                        args=[*common, "--rejoin", "auto", "--insecure-data-plane"])
-        stack.callback(stop, plain)
-
+        servers = _start_servers(net, model_path, stack, hosts=hosts, ep_size=ep_size, common=common)
+        cross, single = servers["cross_host"], servers["single_host"]
         logger.info("[2/4] steady state: %d rounds of %.1f s slices against each", steady_rounds, steady_slice_s)
-        steady: dict[str, Any] = {}
-        servers = {"cross_host": cross, "single_host": single, "gloo": gloo, "insecure_data_plane": plain}
-        run_in(h0, lambda: asyncio.run(_warm_all(servers, trace, concurrency)))
-        before = run_in(h0, lambda: asyncio.run(_dataplanes(servers)))
-        for name, other in (("single_host", single), ("gloo", gloo), ("insecure_data_plane", plain)):
-            steady[name] = run_in(h0, lambda o=other: asyncio.run(fb._interleaved(  # type: ignore[misc]
-                {"cross_host": cross, name: o}, trace, concurrency=concurrency, rounds=steady_rounds,
-                slice_s=steady_slice_s)))
-        after = run_in(h0, lambda: asyncio.run(_dataplanes(servers)))
-        steady["dataplane"] = {name: _per_step(before[name], after[name]) for name in servers}
-        stop(gloo)
-        stop(plain)
+        steady = _steady(h0, servers, trace, concurrency=concurrency, rounds=steady_rounds, slice_s=steady_slice_s)
+        servers["gloo"].stop()
+        servers["insecure_data_plane"].stop()
 
         logger.info("[3/4] the same kill on one host (the remote kill's reference)")
         local = run_in(h0, lambda: asyncio.run(_single_kill(single, trace, concurrency, kill_at_s, ranks_per_host)))
 
         logger.info("[4/4] cross-host: remote rank kill, host loss and return, partition and heal")
-        run, records = run_in(h0, lambda: asyncio.run(_timeline(
-            net, cross, trace, concurrency=concurrency, ranks_per_host=ranks_per_host, kill_at_s=kill_at_s,
-            gap_s=gap_s, return_after_s=return_after_s, partition_s=partition_s, tail_s=tail_s)))
-        reference_needed = sorted({r.index for r in records if r.complete})
-        reference = run_in(h0, lambda: asyncio.run(fb._reference(single, trace, reference_needed, concurrency)))
-        run["outputs_differing"] = sum(r.token_ids != reference[r.index] for r in records if r.complete)
+        faults = _HostFaults(net, cross, ranks_per_host=ranks_per_host, kill_at_s=kill_at_s, gap_s=gap_s,
+                             return_after_s=return_after_s, partition_s=partition_s, tail_s=tail_s)
+        run = _cross_host_run(h0, faults, single, trace, concurrency)
     result |= _summary(run, local, steady)
     result["steady_state"] = steady
     result["run"] = run
     result["single_host_kill"] = local
-    result["bin_s"] = fb.BIN_S
-    result |= fb._provenance()
+    result["bin_s"] = timeline.BIN_S
+    result |= provenance()
     return result
 
 
-async def _warm_all(servers: dict[str, _Srv], trace: fb.Trace, concurrency: int) -> None:
-    for srv in servers.values():
-        async with fb._client(srv, concurrency) as client:  # type: ignore[arg-type]
-            await fb._warm(client, srv, trace, concurrency)  # type: ignore[arg-type]
+def _cross_host_run(h0: str, faults: _HostFaults, single: NamespaceServer, trace: Trace,
+                    concurrency: int) -> dict[str, Any]:
+    """The cross-host timed run on host `h0`, its completed requests checked against `single`'s outputs."""
+    run, records = run_in(h0, lambda: asyncio.run(faults.run(trace, concurrency)))
+    reference_needed = sorted({r.index for r in records if r.complete})
+    reference = run_in(h0, lambda: asyncio.run(serve_reference(single, trace, reference_needed, concurrency)))
+    run["outputs_differing"] = sum(r.token_ids != reference[r.index] for r in records if r.complete)
+    return run
 
 
-async def _dataplanes(servers: dict[str, _Srv]) -> dict[str, dict[str, float]]:
+def _start_servers(net: NamespaceHosts, model_path: str, stack: contextlib.ExitStack, *, hosts: int, ep_size: int,
+                   common: list[str]) -> dict[str, NamespaceServer]:
+    """The four servers, each stopped when `stack` closes (a second stop is a no-op)."""
+    def start(port: int, http_port: int, args: list[str], nnodes: int = hosts,
+              env: dict[str, str] | None = None) -> NamespaceServer:
+        srv = start_namespace_server(net, model_path, nnodes=nnodes, ep_size=ep_size, port=port,
+                                     http_port=http_port, args=[*common, *args], env=env)
+        stack.callback(srv.stop)
+        return srv
+
+    return {
+        # default spare slots: one host's loss is covered
+        "cross_host": start(29500, 8100, ["--rejoin", "auto"]),
+        # --rejoin auto as the cross-host server: after the same kill both start a new rank at once
+        "single_host": start(29600, 8200, ["--rejoin", "auto"], nnodes=1),
+        # stopped after the steady state
+        "gloo": start(29700, 8300, ["--ep-backend", "gloo", "--fault-policy", "none", "--allow-unauthenticated-gloo"],
+                      env={"GLOO_SOCKET_IFNAME": "eth0"}),
+        "insecure_data_plane": start(29800, 8400, ["--rejoin", "auto", "--insecure-data-plane"]),
+    }
+
+
+def _steady(h0: str, servers: dict[str, NamespaceServer], trace: Trace, *, concurrency: int, rounds: int,
+            slice_s: float) -> dict[str, Any]:
+    """`cross_host` interleaved against each other server, and every server's data-plane time
+    per step; each part on host `h0`, in its own event loop (and `run_in`'s time bound)."""
+    run_in(h0, lambda: asyncio.run(warm_all(dict(servers), trace, concurrency)))
+    before = run_in(h0, lambda: asyncio.run(_dataplanes(servers)))
+    steady: dict[str, Any] = {}
+    cross = servers["cross_host"]
+    for name, other in servers.items():
+        if name != "cross_host":
+            steady[name] = run_in(h0, lambda n=name, o=other: asyncio.run(interleaved(  # type: ignore[misc]
+                {"cross_host": cross, n: o}, trace, concurrency=concurrency, rounds=rounds, slice_s=slice_s)))
+    after = run_in(h0, lambda: asyncio.run(_dataplanes(servers)))
+    steady["dataplane"] = {name: _per_step(before[name], after[name]) for name in servers}
+    return steady
+
+
+async def _dataplanes(servers: dict[str, NamespaceServer]) -> dict[str, dict[str, float]]:
     """Each server's data-plane counters (`dataplane` of /membership: committed steps, seconds
     inside dispatch/combine, and the transport's own part of them)."""
     out = {}
     for name, srv in servers.items():
-        async with fb._client(srv, 1) as client:  # type: ignore[arg-type]
-            out[name] = (await client.get("/membership")).json()["dataplane"]
+        async with http_client(srv, 1) as client:
+            out[name] = (await membership(client))["dataplane"]
     return out
 
 
@@ -217,107 +215,114 @@ def _per_step(a: dict[str, float], b: dict[str, float]) -> dict[str, float | Non
             "exchange_critical_ms": 1e3 * (b["exchange_critical_s"] - a["exchange_critical_s"]) / steps}
 
 
-async def _single_kill(srv: _Srv, trace: fb.Trace, concurrency: int, kill_at_s: float,
+async def _single_kill(srv: NamespaceServer, trace: Trace, concurrency: int, kill_at_s: float,
                        ranks_per_host: int) -> dict[str, Any]:
     """SIGKILL of the rank the cross-host run kills, on the one-host instance: its pause."""
     victim = ranks_per_host  # the first rank of host 1 in the cross-host instance
-    system = fb.System("single_host", "one host (shm)", (), kill=True, rejoin=False)
-    run, _ = await fb._drive(srv, system, trace, concurrency=concurrency, victim=victim,  # type: ignore[arg-type]
-                             fault_at_s=kill_at_s, rejoin_after_s=3.0, tail_s=0.5)
+    system = System("single_host", "one host (shm)", (), kill=True, rejoin=False)
+    run, _ = await drive_fault_run(srv, system, trace, concurrency=concurrency, victim=victim,
+                                   fault_at_s=kill_at_s, rejoin_after_s=3.0, tail_s=0.5)
     return {k: run.get(k) for k in ("pause_after_kill_s", "longest_gap_after_kill_s", "normal_gap_s",
                                     "requests_lost", "times")}
 
 
-async def _timeline(net: NamespaceHosts, srv: _Srv, trace: fb.Trace, *, concurrency: int, ranks_per_host: int,
-                    kill_at_s: float, gap_s: float, return_after_s: float, partition_s: float,
-                    tail_s: float) -> tuple[dict[str, Any], list[fb._Record]]:
-    host1 = list(range(ranks_per_host, 2 * ranks_per_host))
-    async with fb._client(srv, concurrency) as client:  # type: ignore[arg-type]
-        await fb._warm(client, srv, trace, concurrency)  # type: ignore[arg-type]
-        counter = itertools.count()
-        records: list[fb._Record] = []
-        clock, wall0 = time.monotonic(), time.time()
-        times: dict[str, float] = {}
+class _HostFaults:
+    """The cross-host run's schedule (module docstring) under the closed loop, on its clock."""
+
+    def __init__(self, net: NamespaceHosts, srv: NamespaceServer, *, ranks_per_host: int, kill_at_s: float,
+                 gap_s: float, return_after_s: float, partition_s: float, tail_s: float) -> None:
+        self.net, self.srv = net, srv
+        self.kill_at_s, self.gap_s, self.return_after_s = kill_at_s, gap_s, return_after_s
+        self.partition_s, self.tail_s = partition_s, tail_s
+        self.host1 = list(range(ranks_per_host, 2 * ranks_per_host))
+        self.times: dict[str, float] = {}
+        self.client: Any = None
+        self.clock = 0.0
+
+    def now(self) -> float:
+        return time.monotonic() - self.clock
+
+    async def run(self, trace: Trace, concurrency: int) -> tuple[dict[str, Any], list[RequestRecord]]:
         running = {"on": True}
+        async with http_client(self.srv, concurrency) as client:
+            self.client = client
+            await warm(client, self.srv, trace, concurrency)
+            self.clock, wall0 = time.monotonic(), time.time()
+            load = ClosedLoop(client, self.srv, trace, clock=self.clock, keep_going=lambda: running["on"])
+            load.start(concurrency)
+            try:
+                await self._schedule()
+            finally:
+                running["on"] = False
+                await load.join(return_exceptions=True)
+            status = await membership(client)
+        records = load.records
+        self.times["load_end"] = max((t for r in records for t, _ in r.chunks), default=self.now())
+        events = [{**e, "t": e["time"] - wall0} for e in status.get("events", [])]
+        return _analyse(records, self.times, events, self.host1, status), records
 
-        async def worker() -> None:
-            while running["on"]:
-                await fb._complete(client, srv.model_name, trace, next(counter), clock, records)
+    async def _schedule(self) -> None:
+        await asyncio.sleep(self.kill_at_s)
+        await self._remote_kill()
+        await asyncio.sleep(self.gap_s)
+        await self._host_loss()
+        await asyncio.sleep(self.gap_s)
+        await self._partition()
+        await asyncio.sleep(self.tail_s)
 
-        def now() -> float:
-            return time.monotonic() - clock
+    async def _remote_kill(self) -> None:
+        pids = (await membership(self.client))["pids"]
+        self.times["remote_kill"] = self.now()
+        os.kill(pids[self.host1[0]], signal.SIGKILL)
+        logger.info("  t=%5.1f s  SIGKILL rank %d on host 1", self.now(), self.host1[0])
+        await self._until_back("remote_kill")
 
-        async def active() -> list[int]:
-            return (await client.get("/membership")).json()["view"]["active"]  # type: ignore[no-any-return]
+    async def _host_loss(self) -> None:
+        self.times["host_loss"] = self.now()
+        self.net.cut(1)
+        self.net.kill_all(1)
+        logger.info("  t=%5.1f s  host 1 lost (link down, every process killed)", self.now())
+        await asyncio.to_thread(self.srv.inst.agents[1].wait, 10)
+        await asyncio.sleep(self.return_after_s)
+        self.net.heal(1)
+        self.times["host_return"] = self.now()
+        self.srv.inst.start_agent(1)
+        logger.info("  t=%5.1f s  host 1 returns (a new agent)", self.now())
+        await self._until_back("host_return")
 
-        async def until_back(what: str) -> None:
-            deadline = now() + _BACK_TIMEOUT_S
-            while not set(host1) <= set(await active()):
-                if now() > deadline:
-                    raise fb.BenchFailed(f"host 1's ranks not back within {_BACK_TIMEOUT_S:.0f} s after {what}; "
-                                         f"log:\n{srv.log_tail()}")
-                await asyncio.sleep(0.1)
-            times[f"{what}_back"] = now()
-            logger.info("  t=%5.1f s  host 1's ranks are back (%s)", now(), what)
+    async def _partition(self) -> None:
+        self.times["partition"] = self.now()
+        self.net.cut(1)
+        logger.info("  t=%5.1f s  host 1 partitioned", self.now())
+        await asyncio.sleep(self.partition_s)
+        self.net.heal(1)
+        self.times["heal"] = self.now()
+        logger.info("  t=%5.1f s  healed", self.now())
+        code = await asyncio.to_thread(self.srv.inst.agents[1].wait, 30)
+        self.times["fenced_agent_exit_code"] = code
+        self.srv.inst.start_agent(1)
+        self.times["partition_return"] = self.now()
+        await self._until_back("partition_return")
 
-        async def schedule() -> None:
-            await asyncio.sleep(kill_at_s)
-            pids = (await client.get("/membership")).json()["pids"]
-            times["remote_kill"] = now()
-            os.kill(pids[host1[0]], signal.SIGKILL)
-            logger.info("  t=%5.1f s  SIGKILL rank %d on host 1", now(), host1[0])
-            await until_back("remote_kill")
-            await asyncio.sleep(gap_s)
-            times["host_loss"] = now()
-            net.cut(1)
-            net.kill_all(1)
-            logger.info("  t=%5.1f s  host 1 lost (link down, every process killed)", now())
-            await asyncio.to_thread(srv.inst.agents[1].wait, 10)
-            await asyncio.sleep(return_after_s)
-            net.heal(1)
-            times["host_return"] = now()
-            srv.inst.start_agent(1)
-            logger.info("  t=%5.1f s  host 1 returns (a new agent)", now())
-            await until_back("host_return")
-            await asyncio.sleep(gap_s)
-            times["partition"] = now()
-            net.cut(1)
-            logger.info("  t=%5.1f s  host 1 partitioned", now())
-            await asyncio.sleep(partition_s)
-            net.heal(1)
-            times["heal"] = now()
-            logger.info("  t=%5.1f s  healed", now())
-            code = await asyncio.to_thread(srv.inst.agents[1].wait, 30)
-            times["fenced_agent_exit_code"] = code
-            srv.inst.start_agent(1)
-            times["partition_return"] = now()
-            await until_back("partition_return")
-            await asyncio.sleep(tail_s)
-            running["on"] = False
-
-        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
-        try:
-            await schedule()
-        finally:
-            running["on"] = False
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), fb._REQUEST_TIMEOUT_S)
-        status = (await client.get("/membership")).json()
-    times["load_end"] = max(t for r in records for t, _ in r.chunks) if records else now()
-    events = [{**e, "t": e["time"] - wall0} for e in status.get("events", [])]
-    return _analyse(records, times, events, host1, status), records
+    async def _until_back(self, what: str) -> None:
+        deadline = self.now() + _BACK_TIMEOUT_S
+        while not set(self.host1) <= set((await membership(self.client))["view"]["active"]):
+            if self.now() > deadline:
+                raise BenchFailed(f"host 1's ranks not back within {_BACK_TIMEOUT_S:.0f} s after {what}; "
+                                  f"log:\n{self.srv.log_tail()}")
+            await asyncio.sleep(_BACK_POLL_S)
+        self.times[f"{what}_back"] = self.now()
+        logger.info("  t=%5.1f s  host 1's ranks are back (%s)", self.now(), what)
 
 
-def _analyse(records: list[fb._Record], times: dict[str, float], events: list[dict[str, Any]], host1: list[int],
+def _analyse(records: list[RequestRecord], times: dict[str, float], events: list[dict[str, Any]], host1: list[int],
              status: dict[str, Any]) -> dict[str, Any]:
-    arrivals = sorted(t for r in records for t, _ in r.chunks)
-    bins = [0] * (int(times["load_end"] / fb.BIN_S) + 1)
-    for r in records:
-        for t, n in r.chunks:
-            bins[int(t / fb.BIN_S)] += n
-    normal = fb._normal_gap(arrivals, fb._STEADY_FROM_S, times["remote_kill"])
+    arrivals = timeline.arrivals(records)
+    bins = timeline.token_bins(records, times["load_end"])
+    normal = timeline.normal_gap(arrivals, timeline.STEADY_FROM_S, times["remote_kill"])
 
     def pause(start: str, stop: str) -> tuple[float, float]:
-        gap = fb._longest_gap(arrivals, times[start], times[stop])
+        gap = timeline.longest_gap(arrivals, times[start], times[stop])
         return gap, max(0.0, gap - normal)
 
     seen = [e for e in events if e["kind"] == "fault_seen" and e["rank"] in host1]
@@ -327,13 +332,14 @@ def _analyse(records: list[fb._Record], times: dict[str, float], events: list[di
                and e["t"] >= times["host_return"]]
     run: dict[str, Any] = {
         "times": times, "events": events, "tokens_per_bin": bins, "normal_gap_s": normal,
-        "tokens_per_s_steady": fb._rate(bins, fb._STEADY_FROM_S, times["remote_kill"]),
+        "tokens_per_s_steady": timeline.rate(bins, timeline.STEADY_FROM_S, times["remote_kill"]),
         "requests": len(records), "requests_completed": sum(r.complete for r in records),
         "requests_lost": sum(not r.complete for r in records),
         "errors": sorted({r.error for r in records if r.error})[:5],
         "host_loss_detection_s": min(loss_seen) - times["host_loss"] if loss_seen else None,
         "partition_detection_s": min(partition_seen) - times["partition"] if partition_seen else None,
-        "host_rejoin_pauses_s": [max(0.0, fb._longest_gap(arrivals, t - 1.0, t + 1.0) - normal) for t in rejoins],
+        "host_rejoin_pauses_s": [max(0.0, timeline.longest_gap(arrivals, t - 1.0, t + 1.0) - normal)
+                                 for t in rejoins],
         "steps_committed_by_fenced_ranks": status.get("steps_committed_by_fenced_ranks"),
     }
     run["remote_kill_longest_gap_s"], run["remote_kill_pause_s"] = pause("remote_kill", "remote_kill_back")
@@ -438,10 +444,8 @@ def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     run = result["run"]
-    bins, smooth = run["tokens_per_bin"], int(round(fb._WINDOW_S / fb.BIN_S))
-    rates = [sum(bins[max(0, i - smooth + 1):i + 1]) / (min(i + 1, smooth) * fb.BIN_S) for i in range(len(bins))]
     fig, ax = plt.subplots(figsize=(10, 4.2), dpi=120)
-    ax.plot([(i + 1) * fb.BIN_S for i in range(len(bins))], rates, color="tab:blue", linewidth=1.5,
+    ax.plot(*timeline.moving_rates(run["tokens_per_bin"]), color="tab:blue", linewidth=1.5,
             label=f"eep on {result['config']['hosts']} hosts x {result['config']['ranks_per_host']} ranks")
     t = run["times"]
     marks = [("remote_kill", "SIGKILL rank on host 1", "black", "-"), ("host_loss", "host 1 lost", "tab:red", "-"),
@@ -455,13 +459,5 @@ def plot(result: dict[str, Any], path: str) -> None:
     s = result["summary"]
     ax.set_title(f"committed tokens/s across hosts (0.5 s average) — host loss pause {s['host_loss_pause_s']:.2f} s, "
                  f"partition pause {s['partition_pause_s']:.2f} s", fontsize=10)
-    ax.set_xlabel("time since the load started (s)")
-    ax.set_ylabel("tokens/s")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_timeline_plot(fig, ax, path)
 

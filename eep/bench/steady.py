@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from eep.config import EngineConfig
+from eep.control.config import BACKENDS, EPConfig
+from eep.control.executor import EPExecutor
 from eep.engine.engine import LLMEngine
 from eep.engine.sampling import SamplingParams
 from eep.errors import CheckpointFileMissing, ConfigError
-from eep.runtime.executor import BACKENDS, EPConfig, EPExecutor
 
 logger = logging.getLogger(__name__)
 

@@ -33,15 +33,39 @@ logger = logging.getLogger(__name__)
 
 
 
+class ElasticExecutor(Protocol):
+    """The membership side of an expert-parallel executor (`eep.control.executor.EPExecutor`),
+    as the engine, `eep.llm.LLM` and the HTTP admin call it."""
+
+    @property
+    def active_ranks(self) -> tuple[int, ...]: ...
+
+    @property
+    def paused_reason(self) -> str | None: ...
+
+    def membership_pending(self) -> bool: ...
+
+    def at_step_boundary(self) -> tuple[int, ...]: ...
+
+    def status(self) -> dict[str, object]: ...
+
+    def rejoin(self, rank: int) -> None: ...
+
+    def drain(self, rank: int) -> None: ...
+
+
 class Executor(Protocol):
     """Runs each rank's share of a step and returns, per rank, the tokens its chunks sampled.
 
-    An elastic executor (EPExecutor) also has `active_ranks`, `paused_reason` and
-    `at_step_boundary()`, and raises `RanksFailed` / `StepRetry` from `execute` when a step
-    could not finish; the engine then re-admits requests and runs the step again.
+    `elastic` is the executor's membership side (None: one fixed process). An elastic executor
+    raises `RanksFailed` / `StepRetry` from `execute` when a step could not finish; the engine
+    then re-admits requests and runs the step again.
     """
 
     num_ranks: int
+
+    @property
+    def elastic(self) -> ElasticExecutor | None: ...
 
     def execute(self, work: list[list[SeqWork]]) -> list[list[int]]: ...
 
@@ -52,6 +76,7 @@ class LocalExecutor:
     """The whole model in this process: one rank, every expert slot local."""
 
     num_ranks = 1
+    elastic = None
 
     def __init__(self, config: EngineConfig) -> None:
         model = load_model(config.model_path, dtype=config.dtype, max_len=config.max_model_len, progress=config.progress)
@@ -139,7 +164,8 @@ class LLMEngine:
         return req
 
     def _active(self) -> tuple[int, ...]:
-        return getattr(self.executor, "active_ranks", tuple(range(self.executor.num_ranks)))
+        elastic = self.executor.elastic
+        return elastic.active_ranks if elastic is not None else tuple(range(self.executor.num_ranks))
 
     def _least_loaded(self) -> Scheduler:
         return min((self.schedulers[r] for r in self._active()), key=lambda s: len(s.running) + len(s.waiting))
@@ -147,7 +173,8 @@ class LLMEngine:
     @property
     def paused_reason(self) -> str | None:
         """Why the engine admits no step now (e.g. experts without a replica), or None."""
-        return getattr(self.executor, "paused_reason", None)
+        elastic = self.executor.elastic
+        return elastic.paused_reason if elastic is not None else None
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -161,8 +188,8 @@ class LLMEngine:
 
     def membership_pending(self) -> bool:
         """A rank is loading to rejoin: `step()` must be called (even with no work) to switch it in."""
-        pending = getattr(self.executor, "membership_pending", None)
-        return bool(pending is not None and pending())
+        elastic = self.executor.elastic
+        return elastic is not None and elastic.membership_pending()
 
     def has_work(self) -> bool:
         return any(s.has_work() for s in self.schedulers)
@@ -175,10 +202,10 @@ class LLMEngine:
         requests move to survivors (re-prefilled from their committed tokens), and the next
         call runs the step again.
         """
-        boundary = getattr(self.executor, "at_step_boundary", None)
-        if boundary is not None:
+        elastic = self.executor.elastic
+        if elastic is not None:
             try:
-                if joined := boundary():
+                if joined := elastic.at_step_boundary():
                     self._rebalance(joined)
             except RanksFailed:  # a rank died while another was being switched in
                 self._readmit_orphans()

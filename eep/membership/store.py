@@ -86,9 +86,11 @@ class MembershipStore(abc.ABC):
     @abc.abstractmethod
     def commit(self, expected_epoch: int | None, committed: Committed) -> None:
         """Make `committed` current iff the current epoch is `expected_epoch` (None: nothing
-        committed yet) and `committed.epoch` is newer; else raise EpochConflict. Safe to call
-        again after a StoreError: a commit of this store's that went through while its answer
-        was lost counts as done, never as a conflict and never as a second commit."""
+        committed yet) and `committed.epoch` is newer, or is `expected_epoch` itself and the
+        current record is this store's own last commit (a view changed within its epoch: a
+        joiner that started loading or failed); else raise EpochConflict. Safe to call again
+        after a StoreError: a commit of this store's that went through while its answer was
+        lost counts as done, never as a conflict and never as a second commit."""
 
     @abc.abstractmethod
     def wait_newer(self, epoch: int, timeout_s: float) -> Committed | None:
@@ -152,8 +154,8 @@ class HostRegistration:
 
 
 def _check_commit(expected: int | None, committed: Committed) -> None:
-    if expected is not None and committed.epoch <= expected:
-        raise MembershipError(f"epoch {committed.epoch} is not newer than {expected}")
+    if expected is not None and committed.epoch < expected:
+        raise MembershipError(f"epoch {committed.epoch} is older than {expected}")
 
 
 # -- one host ---------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ class MemoryStore(MembershipStore):
         _check_commit(expected_epoch, committed)
         with self._cond:
             found = None if self._current is None else self._current.epoch
-            if found != expected_epoch:
+            if found != expected_epoch:  # one process's store: its current record is its own
                 raise EpochConflict(expected_epoch, found)
             self._current = Committed(committed.epoch, json.loads(json.dumps(committed.record)))
             self._cond.notify_all()
@@ -262,6 +264,7 @@ class EtcdStore(MembershipStore):
         self.timeout_s = timeout_s
         self._prefix = f"/eep/{instance}/"
         self._writer = uuid.uuid4().hex  # in every record this store commits: a retry knows its own commit
+        self._last_revision: int | None = None  # the view key's revision after this store's last commit
         self._good = 0  # the endpoint that answered last
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s))
         self._credentials = credentials
@@ -335,24 +338,33 @@ class EtcdStore(MembershipStore):
         guard = ({"key": epoch_key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
                  if expected_epoch is None else
                  {"key": epoch_key, "target": "VALUE", "result": "EQUAL", "value": _b64(str(expected_epoch))})
+        compare = [guard]
+        if committed.epoch == expected_epoch:  # a change within the epoch: only over our own last commit
+            if self._last_revision is None:
+                raise EpochConflict(expected_epoch, expected_epoch)
+            compare.append({"key": _b64(self._prefix + "view"), "target": "MOD", "result": "EQUAL",
+                            "mod_revision": str(self._last_revision)})
         value = json.dumps({"epoch": committed.epoch, "record": committed.record, "writer": self._writer})
         reply = self._call("/v3/kv/txn", {
-            "compare": [guard],
+            "compare": compare,
             "success": [
                 {"request_put": {"key": epoch_key, "value": _b64(str(committed.epoch))}},
                 {"request_put": {"key": _b64(self._prefix + "view"), "value": _b64(value)}},
             ],
         })
-        if not reply.get("succeeded", False):
-            raw, _ = self._get("view")
-            found = None if raw is None else json.loads(raw)
-            if found is not None and found.get("writer") == self._writer and found["epoch"] == committed.epoch \
-                    and found["record"] == json.loads(json.dumps(committed.record)):
-                # this very commit went through on an earlier try whose answer was lost (a member
-                # that applied it and went silent, a connection cut): it is done, once
-                logger.info("etcd: the commit of epoch %d had gone through; its answer was lost", committed.epoch)
-                return
-            raise EpochConflict(expected_epoch, None if found is None else int(found["epoch"]))
+        if reply.get("succeeded", False):
+            self._last_revision = int(reply["header"]["revision"])
+            return
+        kvs = self._call("/v3/kv/range", {"key": _b64(self._prefix + "view")}).get("kvs") or []
+        found = json.loads(_unb64(kvs[0].get("value", ""))) if kvs else None
+        if found is not None and found.get("writer") == self._writer and found["epoch"] == committed.epoch \
+                and found["record"] == json.loads(json.dumps(committed.record)):
+            # this very commit went through on an earlier try whose answer was lost (a member
+            # that applied it and went silent, a connection cut): it is done, once
+            logger.info("etcd: the commit of epoch %d had gone through; its answer was lost", committed.epoch)
+            self._last_revision = int(kvs[0]["mod_revision"])
+            return
+        raise EpochConflict(expected_epoch, None if found is None else int(found["epoch"]))
 
     def wait_newer(self, epoch: int, timeout_s: float) -> Committed | None:
         deadline = time.monotonic() + timeout_s

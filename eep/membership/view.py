@@ -5,13 +5,13 @@ What this module promises:
   transition returns a new view; none mutates one. The epoch only grows: every transition
   that changes who exchanges data (a rank leaves the active set or enters it) bumps it, so
   a data-plane message stamped with an older epoch can always be recognised and dropped.
-- States: ACTIVE (serves and exchanges), SUSPECT (observed silent, not yet confirmed; still
-  in the active set), FAILED (out of the active set; its slots are gone), JOINING (a new
-  incarnation is loading and warming up; not in the active set until `activate`).
-- The committed view is kept apart from observations: `suspect` records what a detector saw
-  without changing the epoch; only `fail` and `activate` change who takes part in a step.
-- `MembershipEvent` is the structured record of a change (epoch, rank, step, what, why) from
-  which a failure timeline is read back.
+- States: ACTIVE (serves and exchanges), FAILED (out of the active set; its slots are gone),
+  JOINING (a new incarnation is loading and warming up; not in the active set until
+  `activate`). Observations (a silent heartbeat, a peer's report) are not states: the
+  detector (`eep.control.detector`) confirms a failure, and only `fail` and `activate` change
+  who takes part in a step.
+- `MembershipEvent` is the structured record of a change (epoch, rank, step, what, why, and
+  the active ranks and processes after it) from which a failure timeline is read back.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from eep.errors import MembershipError
 
 class RankState(enum.Enum):
     ACTIVE = "active"
-    SUSPECT = "suspect"
     FAILED = "failed"
     JOINING = "joining"
 
 
-_IN_STEP = (RankState.ACTIVE, RankState.SUSPECT)
+_IN_STEP = (RankState.ACTIVE,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,21 +79,8 @@ class MembershipView:
             incs[r] = i
         return replace(self, epoch=epoch, states=tuple(states), incarnations=tuple(incs))
 
-    def suspect(self, rank: int) -> MembershipView:
-        """Record an unconfirmed observation: the rank stays in the step, the epoch stays."""
-        self._check_rank(rank)
-        if self.states[rank] is not RankState.ACTIVE:
-            return self
-        return self._with(self.epoch, {rank: RankState.SUSPECT})
-
-    def clear_suspicion(self, rank: int) -> MembershipView:
-        self._check_rank(rank)
-        if self.states[rank] is not RankState.SUSPECT:
-            return self
-        return self._with(self.epoch, {rank: RankState.ACTIVE})
-
     def fail(self, ranks: frozenset[int] | set[int]) -> MembershipView:
-        """Commit the failure of `ranks` (active, suspect or joining): epoch + 1 if any of them
+        """Commit the failure of `ranks` (active or joining): epoch + 1 if any of them
         was in the step. Failing a rank that already failed changes nothing."""
         for r in ranks:
             self._check_rank(r)
@@ -147,8 +133,10 @@ class MembershipEvent:
     step: int  # engine step counter when it happened
     kind: str  # "fault_seen" | "view_committed" | "repair" | "resume" | "rejoin_started" | ...
     rank: int | None = None
-    detail: str = ""
+    detail: str = ""  # why, in words (for people: read `active` and `pids`, never this text)
+    active: tuple[int, ...] = ()  # the active ranks of the view after the event
+    pids: tuple[int, ...] = ()  # each rank's process after the event (0: none)
 
     def to_dict(self) -> dict[str, object]:
         return {"time": self.time, "epoch": self.epoch, "step": self.step, "kind": self.kind,
-                "rank": self.rank, "detail": self.detail}
+                "rank": self.rank, "detail": self.detail, "active": list(self.active), "pids": list(self.pids)}

@@ -74,7 +74,7 @@ class Transfer:
 
 
 @dataclass(frozen=True, slots=True)
-class Repaired:
+class ExpertRepair:
     """An expert the failure touched and the tier that serves it again: 1 reuse, 2 relocate."""
 
     layer: int
@@ -122,7 +122,7 @@ class RepairPlan:
     interim: Placement
     held_after: torch.Tensor
     transfers: tuple[Transfer, ...]
-    tiers: tuple[Repaired, ...]
+    tiers: tuple[ExpertRepair, ...]
     uncovered: tuple[tuple[int, int], ...]
     est_makespan_s: float
 
@@ -184,7 +184,7 @@ def plan_repair(
     moves_total = [0] * num_ranks
     relisted: list[tuple[int, int, int]] = []  # tier 1: (layer, slot, expert) listed again
     copies: list[tuple[int, int, int]] = []  # tier 2: (layer, expert, target slot)
-    tiers: list[Repaired] = []
+    tiers: list[ExpertRepair] = []
     uncovered: list[tuple[int, int]] = []
     for layer in range(num_layers):
         state = _LayerState(live, per_rank, start.phy[layer], start.hold[layer], start.count[layer])
@@ -194,7 +194,7 @@ def plan_repair(
         placed = _relocate(state, lost, moves_total, start.free[layer], start.dropped[layer])
         served.extend((expert, 2) for expert, _ in placed)
         served.sort()
-        tiers.extend(Repaired(layer, expert, tier) for expert, tier in served)
+        tiers.extend(ExpertRepair(layer, expert, tier) for expert, tier in served)
         uncovered.extend((layer, expert) for expert in lost[len(placed):])
         copies.extend((layer, expert, slot) for expert, slot in placed)
     transfers = _schedule(_copies(copies, per_rank, hosts, backup, live_hosts), expert_bytes, topology)

@@ -6,7 +6,7 @@ model, dispatch and shared-memory exchange); the elastic one does a little more 
 - `rank_heartbeats`: each rank's heartbeat thread (a write every 0.1 s), on that thread's CPU
   clock, reported with every step;
 - `heartbeat_looks`: the controller reading the heartbeat board while it waits for a step or a
-  control reply (`_look_s`, `_silent`), every failure_timeout_s / 20 at most;
+  control reply (`FailureDetector.look_s`, `FailureDetector.silent`), every failure_timeout_s / 20 at most;
 - `step_boundary`: the controller's membership work between two steps (`at_step_boundary`:
   pending rejoins, drains and joiners; checks while paused);
 - `plan_ahead`: the thread that plans the repair of each further single failure after every

@@ -31,7 +31,6 @@ Run as `eep serve --nnodes N --node-rank i --dist-init-addr HOST:PORT --cluster-
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -41,12 +40,11 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from eep.dataplane.shm import ShmSegment, sweep_orphans
 from eep.errors import EepError
 from eep.runtime import wire
-from eep.runtime.fork_server import ForkedProcess, ForkServer, start_rank
-from eep.runtime.heartbeat import HeartbeatBoard
 from eep.runtime.codec import encode
+from eep.runtime.fork_server import ForkedProcess
+from eep.runtime.host_resources import HostResources
 from eep.runtime.launch import send_with_fd
 from eep.security.channel import Channel, client_handshake
 from eep.security.secret import ClusterSecret
@@ -73,16 +71,12 @@ class HostAgent:
         self.controller_timeout_s = controller_timeout_s
         self.epoch = 0
         self._ranks: dict[int, _Rank] = {}
-        self._segment: ShmSegment | None = None
-        self._board: HeartbeatBoard | None = None
-        self._backup = None
-        self._backup_server = None  # serves this host's backup to the ranks of other hosts
+        self._host: HostResources | None = None  # segment, board, backup (and its server), fork server, cores
         self._conn: Channel | None = None
         self._store = None  # etcd, when the instance keeps its membership there
         self._registration = None  # this host's listing in it
         self._clean = False  # the controller shut the instance down (its ranks were stopped)
         self._setup: wire.HostSetup | None = None
-        self._forks: ForkServer | None = None  # forks this host's ranks (HostSetup.fork_server)
 
     # -- life ----------------------------------------------------------------------------------
     def run(self) -> int:
@@ -125,26 +119,24 @@ class HostAgent:
         wire.bound_sends(self._conn, setup.failure_timeout_s)  # a vanished controller never blocks a beat
         if self.controller_timeout_s is None:
             self.controller_timeout_s = 2 * setup.failure_timeout_s
-        if setup.fork_server:  # its imports run while the rest is built
-            self._forks = ForkServer(self.start_timeout_s)
-        sweep_orphans()
-        self._segment = ShmSegment.create(setup.layout)
-        self._board = HeartbeatBoard(setup.num_ranks)
         if setup.backup_masks is not None:
             import torch
 
-            from eep.runtime.backup_server import BackupServer, backup_address
-            from eep.runtime.expert_backup import ExpertBackup
+            torch.set_num_threads(1)  # a host that returns builds its backup while its peers serve: one core at most
+        self._host = HostResources(
+            setup.num_ranks, layout=setup.layout, heartbeats=True,
+            backup_mask=setup.backup_masks[self.node] if setup.backup_masks is not None else None,
+            model_path=setup.model_path, dtype=setup.dtype, cpu_affinity=setup.cpu_affinity,
+            fork_server=setup.fork_server, start_timeout_s=self.start_timeout_s, secret=self.secret)
+        if setup.backup_masks is not None:
+            from eep.runtime.backup_server import backup_address
 
-            torch.set_num_threads(1)  # a host that returns builds this while its peers serve: one core at most
-            self._backup = ExpertBackup.build(setup.model_path, setup.dtype, setup.backup_masks[self.node])
             port = wire.split_addr(self.controller)[1]
-            self._backup_server = BackupServer(self._backup, backup_address(address, port, setup.num_ranks, self.node),
-                                               self.secret)
+            self._host.serve_backup(backup_address(address, port, setup.num_ranks, self.node))
         if setup.etcd_endpoints:
             self._register(setup, address)
         logger.info("node %d: joined controller %s as %s (segment %s)", self.node, self.controller, address,
-                    self._segment.name)
+                    self._host.names()["rendezvous"])
         return setup
 
     def _register(self, setup: wire.HostSetup, address: str) -> None:
@@ -158,7 +150,8 @@ class HostAgent:
                                               ttl_s=max(2.0, 2 * setup.failure_timeout_s))
 
     def _serve(self, setup: wire.HostSetup) -> int:
-        assert self._conn is not None and self._board is not None
+        assert self._conn is not None and self._host is not None and self._host.board is not None
+        board = self._host.board
         interval = setup.heartbeat_interval_s
         last_heard = time.monotonic()
         next_beat = time.monotonic()
@@ -169,7 +162,7 @@ class HostAgent:
                              self.node, now - last_heard)
                 return 1
             if now >= next_beat:
-                ages = {r: self._board.age_s(r) for r in self._ranks}
+                ages = {r: board.age_s(r) for r in self._ranks}
                 try:
                     wire.send(self._conn, wire.Beats(self.epoch, ages))
                 except OSError:
@@ -194,11 +187,11 @@ class HostAgent:
                 self._handle(msg)
 
     def _handle(self, msg: object) -> None:
-        assert self._segment is not None
+        assert self._host is not None
         if isinstance(msg, wire.Announce):
             if msg.epoch > self.epoch:
                 self.epoch = msg.epoch
-                self._segment.announce_epoch(msg.epoch)
+                self._host.announce_epoch(msg.epoch)
         elif isinstance(msg, wire.SpawnRank):
             self._spawn(msg)
         elif isinstance(msg, wire.KillRank):
@@ -211,15 +204,13 @@ class HostAgent:
 
     # -- ranks ---------------------------------------------------------------------------------
     def _spawn(self, msg: wire.SpawnRank) -> None:
-        assert self._segment is not None and self._board is not None and self._conn is not None
+        assert self._host is not None and self._host.board is not None and self._conn is not None
         old = self._ranks.get(msg.rank)
         if old is not None:  # the controller reaps before it replaces; make sure
             old.proc.kill()
             self._reap(old)
-        self._board.reset(msg.rank)
-        host_local: dict[str, str | None] = {
-            "rendezvous": self._segment.name, "heartbeat": self._board.name,
-            "backup": self._backup.name if self._backup is not None else None, "death_notice": None}
+        self._host.board.reset(msg.rank)
+        host_local: dict[str, str | None] = {**self._host.names(), "death_notice": None}
         assert self._setup is not None
         # the rank's own control connection, opened and authenticated here at once (no wait for
         # the rank's start: the controller waits for this RankConnect), then handed to the rank
@@ -238,7 +229,7 @@ class HostAgent:
             ours, theirs = socket.socketpair()
             with ours, theirs:
                 # never waits for a fork server's imports: this loop must keep beating
-                self._forks, proc = start_rank(self._forks, theirs.fileno())
+                proc = self._host.start_process(theirs.fileno())
                 try:
                     wire.send(conn, wire.RankConnect(self.epoch, msg.rank, msg.nonce, proc.pid, host_local))
                     session, sent, received = conn.state()
@@ -248,13 +239,10 @@ class HostAgent:
                 except OSError as e:
                     logger.warning("node %d: rank %d (pid %d) could not be handed its connection: %s", self.node,
                                    msg.rank, proc.pid, e)
+        # on the least-loaded core beside this host's running ranks, as node 0 spreads its own;
+        # set as early as can be, so the threads it makes next (torch, ZeroMQ) inherit it
+        self._host.cores.place(msg.rank, proc.pid, [r for r in self._ranks if r != msg.rank])
         self._ranks[msg.rank] = _Rank(msg.rank, proc, os.pidfd_open(proc.pid))
-        if self._setup is not None and self._setup.cpu_affinity:
-            # one core per rank, round-robin, as node 0 pins its own; set before the rank starts
-            # any thread, so every thread it makes (heartbeat, torch, ZeroMQ) inherits it
-            cores = sorted(os.sched_getaffinity(0))
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(proc.pid, {cores[msg.rank % len(cores)]})
         logger.info("node %d: started rank %d (pid %d)", self.node, msg.rank, proc.pid)
 
     def _reap(self, r: _Rank) -> None:
@@ -287,9 +275,6 @@ class HostAgent:
                 r.proc.wait(timeout=5)
             os.close(r.pidfd)
         self._ranks = {}
-        if self._forks is not None:
-            self._forks.close()
-            self._forks = None
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -299,12 +284,9 @@ class HostAgent:
         if self._store is not None:
             self._store.close()
             self._store = None
-        for res in (self._backup_server, self._segment, self._board, self._backup):
-            if res is not None:
-                res.close()
-        if self._segment is not None:
-            self._segment.unlink()
-        self._segment = self._board = self._backup = self._backup_server = None
+        if self._host is not None:
+            self._host.close()
+            self._host = None
 
 
 def main(node: int, controller: str, secret: ClusterSecret) -> int:

@@ -34,9 +34,13 @@ import threading
 import time
 import traceback
 
+from eep.runtime import wire
+from eep.runtime.codec import encode
+from eep.security.channel import ProtocolError
+
 logger = logging.getLogger(__name__)
 
-_READY, _FORK, _PID, _EXIT = b"R", b"F", b"P", b"X"
+_MAX_MESSAGE = 256  # every message of the fork server's protocol is a few dozen bytes
 _UNKNOWN_EXIT = -9  # the server died before it could report a child's exit
 
 
@@ -85,7 +89,7 @@ class ForkServer:
         Waits for the server's imports if they are not done (bounded by `start_timeout_s`)."""
         with self._lock:
             try:
-                socket.send_fds(self._sock, [_FORK], [conn_fd])
+                socket.send_fds(self._sock, [encode(wire.Fork())], [conn_fd])
             except OSError as e:
                 raise ForkServerGone(f"the fork server (pid {self.proc.pid}) is gone: {e}") from e
             deadline = time.monotonic() + self.start_timeout_s
@@ -105,19 +109,20 @@ class ForkServer:
         """Answers (pids of new children) and exit reports, until the server's end closes."""
         try:
             while True:
-                msg = self._sock.recv(64)
-                if not msg:
+                data = self._sock.recv(_MAX_MESSAGE)
+                if not data:
                     break
-                kind, body = msg[:1], msg[1:].decode()
+                msg = wire.FROM_FORK_SERVER.decode(data)
                 with self._cond:
-                    if kind == _PID:
-                        self._pids.append(int(body))
-                    elif kind == _READY:
+                    if isinstance(msg, wire.Forked):
+                        self._pids.append(msg.pid)
+                    elif isinstance(msg, wire.ForkerReady):
                         self._ready = True
-                    elif kind == _EXIT:
-                        pid, code = body.split()
-                        self._codes[int(pid)] = int(code)
+                    else:
+                        self._codes[msg.pid] = msg.code
                     self._cond.notify_all()
+        except ProtocolError as e:  # not ours to serve any more: start another one
+            logger.error("the fork server (pid %d) sent %s: closing it", self.proc.pid, e)
         except OSError:
             pass
         with self._cond:
@@ -235,7 +240,7 @@ def serve(fd: int) -> None:
     import eep.runtime.rank  # noqa: F401
 
     sock = socket.socket(fileno=fd)
-    sock.send(_READY)
+    sock.send(encode(wire.ForkerReady()))
     parent = os.getppid()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
@@ -251,18 +256,19 @@ def serve(fd: int) -> None:
                         break
             _reap(sock)
             if sock in ready:
-                msg, fds, _, _ = socket.recv_fds(sock, 16, 1)
-                if not msg:  # the host closed its end, or died
+                data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 1)
+                if not data:  # the host closed its end, or died
                     break
+                wire.TO_FORK_SERVER.decode(data)  # a Fork, or ProtocolError: the host is not ours
                 if fds:
                     pid = os.fork()
                     if pid == 0:
                         _child(fds[0], sock, (wake_r, wake_w), parent)
                     os.close(fds[0])
-                    sock.send(_PID + str(pid).encode())
+                    sock.send(encode(wire.Forked(pid)))
             if os.getppid() != parent:  # the host died without closing (not expected: its end closes)
                 break
-    except (OSError, KeyboardInterrupt):
+    except (OSError, KeyboardInterrupt, ProtocolError):
         pass
     # children still running are reparented when this process ends; each watches its controller
 
@@ -276,7 +282,7 @@ def _reap(sock: socket.socket) -> None:
         if pid == 0:
             return
         try:
-            sock.send(_EXIT + f"{pid} {os.waitstatus_to_exitcode(status)}".encode())
+            sock.send(encode(wire.ChildExited(pid, os.waitstatus_to_exitcode(status))))
         except OSError:
             pass
 

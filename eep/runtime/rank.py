@@ -87,7 +87,7 @@ class _Isolated:
         return list(send)
 
 
-class RankState:
+class RankWorker:
     """What a rank process holds between steps: its model worker and its data-plane exchange."""
 
     def __init__(self, spec: RankSpec, heartbeat: Heartbeat | None = None,
@@ -297,7 +297,7 @@ def rank_main(spec: RankSpec, conn: Channel, supervisor: int | None = None,
     notice = HeldNotice(spec.death_notice) if spec.death_notice else None  # noqa: F841 (kept alive)
     heartbeat = Heartbeat(spec.heartbeat, spec.rank, spec.heartbeat_interval_s) if spec.heartbeat else None
     try:
-        _serve(spec, conn, RankState(spec, heartbeat, secret), gone)
+        _serve(spec, conn, RankWorker(spec, heartbeat, secret), gone)
     except ProtocolError as e:  # the control connection cannot be trusted any more: leave it
         logger.warning("rank %d: %s; exiting as fenced", spec.rank, e)
         raise SystemExit(EXIT_FENCED) from None
@@ -322,7 +322,7 @@ def _watch(pid: int) -> Callable[[], bool]:
     return lambda: bool(select.select([pidfd], [], [], 0)[0])
 
 
-def _serve(spec: RankSpec, conn: Channel, state: RankState, gone: Callable[[], bool]) -> None:
+def _serve(spec: RankSpec, conn: Channel, state: RankWorker, gone: Callable[[], bool]) -> None:
     warmup_s = None
     if spec.held is not None:  # a replacement: warm up before the controller switches it in
         start = time.perf_counter()

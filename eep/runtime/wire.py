@@ -21,9 +21,13 @@ Who sends what:
                          the rank's control pipe) or Handover (another host: with it, the TCP
                          connection the agent opened to the controller for the rank,
                          authenticated and introduced by RankConnect, and its session state)
+    host <-> fork server: Fork (with the rank's control pipe as a file descriptor) / ForkerReady,
+                         Forked, ChildExited (local and of no view: these carry no epoch)
     controller -> rank:  RankSpec (first), then StepOrder, SetRouting, Repair, QueryPtrs, Stop, Fence
     rank -> controller:  Ready (once), StepDone, PeerSilent, StepAbandoned, RoutingSet, Repaired,
-                         Ptrs or Refused, each with the epoch of the request it answers
+                         Ptrs or Refused, each with the epoch of the request it answers: the
+                         controller's reply loop drops an answer of an older epoch than the
+                         request it waits on (`eep.control.replies`)
 """
 
 from __future__ import annotations
@@ -271,6 +275,28 @@ class Refused:
     reason: str  # a control request the rank cannot carry out (ConfigError)
 
 
+# -- host <-> its fork server, on the socketpair the host made (never a network path; no view) ---
+@dataclass(frozen=True, slots=True)
+class ForkerReady:
+    """The fork server's imports are done: a fork takes milliseconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fork:
+    """Fork a rank serving the control pipe whose file descriptor comes with this message."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forked:
+    pid: int  # the new rank's
+
+
+@dataclass(frozen=True, slots=True)
+class ChildExited:
+    pid: int
+    code: int  # as subprocess reports it (negative: killed by that signal)
+
+
 # -- host -> rank, on the socketpair the rank was started with (never a network path) ----------
 @dataclass(frozen=True, slots=True)
 class Launch:
@@ -305,6 +331,8 @@ TO_RANK = Protocol("controller to rank", (StepOrder, SetRouting, Repair, QueryPt
 FROM_RANK = Protocol("rank to controller", (Ready, StepDone, PeerSilent, StepAbandoned, RoutingSet, Repaired,
                                             Ptrs, Refused))
 LAUNCH = Protocol("a host to the rank it starts", (Launch, Handover))
+TO_FORK_SERVER = Protocol("a host to its fork server", (Fork,))
+FROM_FORK_SERVER = Protocol("a fork server to its host", (ForkerReady, Forked, ChildExited))
 
 
 def send(channel: Channel, message: object) -> None:

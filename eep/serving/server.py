@@ -36,11 +36,19 @@ from types import FrameType
 from typing import Any
 
 from eep.config import EngineConfig
+from eep.control.config import EPConfig
+from eep.control.executor import EPExecutor
 from eep.engine.engine import LLMEngine
 from eep.engine.loop import EngineLoop
 from eep.engine.request import RequestOutput
-from eep.errors import ConfigError, EepError, EngineUnavailable, RequestError, RequestTimeout, ServerError
-from eep.runtime.executor import EPConfig, EPExecutor
+from eep.errors import (
+    ConfigError,
+    EepError,
+    EngineUnavailable,
+    RequestError,
+    RequestTimeout,
+    ServerError,
+)
 from eep.serving import protocol
 
 logger = logging.getLogger(__name__)

@@ -70,113 +70,139 @@ class _State:
 
 
 def simulate(resp: Response, scenario: Scenario, c: dict[str, float]) -> tuple[Timeline, dict[str, float | None]]:
-    n, failed = scenario.ep, scenario.failed
-    per_gpu, prefill = c["decode_tokens_per_s_per_gpu"], c["prefill_tokens_per_s_per_gpu"]
-    tl = Timeline(steady=n * per_gpu)
-    view = MembershipView.initial(tuple(range(n)))  # one incarnation per process
-    queue: list[tuple[float, int, str, Any]] = []
-    seq = itertools.count()
+    run = _Run(resp, scenario, c)
+    run.loop()
+    return run.tl, run.figures()
 
-    def commit(t: float, new: MembershipView) -> MembershipView:
-        tl.events.append({"t": t, "event": "view", "epoch": new.epoch, "active": len(new.active_ranks)})
-        return new
 
-    def at(t: float, kind: str, payload: Any = None) -> None:
-        heapq.heappush(queue, (t, next(seq), kind, payload))
+class _Run:
+    """One scenario's event loop: a heap of events, the decode rate piecewise constant between
+    them, every membership transition a `MembershipView` commit."""
 
-    state = _State(serving=n)
-    now, rate, label = 0.0, tl.steady, "steady"
+    def __init__(self, resp: Response, scenario: Scenario, c: dict[str, float]) -> None:
+        self.resp, self.scenario, self.n, self.failed = resp, scenario, scenario.ep, scenario.failed
+        self.per_gpu, self.prefill = c["decode_tokens_per_s_per_gpu"], c["prefill_tokens_per_s_per_gpu"]
+        self.tl = Timeline(steady=self.n * self.per_gpu)
+        self.view = MembershipView.initial(tuple(range(self.n)))  # one incarnation per process
+        self.queue: list[tuple[float, int, str, Any]] = []
+        self.seq = itertools.count()
+        self.state = _State(serving=self.n)
+        self.now, self.rate, self.label = 0.0, self.tl.steady, "steady"
+        self._handlers = {"fail": self._on_fail, "resume": self._on_resume, "reprefill_done": self._on_reprefill_done,
+                          "replacement_start": self._on_replacement_start, "switch_in": self._on_switch_in,
+                          "switched_in": self._on_switched_in}
 
-    def set_rate(t: float, new_rate: float, new_label: str) -> None:
-        nonlocal now, rate, label
-        if t > now:
-            tl.segments.append((now, t, rate, label))
-        now, rate, label = t, new_rate, new_label
+    def commit(self, t: float, new: MembershipView) -> None:
+        self.tl.events.append({"t": t, "event": "view", "epoch": new.epoch, "active": len(new.active_ranks)})
+        self.view = new
 
-    def reprefill_speed() -> float:
-        return 0.0 if state.paused else state.serving * prefill * resp.reprefill_share
+    def at(self, t: float, kind: str, payload: Any = None) -> None:
+        heapq.heappush(self.queue, (t, next(self.seq), kind, payload))
 
-    def reprefill_progress(t: float) -> None:
+    def set_rate(self, t: float, new_rate: float, new_label: str) -> None:
+        if t > self.now:
+            self.tl.segments.append((self.now, t, self.rate, self.label))
+        self.now, self.rate, self.label = t, new_rate, new_label
+
+    def reprefill_speed(self) -> float:
+        return 0.0 if self.state.paused else self.state.serving * self.prefill * self.resp.reprefill_share
+
+    def reprefill_progress(self, t: float) -> None:
         """Count the re-prefill work done since the last change, at the rate that held then."""
-        state.reprefill_left = max(0.0, state.reprefill_left - (t - state.reprefill_since) * reprefill_speed())
-        state.reprefill_since = t
+        st = self.state
+        st.reprefill_left = max(0.0, st.reprefill_left - (t - st.reprefill_since) * self.reprefill_speed())
+        st.reprefill_since = t
 
-    def reprefill_reschedule(t: float) -> None:
-        state.reprefill_gen += 1
-        if state.reprefill_left > 0 and reprefill_speed() > 0:
-            at(t + state.reprefill_left / reprefill_speed(), "reprefill_done", state.reprefill_gen)
+    def reprefill_reschedule(self, t: float) -> None:
+        st = self.state
+        st.reprefill_gen += 1
+        if st.reprefill_left > 0 and self.reprefill_speed() > 0:
+            self.at(t + st.reprefill_left / self.reprefill_speed(), "reprefill_done", st.reprefill_gen)
 
-    def serving_rate(t: float) -> tuple[float, str]:
-        base = state.serving * per_gpu
-        if state.reprefill_left > 1e-9:
-            return base * (1.0 - resp.reprefill_share), "re-prefill"
-        return base, "serving" if state.serving == n else "degraded"
+    def serving_rate(self) -> tuple[float, str]:
+        base = self.state.serving * self.per_gpu
+        if self.state.reprefill_left > 1e-9:
+            return base * (1.0 - self.resp.reprefill_share), "re-prefill"
+        return base, "serving" if self.state.serving == self.n else "degraded"
 
-    if failed:
-        at(scenario.fail_at_s, "fail")
-    while queue:  # every event, also past the horizon: no figure is cut short
-        t, _, kind, payload = heapq.heappop(queue)
-        if kind == "reprefill_done" and payload != state.reprefill_gen:
-            continue  # the re-prefill's speed changed after this end was planned
-        tl.events.append({"t": t, "event": kind, "epoch": view.epoch,
-                          **({"phase": payload} if isinstance(payload, str) else {})})
-        if kind == "fail":
-            view = commit(t, view.fail(set(failed)))
-            state.paused = True
-            set_rate(t, 0.0, "recovery pause")
-            end = t
-            for i, phase in enumerate(resp.pause):
-                end += phase.seconds
-                at(end, "phase_done", phase.name)
-                if i == 0 and scenario.rejoin and resp.replacement:  # detected: the replacement starts
-                    at(end, "replacement_start")
-                    state.ready_at = end + sum(p.seconds for p in resp.replacement)
-            state.pause_end = end
-            at(end, "resume")
-        elif kind == "resume":
-            state.paused = False
-            if resp.serving_after_pause == n:  # a new instance: every process new
-                view = commit(t, MembershipView.initial(tuple(range(n, 2 * n))))
-            state.serving = len(view.active_ranks)  # the ranks the committed view serves with
-            if resp.reprefill_share > 0:
-                state.reprefill_left, state.reprefill_since = resp.reprefill_tokens, t
-            reprefill_reschedule(t)
-            set_rate(t, *serving_rate(t))
-            if state.ready_at is not None:
-                at(max(t, state.ready_at), "switch_in")
-        elif kind == "reprefill_done":
-            state.reprefill_left, state.reprefill_since = 0.0, t
-            set_rate(t, *serving_rate(t))
-        elif kind == "replacement_start":
-            for i, r in enumerate(failed):
-                view = commit(t, view.begin_join(r, 2 * n + i))  # loading, not yet in the step
-        elif kind == "switch_in":
-            reprefill_progress(t)
-            state.paused = True
-            reprefill_reschedule(t)  # halted while paused
-            set_rate(t, 0.0, "reintegration pause")
-            end = t + resp.reintegration_s
-            at(end, "switched_in")
-        elif kind == "switched_in":
-            for r in failed:
-                view = commit(t, view.activate(r))
-            state.reprefill_since = t
-            state.paused, state.serving, state.switched = False, len(view.active_ranks), True
-            reprefill_reschedule(t)  # the joiners take their share of it
-            set_rate(t, *serving_rate(t))
-    end = max(scenario.horizon_s, now + 1.0)  # the horizon, or a second past the last event
-    set_rate(end, rate, label)
-    t_fail = scenario.fail_at_s
-    back = tl.back_to(0.95, state.pause_end) if state.pause_end is not None else None
-    lost = tl.steady * (end - t_fail) - tl.tokens(t_fail, end)
-    if not failed:
-        return tl, {"recovery_pause_s": 0.0, "reintegration_pause_s": 0.0, "time_to_95_s": 0.0,
+    def loop(self) -> None:
+        if self.failed:
+            self.at(self.scenario.fail_at_s, "fail")
+        while self.queue:  # every event, also past the horizon: no figure is cut short
+            t, _, kind, payload = heapq.heappop(self.queue)
+            if kind == "reprefill_done" and payload != self.state.reprefill_gen:
+                continue  # the re-prefill's speed changed after this end was planned
+            self.tl.events.append({"t": t, "event": kind, "epoch": self.view.epoch,
+                                   **({"phase": payload} if isinstance(payload, str) else {})})
+            handler = self._handlers.get(kind)
+            if handler is not None:  # phase_done only marks the timeline
+                handler(t)
+        self.end = max(self.scenario.horizon_s, self.now + 1.0)  # the horizon, or a second past the last event
+        self.set_rate(self.end, self.rate, self.label)
+
+    def _on_fail(self, t: float) -> None:
+        resp, st = self.resp, self.state
+        self.commit(t, self.view.fail(set(self.failed)))
+        st.paused = True
+        self.set_rate(t, 0.0, "recovery pause")
+        end = t
+        for i, phase in enumerate(resp.pause):
+            end += phase.seconds
+            self.at(end, "phase_done", phase.name)
+            if i == 0 and self.scenario.rejoin and resp.replacement:  # detected: the replacement starts
+                self.at(end, "replacement_start")
+                st.ready_at = end + sum(p.seconds for p in resp.replacement)
+        st.pause_end = end
+        self.at(end, "resume")
+
+    def _on_resume(self, t: float) -> None:
+        resp, st, n = self.resp, self.state, self.n
+        st.paused = False
+        if resp.serving_after_pause == n:  # a new instance: every process new
+            self.commit(t, MembershipView.initial(tuple(range(n, 2 * n))))
+        st.serving = len(self.view.active_ranks)  # the ranks the committed view serves with
+        if resp.reprefill_share > 0:
+            st.reprefill_left, st.reprefill_since = resp.reprefill_tokens, t
+        self.reprefill_reschedule(t)
+        self.set_rate(t, *self.serving_rate())
+        if st.ready_at is not None:
+            self.at(max(t, st.ready_at), "switch_in")
+
+    def _on_reprefill_done(self, t: float) -> None:
+        self.state.reprefill_left, self.state.reprefill_since = 0.0, t
+        self.set_rate(t, *self.serving_rate())
+
+    def _on_replacement_start(self, t: float) -> None:
+        for i, r in enumerate(self.failed):
+            self.commit(t, self.view.begin_join(r, 2 * self.n + i))  # loading, not yet in the step
+
+    def _on_switch_in(self, t: float) -> None:
+        self.reprefill_progress(t)
+        self.state.paused = True
+        self.reprefill_reschedule(t)  # halted while paused
+        self.set_rate(t, 0.0, "reintegration pause")
+        self.at(t + self.resp.reintegration_s, "switched_in")
+
+    def _on_switched_in(self, t: float) -> None:
+        st = self.state
+        for r in self.failed:
+            self.commit(t, self.view.activate(r))
+        st.reprefill_since = t
+        st.paused, st.serving, st.switched = False, len(self.view.active_ranks), True
+        self.reprefill_reschedule(t)  # the joiners take their share of it
+        self.set_rate(t, *self.serving_rate())
+
+    def figures(self) -> dict[str, float | None]:
+        tl, st, end, t_fail = self.tl, self.state, self.end, self.scenario.fail_at_s
+        back = tl.back_to(0.95, st.pause_end) if st.pause_end is not None else None
+        lost = tl.steady * (end - t_fail) - tl.tokens(t_fail, end)
+        if not self.failed:
+            return {"recovery_pause_s": 0.0, "reintegration_pause_s": 0.0, "time_to_95_s": 0.0,
                     "unavailable_s": 0.0, "tokens_lost": lost}
-    figures = {
-        "recovery_pause_s": resp.pause_s,
-        "reintegration_pause_s": resp.reintegration_s if state.switched else 0.0,  # 0.0: no rejoin planned
-        "time_to_95_s": None if back is None else back - t_fail,  # None: never back to 95 % (no rejoin)
-        "unavailable_s": tl.paused_s(t_fail, end),
-        "tokens_lost": lost,
-    }
-    return tl, figures
+        return {
+            "recovery_pause_s": self.resp.pause_s,
+            "reintegration_pause_s": self.resp.reintegration_s if st.switched else 0.0,  # 0.0: no rejoin planned
+            "time_to_95_s": None if back is None else back - t_fail,  # None: never back to 95 % (no rejoin)
+            "unavailable_s": tl.paused_s(t_fail, end),
+            "tokens_lost": lost,
+        }
