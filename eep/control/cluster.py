@@ -153,9 +153,9 @@ class Cluster:
         return self.local.board is not None
 
     @property
-    def wake_handles(self) -> list[int]:
-        """Readable once an agent relayed an exit (drain with `drain_wake`)."""
-        return [self.hosts.wake_r] if self.hosts is not None else []
+    def wake_handle(self) -> int | None:
+        """Across hosts: readable once an agent relayed an exit (drain with `drain_wake`)."""
+        return self.hosts.wake_r if self.hosts is not None else None
 
     def drain_wake(self, ready: list[object]) -> None:
         if self.hosts is not None and self.hosts.wake_r in ready:

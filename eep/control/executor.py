@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import torch
 
@@ -36,6 +37,7 @@ from eep.control.steps import StepRunner
 from eep.engine.worker import SeqWork
 from eep.errors import ConfigError, DataPlaneError, RanksFailed, StepRetry
 from eep.membership.store import EtcdStore, MembershipStore, MemoryStore
+from eep.membership.view import MembershipEvent, MembershipView
 from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
 from eep.placement.backups import backup_masks
@@ -128,7 +130,7 @@ class EPExecutor:
         return self
 
     @property
-    def view(self):  # type: ignore[no-untyped-def]
+    def view(self) -> MembershipView:
         return self.ctl.view
 
     @property
@@ -148,11 +150,11 @@ class EPExecutor:
         return self.ctl.held
 
     @property
-    def repairs(self):  # type: ignore[no-untyped-def]
+    def repairs(self) -> deque[dict[str, object]]:
         return self.coverage_keeper.repairs
 
     @property
-    def events(self):  # type: ignore[no-untyped-def]
+    def events(self) -> deque[MembershipEvent]:
         return self.ctl.events
 
     def membership_pending(self) -> bool:
@@ -216,7 +218,7 @@ class EPExecutor:
         self._committed(view, out.results)
         return [out.results[r].tokens if r in out.results else [] for r in range(self.num_ranks)]
 
-    def _committed(self, view, results: dict[int, StepResult]) -> None:  # type: ignore[no-untyped-def]
+    def _committed(self, view: MembershipView, results: dict[int, StepResult]) -> None:
         """The books of a step that completed."""
         ctl, active = self.ctl, view.active_ranks
         self.coverage_keeper.planner.after_step(ctl.steps, ctl.view, ctl.placement, ctl.held)

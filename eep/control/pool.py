@@ -66,7 +66,7 @@ class RankPool:
             except HostError as e:
                 raise RankFailed(rank, str(e)) from None
             p = RankProcess(rank, incarnation, epoch, RemoteProcess(link, rank, hello.pid), None, conn, None,
-                            wake=self.cluster.wake_handles[0])
+                            wake=self.cluster.wake_handle)
         else:
             s = self.cluster.start_local(spec, wait_s)
             p = RankProcess(rank, incarnation, epoch, s.proc, s.pidfd, s.conn, s.notice)

@@ -62,13 +62,12 @@ class ReplyCollector:
         out = Answers()
         pending = set(ranks)
         deadline = time.monotonic() + timeout_s
-        names = "/".join(k.__name__ for k in want)
         while pending and not (stop_early and (out.failed or out.abandoned)):
             left = deadline - time.monotonic()
             if left <= 0:
                 late = [min(pending)] if stop_early else sorted(pending)
                 for r in late:
-                    self._fail(out, pending, r, f"no {names} reply within {timeout_s:.1f} s")
+                    self._fail(out, pending, r, f"no {_names(want)} reply within {timeout_s:.1f} s")
                 break
             wait_s = min(left, self.detector.look_s(pending)) if heartbeats else left
             for r, p, ready in self.pool.wait_any(pending, wait_s):
@@ -105,7 +104,7 @@ class ReplyCollector:
         elif isinstance(msg, wire.Refused):
             out.refused[r] = msg.reason
         else:
-            self._fail(out, pending, r, f"answered {type(msg).__name__} instead of {'/'.join(k.__name__ for k in want)}")
+            self._fail(out, pending, r, f"answered {type(msg).__name__} instead of {_names(want)}")
 
     def _fail(self, out: Answers, pending: set[int], rank: int, why: str) -> None:
         pending.discard(rank)
@@ -130,3 +129,7 @@ class ReplyCollector:
             self._fail(answers, set(), r, why)
         answers.raise_first(reply.__name__)
         return answers.replies
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    return "/".join(k.__name__ for k in kinds)
