@@ -104,6 +104,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             etcd_endpoints=tuple(e for e in (args.etcd_endpoints or "").split(",") if e), instance=args.instance,
             cluster_secret_file=args.cluster_secret_file, curve_data_plane=not args.insecure_data_plane,
             allow_unauthenticated_gloo=args.allow_unauthenticated_gloo,
+            enable_eplb=args.enable_eplb, eplb_window_steps=args.eplb_window_steps,
+            eplb_rebalance_num_iterations=args.eplb_rebalance_num_iterations,
+            eplb_imbalance_threshold=args.eplb_imbalance_threshold,
         ),
         request_timeout_s=args.request_timeout,
         http=args.http, api_key=args.api_key or os.environ.get("EEP_API_KEY"),
@@ -149,8 +152,8 @@ def _cmd_secret_etcd_grant(args: argparse.Namespace) -> int:
 def _cmd_model_init(args: argparse.Namespace) -> int:
     from eep.model.default_model import default_model_dir, init_model
 
-    out = Path(args.out) if args.out else default_model_dir(Path(args.cache_dir), args.arch)
-    path = init_model(out, args.arch, force=args.force)
+    out = Path(args.out) if args.out else default_model_dir(Path(args.cache_dir), args.arch, args.router_skew)
+    path = init_model(out, args.arch, force=args.force, router_skew=args.router_skew)
     print(path)
     return 0
 
@@ -386,6 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ep-spare-slots", type=int, default=None,
                      help="empty expert slots per rank kept for repairs (default: enough to re-home one rank's experts; "
                           "across hosts, one host's)")
+    srv.add_argument("--enable-eplb", action="store_true",
+                     help="online expert load balancing: move experts to follow the observed load while serving "
+                          "(peer-to-peer copies into free slots, one table switch at a step boundary)")
+    srv.add_argument("--eplb-window-steps", type=int, default=_default(EPConfig, "eplb_window_steps"),
+                     help="steps of expert load the balancer looks at (the load is counted, and shown in /metrics, "
+                          "also without --enable-eplb)")
+    srv.add_argument("--eplb-rebalance-num-iterations", type=int,
+                     default=_default(EPConfig, "eplb_rebalance_num_iterations"),
+                     help="rebalance every this many steps (sooner past --eplb-imbalance-threshold)")
+    srv.add_argument("--eplb-imbalance-threshold", type=float, default=_default(EPConfig, "eplb_imbalance_threshold"),
+                     help="rebalance as soon as a layer's most loaded rank carries this much more than the mean")
     srv.add_argument("--http", metavar="HOST:PORT", help="also serve the OpenAI-compatible HTTP API (e.g. 127.0.0.1:8000)")
     srv.add_argument("--api-key",
                      help="every HTTP endpoint but /admin wants 'Authorization: Bearer KEY' (or set EEP_API_KEY)")
@@ -448,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--arch", choices=ARCHES, default=DEFAULT_ARCH)
     init.add_argument("--out", help="target directory (default: CACHE_DIR/models/NAME)")
     init.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    init.add_argument("--router-skew", type=float, default=0.0, metavar="ALPHA",
+                      help="routers that prefer some experts (Zipf-like selection bias, other experts per layer; "
+                           "deepseek_v3 only); 0: the default model")
     init.set_defaults(func=_cmd_model_init)
 
     bench = sub.add_parser("bench", help="benchmarks that write JSON")

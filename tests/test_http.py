@@ -226,20 +226,26 @@ def test_metrics_parse_and_count_tokens(server: Http) -> None:
 
     headers = {"authorization": f"Bearer {KEY}"}
     before = _samples(httpx.get(f"{server.url}/metrics", headers=headers, timeout=30).text)
-    _client(server).completions.create(model=MODEL, prompt="count me", max_tokens=5, temperature=0)
+    _client(server).completions.create(model=MODEL, prompt="count me", max_tokens=24, temperature=0)  # >= 2 load reports
     text = httpx.get(f"{server.url}/metrics", headers=headers, timeout=30).text
     families = {f.name for f in text_string_to_metric_families(text)}
     for name in ("eep_generated_tokens", "eep_running_requests", "eep_queued_requests", "eep_step_seconds",
                  "eep_membership_epoch", "eep_active_ranks", "eep_repaired_experts", "eep_recovery_pause_seconds",
-                 "eep_rejoin_pause_seconds", "eep_bookkeeping_cpu_seconds", "eep_cpu_seconds"):
+                 "eep_rejoin_pause_seconds", "eep_bookkeeping_cpu_seconds", "eep_cpu_seconds",
+                 "eep_expert_load_imbalance", "eep_rebalances", "eep_expert_moves"):
         assert name in families, name
     after = _samples(text)
     assert after["eep_generated_tokens_total"] >= before.get("eep_generated_tokens_total", 0) + 5
     assert after["eep_cpu_seconds_total"] > before.get("eep_cpu_seconds_total", 0)
     books = {s.labels["what"] for f in text_string_to_metric_families(text) for s in f.samples
              if s.name == "eep_bookkeeping_cpu_seconds_total"}
-    assert books == {"rank_heartbeats", "heartbeat_looks", "step_boundary", "plan_ahead"}
+    assert books == {"rank_heartbeats", "heartbeat_looks", "step_boundary", "plan_ahead", "expert_load", "eplb"}
     assert after["eep_active_ranks"] == 2
+    # the expert load of the tokens above, under the tables in use: one gauge per MoE layer, >= 1
+    imbalance = [s for f in text_string_to_metric_families(text) for s in f.samples
+                 if s.name == "eep_expert_load_imbalance"]
+    assert sorted(int(s.labels["layer"]) for s in imbalance) == list(range(8))
+    assert all(s.value >= 1.0 for s in imbalance) and any(s.value > 1.0 for s in imbalance)
 
 
 def _samples(text: str) -> dict[str, float]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 
@@ -44,6 +45,10 @@ class Cluster:
         self.config, self.ep, self.timeouts, self.layout = config, ep, timeouts, layout
         self.backup_masks = backup_masks
         self.secret = secret
+        # the ranks' expert row servers (a rebalance's peer source) are CURVE doors like every other:
+        # one host without a cluster secret makes one of its own, handed only to its ranks
+        self.rank_secret = secret if ep.nnodes > 1 or not ep.elastic else (secret or ClusterSecret(os.urandom(32)))
+        self.peer_addresses: tuple[str, ...] | None = None
         self.hosts: HostListener | None = None  # the other nodes' agents (multi-host)
         self.data_addresses: tuple[str, ...] | None = None
         self.backup_addresses: tuple[str, ...] | None = None  # multi-host: each node's backup server
@@ -53,11 +58,13 @@ class Cluster:
             ep.ep_size, layout=layout if ep.backend == "shm" else None, heartbeats=ep.elastic,
             backup_mask=backup_masks[0] if backup_masks is not None else None,
             model_path=config.model_path, dtype=config.dtype, cpu_affinity=ep.cpu_affinity,
-            fork_server=ep.fork_server, secret=secret if ep.nnodes > 1 else None,
+            fork_server=ep.fork_server, secret=self.rank_secret,
         )
         try:
             segment = self.local.segment
             self.rendezvous = segment.name if segment is not None else self._gloo_rendezvous()
+            if ep.elastic and ep.nnodes == 1 and segment is not None:  # abstract Unix sockets: no file to remove
+                self.peer_addresses = tuple(f"ipc://@{segment.name}-experts-{r}" for r in range(ep.ep_size))
             if ep.nnodes > 1:
                 self._join_hosts()
         except BaseException:
@@ -97,6 +104,11 @@ class Cluster:
                 logger.warning("--insecure-data-plane: the ranks' data addresses take frames from anyone who reaches "
                                "them, unencrypted (the control connections stay authenticated)")
             self._aborts = AbortPusher(self.data_addresses, keys)
+        if ep.elastic:
+            from eep.runtime.backup_server import peer_address
+
+            self.peer_addresses = tuple(peer_address(address[ep.node_of(r)], port, ep.ep_size, ep.nnodes, r)
+                                        for r in range(ep.ep_size))
         if self.backup_masks is not None:
             from eep.runtime.backup_server import backup_address
 
@@ -115,7 +127,7 @@ class Cluster:
             data_addresses=self.data_addresses if ep.backend == "shm" else None, epoch=epoch,
             node_of=tuple(ep.node_of(r) for r in range(ep.ep_size)) if self.data_addresses else None,
             backup_addresses=self.backup_addresses, backup_timeout_s=self.timeouts.backup_fetch_s,
-            data_plane_curve=ep.curve_data_plane,
+            data_plane_curve=ep.curve_data_plane, peer_addresses=self.peer_addresses,
         )
 
     def start_local(self, spec: RankSpec, wait_s: float) -> Started:

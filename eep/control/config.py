@@ -43,6 +43,15 @@ class EPConfig:
     cluster_secret_file: str | None = None
     curve_data_plane: bool = True  # the ranks' data addresses authenticate and encrypt (ZeroMQ CURVE)
     allow_unauthenticated_gloo: bool = False  # gloo across hosts: torch's TCPStore and pairs, open to anyone
+    # online expert load balancing (eep.control.rebalance): the load is always counted (a window of
+    # the last eplb_window_steps steps, reported every eplb_report_steps); with enable_eplb the layout
+    # follows it every eplb_rebalance_num_iterations steps, or sooner past eplb_imbalance_threshold
+    enable_eplb: bool = False
+    eplb_window_steps: int = 1000
+    eplb_rebalance_num_iterations: int = 1000
+    eplb_imbalance_threshold: float = 1.10
+    eplb_report_steps: int = 10
+    eplb_min_window_steps: int = 100  # no rebalance on less load than this many steps' (nor than the window)
 
     def __post_init__(self) -> None:
         if self.fault_policy is None:
@@ -63,6 +72,13 @@ class EPConfig:
             raise ConfigError("failure_timeout_s and timeout_s must be > 0")
         if self.num_spare_slots is not None and self.num_spare_slots < 0:
             raise ConfigError(f"num_spare_slots must be >= 0, got {self.num_spare_slots}")
+        for name in ("eplb_window_steps", "eplb_rebalance_num_iterations", "eplb_report_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.eplb_imbalance_threshold >= 1.0:
+            raise ConfigError(f"eplb_imbalance_threshold must be >= 1.0 (max over mean), got {self.eplb_imbalance_threshold}")
+        if self.enable_eplb and not self.elastic:
+            raise ConfigError("--enable-eplb needs fault_policy 'repair' (the shm backend)")
         self._check_hosts()
 
     def _check_hosts(self) -> None:

@@ -42,6 +42,7 @@ class Controller:
         self.steps = 0  # steps run (the engine's step counter as the events record it)
         self.fault_time: float | None = None  # when the last failure was seen, until a step completes
         self.on_fail: list[Callable[[set[int]], None]] = []  # told of every rank failed (auto rejoin)
+        self.on_view: list[Callable[[], None]] = []  # told of every view committed (a rebalance in flight)
 
     def start(self) -> None:
         """Commit the first view, of the processes the pool started: an instance restarted under
@@ -65,6 +66,8 @@ class Controller:
         if bumped:
             self.cluster.announce(view.epoch)
         self.event("view_committed", None, why)
+        for listener in self.on_view:
+            listener()
 
     def fail(self, ranks: set[int], why: str = "") -> None:
         """Commit the failure of `ranks` and cut their processes off."""

@@ -31,11 +31,12 @@ from eep.control.coverage import CoverageKeeper
 from eep.control.detector import FailureDetector
 from eep.control.hooks import FaultHooks
 from eep.control.pool import RankPool
+from eep.control.rebalance import Rebalancer
 from eep.control.reintegration import Reintegration
 from eep.control.replies import ReplyCollector
 from eep.control.steps import StepRunner
 from eep.engine.worker import SeqWork
-from eep.errors import ConfigError, DataPlaneError, RanksFailed, StepRetry
+from eep.errors import ConfigError, DataPlaneError, RankFailed, RanksFailed, StepRetry
 from eep.membership.store import EtcdStore, MembershipStore, MemoryStore
 from eep.membership.view import MembershipEvent, MembershipView
 from eep.model.checkpoint import CheckpointReader
@@ -105,6 +106,8 @@ class EPExecutor:
         self.runner = StepRunner(ep, self.timeouts, self.pool, self.replies)
         self.coverage_keeper = CoverageKeeper(ep, self.ctl, self.replies, self.ledger, expert_bytes, masks, self.hooks)
         self.reintegration = Reintegration(ep, self.timeouts, self.ctl, self.coverage_keeper, self.replies, self.hooks)
+        self.rebalancer = Rebalancer(ep, self.ctl, self.coverage_keeper, self.replies, self.ledger, expert_bytes, masks,
+                                     self.hooks)
         try:
             self._start()
         except BaseException:
@@ -168,7 +171,14 @@ class EPExecutor:
         with self.ledger.charge("step_boundary"):
             if self.ctl.paused_reason is not None:
                 self._check_while_paused()
-            return self.reintegration.at_step_boundary()
+            switched = self.reintegration.at_step_boundary()
+        if not switched:  # (a switch-in changed the view: a rebalance plans from it at a later boundary)
+            try:
+                self.rebalancer.at_step_boundary()
+            except RankFailed as e:  # died while its moves were sent or the tables switched
+                self.ctl.event("fault_seen", e.rank, f"during a rebalance: {e}")
+                self._handle_failure(frozenset({e.rank}), [])
+        return switched
 
     def _check_while_paused(self) -> None:
         """While paused no step runs, and nothing else would notice an active rank that died or
@@ -201,7 +211,7 @@ class EPExecutor:
         view = self.ctl.view
         if any(work[r] for r in range(self.num_ranks) if r not in view.active_ranks):
             raise ConfigError("work was given to a rank outside the view")
-        out = self.runner.run(view, work)
+        out = self.runner.run(view, work, self.ep.elastic and self.rebalancer.report_due(self.ctl.steps + 1))
         self.ctl.steps += 1
         if out.failed:
             self._handle_failure(frozenset(out.failed), out.unfinished)
@@ -230,7 +240,8 @@ class EPExecutor:
         # an invariant kept as a figure: every answer committed came from the process the view names
         self.steps_from_fenced += any(self.pool[r].incarnation != view.incarnations[r] for r in active)
         for r in active:
-            self.ledger.rank_report(r, self.pool[r].pid, results[r].cpu_ns, results[r].heartbeat_ns)
+            self.ledger.rank_report(r, self.pool[r].pid, results[r].cpu_ns, results[r].heartbeat_ns, results[r].load_ns)
+        self.rebalancer.after_step(ctl.steps, results)
 
     def _count_exchanges(self, timings: list[tuple[float, ...]]) -> None:
         """Add a committed step's dispatch/combine times: `exchange_s`, the mean over ranks of
@@ -284,6 +295,7 @@ class EPExecutor:
             "stale_replies_dropped": self.replies.stale_dropped,
             "dataplane": dict(self.dataplane),
             "nodes": self.ep.nnodes,
+            "eplb": self.rebalancer.status(),
         }
 
     def update_routing(self, placement: Placement) -> None:

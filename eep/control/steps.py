@@ -32,14 +32,15 @@ class StepRunner:
     def __init__(self, ep: EPConfig, timeouts: Timeouts, pool: RankPool, replies: ReplyCollector) -> None:
         self.ep, self.timeouts, self.pool, self.replies = ep, timeouts, pool, replies
 
-    def run(self, view: MembershipView, work: list[list[SeqWork]]) -> StepOutcome:
-        """Send each active rank its work under `view`'s epoch and gather the answers. A fixed
-        membership (fault_policy none) raises RankFailed or DataPlaneError at once instead."""
+    def run(self, view: MembershipView, work: list[list[SeqWork]], report_load: bool = False) -> StepOutcome:
+        """Send each active rank its work under `view`'s epoch and gather the answers (with
+        `report_load`, each with its expert load since its last report). A fixed membership
+        (fault_policy none) raises RankFailed or DataPlaneError at once instead."""
         out = StepOutcome()
         sent = []
         for rank in view.active_ranks:
             try:
-                wire.send(self.pool[rank].conn, StepOrder(view.epoch, view.active_ranks, work[rank]))
+                wire.send(self.pool[rank].conn, StepOrder(view.epoch, view.active_ranks, work[rank], report_load))
                 sent.append(rank)
             except OSError as e:  # its end of the pipe is gone: the process died between steps
                 out.failed[rank] = f"its pipe is closed ({e.__class__.__name__})"

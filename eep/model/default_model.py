@@ -36,6 +36,11 @@ _VERSION = "v1"
 _SEED = 20240917
 _INIT_STD = 0.02  # HF's initializer_range
 _BIAS_RANGE = 0.05  # DeepSeek-V3 e_score_correction_bias ~ U(-0.05, 0.05)
+# --router-skew ALPHA: expert e of a layer, the r-th in that layer's (seeded) order, gets the selection
+# bias -ALPHA * _SKEW_UNIT * ln(r): a Zipf-like preference whose hot experts differ from layer to
+# layer. _SKEW_UNIT is about the spread of the router's sigmoid scores at init (logit std 0.32 x
+# slope 0.25), so ALPHA 1 moves an expert by one score spread per e-fold of its rank.
+_SKEW_UNIT = 0.08
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 MODEL_FILES = (
     "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -103,13 +108,30 @@ def _check_arch(arch: str) -> None:
         raise ConfigError(f"unknown default-model arch {arch!r}; choose one of {', '.join(ARCHES)}")
 
 
-def default_model_name(arch: str) -> str:
+def default_model_name(arch: str, router_skew: float = 0.0) -> str:
     _check_arch(arch)
-    return f"eep-tiny-{arch}-{_VERSION}"
+    return f"eep-tiny-{arch}-{_VERSION}" + (f"-skew{router_skew:g}" if router_skew else "")
 
 
-def default_model_dir(cache_dir: Path, arch: str = DEFAULT_ARCH) -> Path:
-    return Path(cache_dir) / "models" / default_model_name(arch)
+def default_model_dir(cache_dir: Path, arch: str = DEFAULT_ARCH, router_skew: float = 0.0) -> Path:
+    return Path(cache_dir) / "models" / default_model_name(arch, router_skew)
+
+
+def _check_skew(arch: str, router_skew: float) -> None:
+    if not (router_skew >= 0 and router_skew < float("inf")):
+        raise ConfigError(f"router_skew={router_skew} must be a finite number >= 0")
+    if router_skew and arch != "deepseek_v3":
+        raise ConfigError("--router-skew needs --arch deepseek_v3: its routers' selection bias "
+                          "(e_score_correction_bias) carries the skew; Qwen3-MoE's routers have no bias")
+
+
+def skew_bias(name: str, num_experts: int, router_skew: float) -> torch.Tensor:
+    """The selection bias `[E]` float32 of the router named `name` (see _SKEW_UNIT)."""
+    g = torch.Generator().manual_seed((_SEED << 32) | zlib.crc32(("skew:" + name).encode()))
+    order = torch.randperm(num_experts, generator=g)  # order[r] = the expert of rank r + 1
+    rank = torch.empty(num_experts, dtype=torch.float64)
+    rank[order] = torch.arange(1, num_experts + 1, dtype=torch.float64)
+    return (-router_skew * _SKEW_UNIT * torch.log(rank)).float()
 
 
 def default_hf_config(arch: str, dtype: torch.dtype = torch.bfloat16) -> dict[str, Any]:
@@ -192,12 +214,16 @@ def _make_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch
     return (torch.randn(shape, generator=g, dtype=torch.float64) * _INIT_STD).to(dtype)
 
 
-def _write_model(out_dir: Path, arch: str, dtype: torch.dtype) -> None:
+def _write_model(out_dir: Path, arch: str, dtype: torch.dtype, router_skew: float = 0.0) -> None:
     cfg = default_hf_config(arch, dtype)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tensors = {name: _make_tensor(name, shape, dtype) for name, shape in _tensor_shapes(cfg).items()}
+    if router_skew:
+        for name, shape in _tensor_shapes(cfg).items():
+            if name.endswith("e_score_correction_bias"):
+                tensors[name] = skew_bias(name, shape[0], router_skew)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     n_params = sum(t.numel() for t in tensors.values())
     logger.info("wrote %d tensors (%.1fM parameters) of %s", len(tensors), n_params / 1e6, arch)
@@ -206,13 +232,16 @@ def _write_model(out_dir: Path, arch: str, dtype: torch.dtype) -> None:
 
 
 def init_model(
-    out_dir: Path, arch: str = DEFAULT_ARCH, *, force: bool = False, dtype: torch.dtype = torch.bfloat16
+    out_dir: Path, arch: str = DEFAULT_ARCH, *, force: bool = False, dtype: torch.dtype = torch.bfloat16,
+    router_skew: float = 0.0,
 ) -> Path:
-    """Writes the default `arch` model into `out_dir` and returns it.
+    """Writes the default `arch` model into `out_dir` and returns it; with `router_skew` > 0 its
+    routers prefer some experts over others (Zipf-like, different ones per layer; deepseek_v3).
 
     Raises ConfigError if `out_dir` is a non-empty directory and `force` is false.
     """
     default_hf_config(arch, dtype)  # checks both before any work
+    _check_skew(arch, router_skew)
     out_dir = Path(out_dir)
     if not force and _occupied(out_dir):
         raise ConfigError(f"{out_dir} already exists and is not empty; pass force=True to rebuild it")
@@ -221,7 +250,7 @@ def init_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-{os.getpid()}-", dir=out_dir.parent))
     try:
         logger.info("building the default %s model in %s", arch, tmp)
-        _write_model(tmp, arch, dtype)
+        _write_model(tmp, arch, dtype, router_skew)
         _make_readable(tmp)
         _publish(tmp, out_dir, force)
     finally:
@@ -261,14 +290,14 @@ def is_complete(model_dir: Path) -> bool:
     return all((Path(model_dir) / f).is_file() for f in MODEL_FILES)
 
 
-def ensure_default_model(cache_dir: Path, arch: str = DEFAULT_ARCH) -> Path:
-    """Returns the default `arch` model under `cache_dir`, building it on first use."""
-    out_dir = default_model_dir(cache_dir, arch)
+def ensure_default_model(cache_dir: Path, arch: str = DEFAULT_ARCH, router_skew: float = 0.0) -> Path:
+    """Returns the default `arch` model under `cache_dir` (skewed: `router_skew`), building it on first use."""
+    out_dir = default_model_dir(cache_dir, arch, router_skew)
     _remove_stale_partials(out_dir)
     if is_complete(out_dir):
         return out_dir
     try:
-        return init_model(out_dir, arch, force=_occupied(out_dir))
+        return init_model(out_dir, arch, force=_occupied(out_dir), router_skew=router_skew)
     except ConfigError:
         if is_complete(out_dir):  # a concurrent process built the same bytes first
             return out_dir

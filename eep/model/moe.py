@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eep.model.config import ModelConfig
+from eep.model.expert_load import ExpertLoadCounter
 from eep.model.layers import GatedMLP
 from eep.dataplane.dispatch import EPDispatcher, combine_pairs
 from eep.placement.routing import RoutingTables
@@ -52,7 +53,7 @@ class Router(nn.Module):
         scores = logits.sigmoid()  # [T, E]
         choice = scores + self.bias
         if self.n_group > 1:
-            group_scores = choice.view(t, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+            group_scores = choice.view(t, self.n_group, e // self.n_group).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
             group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
             choice = choice.masked_fill(~keep.repeat_interleave(e // self.n_group, dim=1), float("-inf"))
@@ -83,6 +84,7 @@ class MoELayer(nn.Module):
         self.moe_index = layer_index  # row of the routing tables
         self.slot_offset = slot_offset
         self.dispatcher: EPDispatcher | None = None  # set by an expert-parallel rank
+        self.load: ExpertLoadCounter | None = None  # set by an expert-parallel rank: the router's choices counted
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         slots, weights = self.route(x)
@@ -97,6 +99,8 @@ class MoELayer(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`x [T, H]` -> physical slots `[T, K]` int64 and weights `[T, K]` float32."""
         topk_ids, topk_weights = self.router(x)
+        if self.load is not None:
+            self.load.add(self.moe_index, topk_ids)
         slots = self.tables.to_physical(self.moe_index, topk_ids)
         missing = slots < 0  # experts without a live replica: only in degraded mode
         if bool(missing.any()):

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-BOOKKEEPING = ("rank_heartbeats", "heartbeat_looks", "step_boundary", "plan_ahead")
+BOOKKEEPING = ("rank_heartbeats", "heartbeat_looks", "step_boundary", "plan_ahead", "expert_load", "eplb")
 
 
 class Ledger:
@@ -40,7 +40,7 @@ class Ledger:
         self._charging = threading.local()  # a charge inside a charge is the outer one's
         self._ns = dict.fromkeys(BOOKKEEPING, 0)
         self._rank_cpu_ns = 0  # every rank process's CPU, summed over incarnations
-        self._seen: dict[int, tuple[int, int, int]] = {}  # rank -> (pid, cpu ns, heartbeat ns) last reported
+        self._seen: dict[int, tuple[int, int, int, int]] = {}  # rank -> (pid, cpu, heartbeat, load ns) last reported
         self._own0 = time.process_time_ns()  # the controller process's CPU before the ranks existed
 
     @contextlib.contextmanager
@@ -62,16 +62,18 @@ class Ledger:
         with self._lock:
             self._ns[what] += ns
 
-    def rank_report(self, rank: int, pid: int, cpu_ns: int, heartbeat_ns: int) -> None:
-        """A rank's cumulative process CPU and heartbeat-thread CPU, as of its last step: the
-        growth since its previous report is charged (a new process starts from zero)."""
+    def rank_report(self, rank: int, pid: int, cpu_ns: int, heartbeat_ns: int, load_ns: int = 0) -> None:
+        """A rank's cumulative process CPU, heartbeat-thread CPU and expert-load counting CPU, as
+        of its last step: the growth since its previous report is charged (a new process starts
+        from zero)."""
         with self._lock:
-            last_pid, last_cpu, last_hb = self._seen.get(rank, (pid, 0, 0))
+            last_pid, last_cpu, last_hb, last_load = self._seen.get(rank, (pid, 0, 0, 0))
             if last_pid != pid:
-                last_cpu = last_hb = 0
+                last_cpu = last_hb = last_load = 0
             self._rank_cpu_ns += max(0, cpu_ns - last_cpu)
             self._ns["rank_heartbeats"] += max(0, heartbeat_ns - last_hb)
-            self._seen[rank] = (pid, cpu_ns, heartbeat_ns)
+            self._ns["expert_load"] += max(0, load_ns - last_load)
+            self._seen[rank] = (pid, cpu_ns, heartbeat_ns, load_ns)
 
     def snapshot(self) -> dict[str, object]:
         """Seconds so far: `bookkeeping_cpu_s` by what, and `cpu_s` (the controller process

@@ -1,4 +1,5 @@
-"""A host's expert backup served to the ranks of other hosts, over ZeroMQ.
+"""Expert rows served over ZeroMQ: a host's expert backup to the ranks of other hosts, and a
+rank's own expert slots to its peers (a rebalance's "peer" source).
 
 When a whole host is lost, the experts it alone listed survive in the backup of one other host
 (`eep.placement.backups`); the repair may put them into slots on a third host, whose rank then
@@ -23,8 +24,11 @@ from __future__ import annotations
 import array
 import logging
 import threading
+import time
 
 import zmq
+
+from typing import Protocol
 
 from eep.errors import EepError
 from eep.runtime.expert_backup import ExpertBackup
@@ -36,6 +40,7 @@ from eep.security.secret import ClusterSecret
 logger = logging.getLogger(__name__)
 
 _POLL_MS = 200  # how often the server's thread looks at its stop flag
+_CANCEL_POLL_MS = 20  # how often a cancellable fetch looks at its cancel flag
 
 
 class BackupUnavailable(EepError):
@@ -47,29 +52,46 @@ def backup_address(host: str, dist_port: int, num_ranks: int, node: int) -> str:
     return f"tcp://{host}:{dist_port + 2 + num_ranks + node}"
 
 
-class BackupServer:
-    """Answers `fetch_rows` requests for `backup` on `address`, on a thread of its own."""
+def peer_address(host: str, dist_port: int, num_ranks: int, nnodes: int, rank: int) -> str:
+    """Rank `rank`'s expert row server (a rebalance's peer source), after the backup servers' ports."""
+    return f"tcp://{host}:{dist_port + 2 + num_ranks + nnodes + rank}"
 
-    def __init__(self, backup: ExpertBackup, address: str, secret: ClusterSecret) -> None:
-        self.backup, self.address = backup, address
-        self._max_pairs = backup.num_layers * backup.num_experts
+
+class RowSource(Protocol):
+    """What a `RowServer` serves: expert rows (`w13` then `w2`, the model's dtype) by (layer, expert)."""
+
+    num_layers: int
+    num_experts: int
+
+    def keeps(self, layer: int, expert: int) -> bool: ...
+
+    def raw(self, layer: int, expert: int) -> memoryview | bytes | None: ...  # None: not kept any more
+
+
+class RowServer:
+    """Answers `fetch_rows` requests for `source` on `address`, on a thread of its own."""
+
+    def __init__(self, source: RowSource, address: str, secret: ClusterSecret, what: str = "backup") -> None:
+        self.backup, self.address = source, address
+        self._max_pairs = source.num_layers * source.num_experts
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, 8 * self._max_pairs + 64)  # the largest request
-        curve.serve(self._sock, CurveKeys.from_secret(secret), door=f"backup@{address.removeprefix('tcp://')}")
-        self.refused = Rejections(f"backup@{address.removeprefix('tcp://')}")  # malformed requests
+        door = f"{what}@{address.removeprefix('tcp://')}"
+        curve.serve(self._sock, CurveKeys.from_secret(secret), door=door)
+        self.refused = Rejections(door)  # malformed requests
         try:
             self._sock.bind(address)
         except zmq.ZMQError as e:
             self._sock.close()
             self._ctx.term()
-            raise BackupUnavailable(f"cannot serve the expert backup on {address}: {e}") from None
+            raise BackupUnavailable(f"cannot serve the expert {what} on {address}: {e}") from None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="eep-backup-server", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"eep-{what}-server", daemon=True)
         self._thread.start()
-        logger.info("serving expert backup %s on %s", backup.name, address)
+        logger.info("serving expert %s on %s", what, address)
 
     def _serve(self) -> None:
         try:
@@ -83,6 +105,8 @@ class BackupServer:
                 ident = frames[0]
                 kept = bytes(int(self.backup.keeps(layer, expert)) for layer, expert in asked)
                 rows = [self.backup.raw(layer, expert) for (layer, expert), k in zip(asked, kept) if k]
+                if any(row is None for row in rows):  # the source gave one up meanwhile (a slot rewritten)
+                    kept, rows = bytes(len(asked)), []
                 self._sock.send_multipart([ident, b"", kept, *rows], copy=False)
         except zmq.ZMQError as e:
             if not self._stop.is_set():
@@ -101,18 +125,27 @@ class BackupServer:
         return list(zip(pairs[0::2], pairs[1::2]))
 
     def close(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._thread.join(timeout=5 * _POLL_MS / 1000)
         self._ctx.term()
 
 
+class BackupServer(RowServer):
+    """A host's expert backup served to the ranks of other hosts."""
+
+    def __init__(self, backup: ExpertBackup, address: str, secret: ClusterSecret) -> None:
+        super().__init__(backup, address, secret, "backup")
+
+
 def fetch_rows(address: str, pairs: list[tuple[int, int]], timeout_s: float, keys: CurveKeys,
-               row_bytes: int) -> list[memoryview]:
+               row_bytes: int, cancel: threading.Event | None = None) -> list[memoryview]:
     """The rows of `pairs` ((layer, expert)) from the backup served at `address`, in order, each
     of `row_bytes` bytes.
 
-    Raises BackupUnavailable if no answer comes within `timeout_s`, a pair is not kept there or
-    the reply does not have the shape asked for."""
+    Raises BackupUnavailable if no answer comes within `timeout_s` (or `cancel` is set while
+    waiting), a pair is not kept there or the reply does not have the shape asked for."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -121,8 +154,12 @@ def fetch_rows(address: str, pairs: list[tuple[int, int]], timeout_s: float, key
     try:
         sock.connect(address)
         sock.send_multipart([b"", array.array("i", [v for pair in pairs for v in pair]).tobytes()])
-        if not sock.poll(int(timeout_s * 1000)):
-            raise BackupUnavailable(f"the expert backup at {address} did not answer within {timeout_s:g} s")
+        deadline = time.monotonic() + timeout_s
+        while not sock.poll(_CANCEL_POLL_MS if cancel is not None else int(timeout_s * 1000)):
+            if cancel is not None and cancel.is_set():
+                raise BackupUnavailable(f"the fetch from {address} was cancelled")
+            if cancel is None or time.monotonic() >= deadline:
+                raise BackupUnavailable(f"the expert source at {address} did not answer within {timeout_s:g} s")
         frames = sock.recv_multipart(copy=False)
     finally:
         sock.close()

@@ -22,7 +22,6 @@ import select
 import signal
 import socket
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -30,13 +29,14 @@ import torch
 from eep.dataplane.dispatch import EPDispatcher
 from eep.engine.worker import ModelWorker, SeqWork
 from eep.errors import ConfigError, DataPlaneError, PeerTimeout, RankFenced
-from eep.model.checkpoint import CheckpointReader
-from eep.model.loader import load_expert, load_model
+from eep.model.expert_load import ExpertLoadCounter
+from eep.model.loader import load_model
 from eep.placement.routing import Placement, check_tables_only
 from eep.runtime import wire
 from eep.runtime.death_notice import HeldNotice
 from eep.runtime.expert_backup import ExpertBackup
 from eep.runtime.heartbeat import Heartbeat
+from eep.runtime.slots import ExpertMover, ExpertSlots
 from eep.runtime.wire import ExpertCopy, RankSpec, StepOrder, StepResult  # noqa: F401 (the rank's messages)
 from eep.runtime.launch import recv_launch
 from eep.security.channel import Channel, ProtocolError
@@ -96,7 +96,6 @@ class RankWorker:
         self.heartbeat = heartbeat
         self.secret = secret
         held = spec.held if spec.held is not None else spec.placement.physical_to_logical_map
-        self.held = held.clone()  # the expert whose weights each of this rank's slots holds
         # Weights are loaded by `held` (only its slot map is read), the tables are allocated at
         # the placement's shape and set to it: `held` may hold more copies of an expert than
         # the tables list (spares after a rejoin).
@@ -115,11 +114,31 @@ class RankWorker:
                 timings=self.exchange_timings,
             )
         self.worker = ModelWorker(model, spec.max_num_seqs, spec.max_model_len)
+        # the router's choices of this rank's own tokens, per (layer, expert): the instance's load is their sum
+        self.load = ExpertLoadCounter(len(model.moe_layers()), model.cfg.num_experts,
+                                      max(1, spec.max_num_seqs) * model.cfg.top_k * 64, device=model.embed.device)
+        for layer in model.moe_layers():
+            layer.load = self.load
         self._view: tuple[int, tuple[int, ...]] = (0, tuple(range(spec.num_ranks)))
         self.backup: ExpertBackup | None = None
         if spec.backup is not None:  # attached and its pages mapped now, not inside a repair's pause
             self.backup = ExpertBackup.attach(spec.backup, model.cfg, model.dtype)
             self.backup.prefault()
+        self.slots = ExpertSlots(model.moe_layers(), spec.slots, held, spec.model_path, model.cfg.num_experts,
+                                 spec.rank, spec.node_of, self.backup, secret, spec.backup_addresses,
+                                 spec.peer_addresses, spec.backup_timeout_s)
+        self.mover = ExpertMover(self.slots)
+        self.peer_server = None  # this rank's slots served to its peers (a rebalance's peer source)
+        if spec.peer_addresses is not None and secret is not None:
+            from eep.runtime.backup_server import RowServer
+
+            self.peer_server = RowServer(self.slots, spec.peer_addresses[spec.rank], secret, f"rank{spec.rank}-experts")
+
+    def close(self) -> None:
+        """The process is ending: moves in flight are dropped (their slots are no table's)."""
+        self.mover.cancel()
+        if self.peer_server is not None:
+            self.peer_server.close()
 
     def step(self, order: StepOrder) -> StepResult:
         start = time.perf_counter()
@@ -129,8 +148,10 @@ class RankWorker:
         work = order.work
         self.exchange_timings.clear()
         tokens = self.worker.execute(work)
+        load = self.load.take().to(torch.int32) if order.report_load else None
         return StepResult(tokens, time.perf_counter() - start, tuple(self.exchange_timings), time.process_time_ns(),
-                          self.heartbeat.cpu_ns if self.heartbeat is not None else 0)
+                          self.heartbeat.cpu_ns if self.heartbeat is not None else 0, load, self.load.cpu_ns,
+                          self.mover.done, self.mover.failed)
 
     def warm_up(self, num_tokens: int = 8) -> None:
         """A replacement rank's warm-up, in isolation: one forward pass through every layer and
@@ -140,6 +161,7 @@ class RankWorker:
         layers = model.moe_layers()
         saved = [layer.dispatcher.exchange for layer in layers if layer.dispatcher is not None]
         alone = _Isolated(self.spec.rank, self.spec.num_ranks)
+        self.load.enabled = False  # its made-up tokens are no load
         try:
             for layer in layers:
                 if layer.dispatcher is not None:
@@ -152,21 +174,24 @@ class RankWorker:
             for layer, exchange in zip([x for x in layers if x.dispatcher is not None], saved):
                 layer.dispatcher.exchange = exchange  # type: ignore[union-attr]
             self.exchange_timings.clear()
+            self.load.enabled = True
 
     def update_routing(self, placement: Placement) -> None:
         """Switch the routing tables in place. A slot of this rank may keep its expert or be
         emptied (-1), never be given an expert it does not hold: moving weights is not a table
         update."""
         slots = range(self.spec.slots.offset, self.spec.slots.offset + self.spec.slots.count)
-        # against the weights loaded (only the slot map of `held` is read)
-        check_tables_only(Placement(self.held, placement.logical_to_physical_map, placement.logical_replica_count),
-                          placement, slots)
-        self.worker.model.tables.update_(placement)
+        with self.slots.lock:  # against the weights loaded (only the slot map of `held` is read)
+            check_tables_only(Placement(self.slots.held, placement.logical_to_physical_map,
+                                        placement.logical_replica_count), placement, slots)
+            self.worker.model.tables.update_(placement)
 
     def repair(self, interim: Placement, copies: list[ExpertCopy], placement: Placement) -> list[float]:
         """A repair's whole share of this rank in one message (no step runs meanwhile): unlist
         the copies' targets (`interim`), write the copies, switch to `placement`. Returns each
-        copy's seconds."""
+        copy's seconds. A rebalance's moves in flight are cancelled first: a repair may write
+        where they were writing."""
+        self.mover.settle()
         if not copies:
             self.update_routing(placement)
             return []
@@ -178,94 +203,13 @@ class RankWorker:
     def copy_experts(self, copies: list[ExpertCopy]) -> list[float]:
         """Write each copy's expert into its slot (the slot must be one of this rank's and not
         be listed in the tables in use); returns each copy's seconds."""
-        spec, model = self.spec, self.worker.model
-        layers = model.moe_layers()
-        tables = model.tables.physical_to_logical_map
-        for c in copies:
-            if not 0 <= c.slot - spec.slots.offset < spec.slots.count:
-                raise ConfigError(f"slot {c.slot} is not on rank {spec.rank}")
-            if not (0 <= c.layer < len(layers) and 0 <= c.expert < model.cfg.num_experts):
-                raise ConfigError(f"layer {c.layer} expert {c.expert} does not exist in this model")
-            if c.source not in ("backup", "disk"):
-                raise ConfigError(f"unknown expert source {c.source!r}")
-            if int(tables[c.layer, c.slot]) not in (-1, c.expert):
-                raise ConfigError(f"layer {c.layer} slot {c.slot} is in use by expert {int(tables[c.layer, c.slot])}")
-        fetched = self._fetch_remote(copies)
-        reader = None
-        times = []
-        try:
-            for c in copies:
-                local = c.slot - spec.slots.offset
-                start = time.perf_counter()
-                w13, w2 = layers[c.layer].w13[local], layers[c.layer].w2[local]
-                if (c.layer, c.expert) in fetched:
-                    row, fetch_s = fetched[(c.layer, c.expert)]
-                    w13.copy_(row[: w13.numel()].view_as(w13))
-                    w2.copy_(row[w13.numel() :].view_as(w2))
-                    start -= fetch_s
-                elif c.source == "backup" and self._local(c) and self.backup is not None \
-                        and self.backup.keeps(c.layer, c.expert):
-                    src13, src2 = self.backup.get(c.layer, c.expert)
-                    w13.copy_(src13)
-                    w2.copy_(src2)
-                else:  # the disk; also a backup that did not answer or does not keep the expert
-                    if reader is None:
-                        reader = CheckpointReader(spec.model_path)
-                    load_expert(w13, w2, reader, c.layer, c.expert)
-                self.held[c.layer, c.slot] = c.expert
-                times.append(time.perf_counter() - start)
-        finally:
-            if reader is not None:
-                reader.close()
-        return times
+        self.slots.check(copies, self.worker.model.tables.physical_to_logical_map)
+        return self.slots.copy(copies)
 
-    def _local(self, c: ExpertCopy) -> bool:
-        node_of = self.spec.node_of
-        return c.source_host is None or c.source_host == (node_of[self.spec.rank] if node_of else 0)
-
-    def _fetch_remote(self, copies: list[ExpertCopy]) -> dict[tuple[int, int], tuple[torch.Tensor, float]]:
-        """The experts of `copies` to be read from another host's backup, one request per host:
-        (layer, expert) -> (the row as a flat tensor of the model's dtype, its share of the
-        fetch's seconds). A host that does not answer in time is left out (its copies read the
-        disk), logged."""
-        spec, model = self.spec, self.worker.model
-        by_host: dict[int, list[tuple[int, int]]] = {}
-        for c in copies:
-            if c.source == "backup" and not self._local(c):
-                by_host.setdefault(c.source_host, []).append((c.layer, c.expert))  # type: ignore[arg-type]
-        out: dict[tuple[int, int], tuple[torch.Tensor, float]] = {}
-        if not by_host:
-            return out
-        if spec.backup_addresses is None or self.secret is None:
-            raise ConfigError(f"rank {spec.rank} was told to copy from another host's backup but knows no address "
-                              f"or no cluster secret")
-        from eep.runtime.backup_server import BackupUnavailable, fetch_rows
-        from eep.security.curve import CurveKeys
-
-        keys = CurveKeys.from_secret(self.secret)
-        layer0 = model.moe_layers()[0]
-        numel = layer0.w13[0].numel() + layer0.w2[0].numel()
-        for host, pairs in by_host.items():
-            pairs = sorted(set(pairs))
-            start = time.perf_counter()
-            try:
-                rows = fetch_rows(spec.backup_addresses[host], pairs, spec.backup_timeout_s, keys,
-                                  numel * model.dtype.itemsize)
-            except BackupUnavailable as e:
-                logger.warning("rank %d: %s; reading %d experts from the disk instead", spec.rank, e, len(pairs))
-                continue
-            seconds = time.perf_counter() - start
-            share = seconds / len(pairs)
-            logger.info("rank %d: %d experts from host %d's backup in %.1f ms", spec.rank, len(pairs), host, seconds * 1e3)
-            for pair, row in zip(pairs, rows):
-                with warnings.catch_warnings():  # a received frame is read-only; it is only read
-                    warnings.simplefilter("ignore", UserWarning)
-                    flat = torch.frombuffer(row, dtype=model.dtype)
-                if flat.numel() != numel:
-                    raise ConfigError(f"host {host} sent {flat.numel()} values for layer {pair[0]} expert "
-                                      f"{pair[1]}, expected {numel}: another model or dtype?")
-                out[pair] = (flat, share)
-        return out
+    def move(self, batch: int, copies: list[ExpertCopy]) -> None:
+        """Start writing a rebalance's `copies` on the mover's thread (checked first)."""
+        self.slots.check(copies, self.worker.model.tables.physical_to_logical_map)
+        self.mover.start(batch, copies)
 
     def storage_ptrs(self) -> list[int]:
         """data_ptr of everything that must never be reallocated: routing tables, expert slots
@@ -296,8 +240,10 @@ def rank_main(spec: RankSpec, conn: Channel, supervisor: int | None = None,
     # held by this (the main) thread until the process ends: the kernel reports the death at once
     notice = HeldNotice(spec.death_notice) if spec.death_notice else None  # noqa: F841 (kept alive)
     heartbeat = Heartbeat(spec.heartbeat, spec.rank, spec.heartbeat_interval_s) if spec.heartbeat else None
+    state = None
     try:
-        _serve(spec, conn, RankWorker(spec, heartbeat, secret), gone)
+        state = RankWorker(spec, heartbeat, secret)
+        _serve(spec, conn, state, gone)
     except ProtocolError as e:  # the control connection cannot be trusted any more: leave it
         logger.warning("rank %d: %s; exiting as fenced", spec.rank, e)
         raise SystemExit(EXIT_FENCED) from None
@@ -305,6 +251,8 @@ def rank_main(spec: RankSpec, conn: Channel, supervisor: int | None = None,
         logger.warning("rank %d: the controller closed the pipe; exiting as fenced", spec.rank)
         raise SystemExit(EXIT_FENCED) from None
     finally:
+        if state is not None:
+            state.close()
         if heartbeat is not None:
             heartbeat.stop()
 
@@ -361,6 +309,12 @@ def _serve(spec: RankSpec, conn: Channel, state: RankWorker, gone: Callable[[], 
         elif isinstance(msg, wire.Repair):
             try:
                 wire.send(conn, wire.Repaired(msg.epoch, state.repair(msg.interim, msg.copies, msg.placement)))
+            except ConfigError as e:
+                wire.send(conn, wire.Refused(msg.epoch, str(e)))
+        elif isinstance(msg, wire.MoveExperts):
+            try:
+                state.move(msg.batch, msg.copies)
+                wire.send(conn, wire.MovesAccepted(msg.epoch, msg.batch))
             except ConfigError as e:
                 wire.send(conn, wire.Refused(msg.epoch, str(e)))
         elif isinstance(msg, wire.QueryPtrs):

@@ -23,9 +23,10 @@ Who sends what:
                          authenticated and introduced by RankConnect, and its session state)
     host <-> fork server: Fork (with the rank's control pipe as a file descriptor) / ForkerReady,
                          Forked, ChildExited (local and of no view: these carry no epoch)
-    controller -> rank:  RankSpec (first), then StepOrder, SetRouting, Repair, QueryPtrs, Stop, Fence
+    controller -> rank:  RankSpec (first), then StepOrder, SetRouting, Repair, MoveExperts, QueryPtrs,
+                         Stop, Fence
     rank -> controller:  Ready (once), StepDone, PeerSilent, StepAbandoned, RoutingSet, Repaired,
-                         Ptrs or Refused, each with the epoch of the request it answers: the
+                         MovesAccepted, Ptrs or Refused, each with the epoch of the request it answers: the
                          controller's reply loop drops an answer of an older epoch than the
                          request it waits on (`eep.control.replies`)
 """
@@ -150,6 +151,7 @@ class RankSpec:
     backup_addresses: tuple[str, ...] | None = None  # multi-host: each node's expert backup server
     backup_timeout_s: float = 2.0  # the longest wait for another host's backup (then: the disk)
     data_plane_curve: bool = True  # multi-host: the data addresses authenticate and encrypt (CURVE)
+    peer_addresses: tuple[str, ...] | None = None  # every rank's expert row server (a rebalance's peer source)
 
     @property
     def slots(self) -> SlotRange:
@@ -166,6 +168,7 @@ class StepOrder:
     epoch: int
     active: tuple[int, ...]  # ranks exchanging in this step, ascending
     work: list[SeqWork]
+    report_load: bool = False  # answer with the expert load counted since the last report
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +181,11 @@ class StepResult:
     # the same sequence of calls on every rank)
     cpu_ns: int = 0  # this process's CPU time so far (every thread, user + system)
     heartbeat_ns: int = 0  # of which its heartbeat thread's (eep.runtime.accounting)
+    load: torch.Tensor | None = None  # [L, E] int32: (token, k) pairs its routers sent to each expert since
+    # the last report (only when the order asked: `report_load`)
+    load_ns: int = 0  # its CPU time spent counting the expert load so far (eep.model.expert_load)
+    moves_done: int = 0  # the last batch of moves (MoveExperts) this rank finished writing (0: none)
+    moves_failed: str = ""  # why that batch did not finish ("": it did)
 
     @property
     def exchange_total_s(self) -> float:
@@ -186,15 +194,16 @@ class StepResult:
 
 @dataclass(frozen=True, slots=True)
 class ExpertCopy:
-    """A repair's order to a rank: write `expert` of MoE layer `layer` into global slot `slot`,
-    reading it from `source` ("backup" or "disk"); a backup on node `source_host` (None: this
-    rank's own host)."""
+    """A repair's or a rebalance's order to a rank: write `expert` of MoE layer `layer` into global
+    slot `slot`, reading it from `source` ("peer", "backup" or "disk"): rank `source_rank`'s
+    slots, or a backup on node `source_host` (None: this rank's own host)."""
 
     layer: int
     slot: int
     expert: int
     source: str
     source_host: int | None = None
+    source_rank: int | None = None  # "peer": the rank whose slot holds it
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +218,22 @@ class Repair:
     interim: Placement  # the tables while the copies are written (their targets unlisted)
     copies: list[ExpertCopy]  # for this rank
     placement: Placement  # the tables once they are written
+
+
+@dataclass(frozen=True, slots=True)
+class MoveExperts:
+    """A rebalance's copies for this rank, written on a thread of its own while steps run (their
+    targets are slots no table lists); each later StepResult says when `batch` is done."""
+
+    epoch: int
+    batch: int
+    copies: list[ExpertCopy]
+
+
+@dataclass(frozen=True, slots=True)
+class MovesAccepted:
+    epoch: int
+    batch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,9 +352,9 @@ INTRODUCTION = Protocol("the first message on the controller's port", (AgentHell
 FROM_AGENT = Protocol("agent to controller", (Beats, RankExited))
 TO_AGENT = Protocol("controller to agent", (HostSetup, Announce, SpawnRank, KillRank, Shutdown))
 RANK_SPEC = Protocol("the controller's first message to a rank", (RankSpec,))
-TO_RANK = Protocol("controller to rank", (StepOrder, SetRouting, Repair, QueryPtrs, Stop, Fence))
+TO_RANK = Protocol("controller to rank", (StepOrder, SetRouting, Repair, MoveExperts, QueryPtrs, Stop, Fence))
 FROM_RANK = Protocol("rank to controller", (Ready, StepDone, PeerSilent, StepAbandoned, RoutingSet, Repaired,
-                                            Ptrs, Refused))
+                                            MovesAccepted, Ptrs, Refused))
 LAUNCH = Protocol("a host to the rank it starts", (Launch, Handover))
 TO_FORK_SERVER = Protocol("a host to its fork server", (Fork,))
 FROM_FORK_SERVER = Protocol("a fork server to its host", (ForkerReady, Forked, ChildExited))

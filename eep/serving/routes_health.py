@@ -80,6 +80,7 @@ def _snapshot(engine: Any) -> dict[str, Any]:
         "active": len(status["view"]["active"]) if status else 1,
         "repairs": status["repairs"] if status else [],
         "accounting": status.get("accounting") if status else None,
+        "eplb": status.get("eplb") if status else None,
     }
 
 
@@ -111,6 +112,14 @@ class _Metrics:
                                    ["what"], registry=r)
         self.cpu = Counter("eep_cpu_seconds", "CPU time of the controller process and every rank process",
                            registry=r)
+        # online EPLB (eep.control.rebalance): the layout in use under the load of the recent window
+        self.imbalance = Gauge("eep_expert_load_imbalance", "Most loaded rank's expert load over the mean of the "
+                               "active ranks, per MoE layer, of the tables in use under the recent load window",
+                               ["layer"], registry=r)
+        self.rebalances = Counter("eep_rebalances", "Rebalances switched in (a new expert layout)", registry=r)
+        self.moves = Counter("eep_expert_moves", "Experts copied by rebalances, by source", ["source"], registry=r)
+        self._seen_moves: dict[str, int] = {}
+        self._seen_rebalances = 0
         self._seen_cpu: dict[str, float] = {}
         self._seen_tokens = 0
         self._seen_repairs: set[tuple[int, str]] = set()
@@ -130,6 +139,8 @@ class _Metrics:
                 grew = seconds - self._seen_cpu.get(what, 0.0)
                 self._seen_cpu[what] = seconds
                 (self.bookkeeping.labels(what=what) if what else self.cpu).inc(max(0.0, grew))
+        if (eplb := snap.get("eplb")) is not None:
+            self._eplb(eplb)
         for rec in snap["repairs"]:
             key = (int(rec["epoch"]), "rejoin" if "rejoined" in rec else "repair")
             if key in self._seen_repairs:
@@ -142,3 +153,12 @@ class _Metrics:
                 self.repaired.labels(tier="1").inc(int(rec["tier1_experts"]))
                 self.repaired.labels(tier="2").inc(int(rec["tier2_experts"]))
         return generate_latest(self.registry)
+
+    def _eplb(self, eplb: dict[str, Any]) -> None:
+        for layer, value in enumerate(eplb["imbalance"]):
+            self.imbalance.labels(layer=str(layer)).set(value)
+        self.rebalances.inc(max(0, eplb["switched"] - self._seen_rebalances))
+        self._seen_rebalances = eplb["switched"]
+        for source, n in eplb["moves"].items():
+            self.moves.labels(source=source).inc(max(0, n - self._seen_moves.get(source, 0)))
+            self._seen_moves[source] = n
