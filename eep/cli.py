@@ -220,6 +220,26 @@ def _cmd_bench_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_eplb(args: argparse.Namespace) -> int:
+    from eep.bench.eplb import plot, run_eplb_bench, summary_table
+    from eep.model.default_model import ensure_default_model
+
+    model = args.model_path or str(ensure_default_model(Path(args.cache_dir), "deepseek_v3", args.router_skew))
+    result = run_eplb_bench(
+        model, ep_size=args.ep_size, redundant=args.ep_num_redundant_experts, spare=args.ep_spare_slots,
+        concurrency=args.concurrency, iterations=args.eplb_rebalance_num_iterations, window=args.eplb_window_steps,
+        steady_rounds=args.steady_rounds, steady_slice_s=args.steady_slice, calibrate=args.calibrate,
+        fault_at_s=args.fault_at, rejoin_after_s=args.rejoin_after, tail_s=args.tail, seed=args.seed,
+    )
+    result["config"]["router_skew"] = None if args.model_path else args.router_skew
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+    print(summary_table(result))
+    return 0
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     from eep.sim import report
     from eep.sim.cluster import DEFAULT_CLUSTER, DEFAULT_MODEL
@@ -584,6 +604,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--repeats", type=int, default=5, help="timed plans per case; the slowest is reported")
     pl.add_argument("--json", default="out/plan.json", help="the whole record (default: %(default)s)")
     pl.set_defaults(func=_cmd_bench_plan)
+
+    eb = bench_sub.add_parser("eplb", help="online expert load balancing on a skewed model under load, through a "
+                                           "rank's failure and rejoin (JSON, PNG)")
+    eb.add_argument("--model-path", help="a checkpoint (default: the skewed default DeepSeek-V3, built on first use)")
+    eb.add_argument("--router-skew", type=float, default=1.0, help="the default model's router skew (ALPHA)")
+    eb.add_argument("--ep-size", type=int, default=4)
+    eb.add_argument("--ep-num-redundant-experts", type=int, default=8, help="the replica budget per layer")
+    eb.add_argument("--ep-spare-slots", type=int, default=8,
+                    help="empty slots per rank (eep's default for 4 ranks and 8 redundant experts is 6: just enough "
+                         "to re-home one rank's; 2 more give the survivors room to rebalance)")
+    eb.add_argument("--concurrency", type=int, default=16)
+    eb.add_argument("--eplb-rebalance-num-iterations", type=int, default=100)
+    eb.add_argument("--eplb-window-steps", type=int, default=300)
+    eb.add_argument("--steady-rounds", type=int, default=6, help="rounds of alternating slices (eplb, static)")
+    eb.add_argument("--steady-slice", type=float, default=5.0, help="seconds per slice")
+    eb.add_argument("--calibrate", action="store_true", help="also compare two static servers (the A/A spread)")
+    eb.add_argument("--fault-at", type=float, default=8.0)
+    eb.add_argument("--rejoin-after", type=float, default=20.0)
+    eb.add_argument("--tail", type=float, default=20.0)
+    eb.add_argument("--seed", type=int, default=0)
+    eb.add_argument("--json", default="out/eplb.json", help="the whole record (default: %(default)s)")
+    eb.add_argument("--plot", default="out/eplb.png", help="the picture (default: %(default)s)")
+    eb.set_defaults(func=_cmd_bench_eplb)
 
     sim = sub.add_parser("sim", help="simulate one wide-EP instance on a GPU cluster through a failure (JSON, PNG)")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True, metavar="REPORT")

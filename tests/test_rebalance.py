@@ -33,6 +33,7 @@ def test_a_hot_expert_gets_a_replica_in_a_free_slot_and_nothing_else_moves() -> 
     assert [(m.layer, m.expert, m.dst_slot, m.dst_rank, m.source_kind, m.source_rank) for m in plan.moves] == [
         (0, 0, 6, 1, "peer", 0)]
     assert plan.held_after.tolist() == [[0, 1, -1, -1, 2, 3, 0, -1]]
+    assert torch.equal(plan.interim.physical_to_logical_map, tables.physical_to_logical_map)  # nothing given up
     assert plan.replicas.tolist() == [1]
     assert round(float(plan.imbalance_before[0]), 3) == round(11 / 6.5, 3)  # rank 0: 10 + 1 of 13
     assert round(float(plan.imbalance_after[0]), 3) == round(7 / 6.5, 3)  # rank 0: 5 + 1, rank 1: 5 + 1 + 1
@@ -96,12 +97,15 @@ def test_every_expert_stays_covered_and_moves_write_only_unlisted_slots(s: dict)
     old, new = tables.physical_to_logical_map, plan.placement.physical_to_logical_map
     per_rank = old.shape[1] // s["num_ranks"]
     covered_before = tables.logical_replica_count > 0
-    # while the moves run the tables in use serve: they stay valid, since no move writes a slot they list
-    # (and so no expert listed there loses a replica); after the switch, the new tables cover as much
+    # while the moves run the interim tables serve: those in use less the replicas the moves overwrite,
+    # covering every expert the tables in use cover; after the switch, the new tables cover as much
+    interim = plan.interim.physical_to_logical_map
+    assert bool(((interim == old) | (interim == -1)).all()), "the interim tables list what the tables in use do not"
+    assert bool(((plan.interim.logical_replica_count > 0) | ~covered_before).all())
     assert bool(((plan.placement.logical_replica_count > 0) | ~covered_before).all())
     targets = set()
     for m in plan.moves:
-        assert int(old[m.layer, m.dst_slot]) == -1, "a move writes a slot the tables in use list"
+        assert int(interim[m.layer, m.dst_slot]) == -1, "a move writes a slot the interim tables list"
         assert m.dst_slot // per_rank == m.dst_rank and m.dst_rank in active
         assert (m.layer, m.dst_slot) not in targets
         targets.add((m.layer, m.dst_slot))
@@ -164,3 +168,24 @@ def test_a_skewed_load_is_balanced_within_five_percent() -> None:
     assert float(plan.imbalance_before.mean()) > 1.5
     assert float(plan.imbalance_after.max()) <= 1.06 and float(plan.imbalance_after.mean()) <= 1.05
     assert plan.moves and plan.moves_from_peers == len(plan.moves)  # no backup given: every source a peer
+
+
+def test_survivors_without_a_free_slot_rebalance_by_giving_up_replicas() -> None:
+    """After a repair used the spare slots, few are free: the plan gives up replicas beyond each
+    expert's first (unlisted in the interim tables) and writes its moves there. (With 8 spare
+    slots per rank, 2 more than re-homing one rank's 18 needs: with exactly 6 the survivors are
+    full and a plan reaches about 1.15 here, see docs/eplb.md.)"""
+    g = torch.Generator().manual_seed(1)
+    zipf = 1 / torch.arange(1, 65, dtype=torch.float64)
+    load = torch.stack([zipf[torch.randperm(64, generator=g)] for _ in range(4)]) * 1e4
+    base = plan_placement(64, 4, num_layers=4, num_redundant=8)
+    tables = with_spare_slots(base, 4, 8, base.max_replicas + 1)
+    view = MembershipView.initial((0,) * 4).fail({1})
+    repair = plan_coverage(view, tables, tables.physical_to_logical_map.clone(), expert_bytes=EXPERT_BYTES,
+                           topology=TOPOLOGY)
+    live, held = repair.placement, repair.held_after
+    active = view.active_ranks
+    plan = plan_rebalance(live, held, load, active, 4, num_redundant=8, expert_bytes=EXPERT_BYTES, topology=TOPOLOGY)
+    assert float(plan.imbalance_after.mean()) < 1.10 < float(plan.imbalance_before.mean())
+    given_up = (plan.interim.physical_to_logical_map < 0) & (live.physical_to_logical_map >= 0)
+    assert bool(given_up.any()) and bool((plan.interim.logical_replica_count > 0).all())

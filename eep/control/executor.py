@@ -90,7 +90,8 @@ class EPExecutor:
         self.hooks = FaultHooks()
         self.steps_from_fenced = 0  # committed steps with an answer from a process outside the view (must stay 0)
         # the data plane's time over the committed steps (status()["dataplane"]; eep.bench.steady's figures)
-        self.dataplane = {"steps": 0, "exchange_critical_s": 0.0, "exchange_s": 0.0}
+        self.dataplane = {"steps": 0, "exchange_critical_s": 0.0, "exchange_s": 0.0, "expert_max_s": 0.0,
+                          "expert_mean_s": 0.0}
         self.last_step: list[StepResult] = []  # per active rank: the timings of the last step
         self._retries = 0  # consecutive steps abandoned without a failure
         try:
@@ -237,6 +238,9 @@ class EPExecutor:
             ctl.fault_time = None
         self.last_step = [results[r] for r in active]
         self._count_exchanges([results[r].exchange_s for r in active])
+        experts = [results[r].expert_s for r in active]  # the longest rank's expert time is what balance shortens
+        self.dataplane["expert_max_s"] += max(experts)
+        self.dataplane["expert_mean_s"] += sum(experts) / len(experts)
         # an invariant kept as a figure: every answer committed came from the process the view names
         self.steps_from_fenced += any(self.pool[r].incarnation != view.incarnations[r] for r in active)
         for r in active:

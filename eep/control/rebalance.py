@@ -168,6 +168,11 @@ class Rebalancer:
             return
         self._batch += 1
         b = _Batch(self._batch, plan, set(), time.perf_counter(), ctl.steps)
+        if not torch.equal(plan.interim.physical_to_logical_map, ctl.placement.physical_to_logical_map):
+            # the replicas that moves overwrite stop serving first (in place, between two steps)
+            self.coverage.update_routing_on(ctl.view.active_ranks, plan.interim)
+            ctl.placement = plan.interim
+            self.coverage.planner.void(ctl.steps)
         copies: dict[int, list[ExpertCopy]] = {}
         for m in plan.moves:
             copies.setdefault(m.dst_rank, []).append(ExpertCopy(

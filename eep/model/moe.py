@@ -12,6 +12,8 @@ C = most tokens any local slot receives this step, H = hidden, I = expert interm
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,6 +87,7 @@ class MoELayer(nn.Module):
         self.slot_offset = slot_offset
         self.dispatcher: EPDispatcher | None = None  # set by an expert-parallel rank
         self.load: ExpertLoadCounter | None = None  # set by an expert-parallel rank: the router's choices counted
+        self.expert_s = 0.0  # an expert-parallel rank's seconds in its expert compute (taken by the rank per step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         slots, weights = self.route(x)
@@ -93,7 +96,10 @@ class MoELayer(nn.Module):
             out = combine_pairs(self.local_experts(x, local, weights), local >= 0, x.dtype)
         else:  # tokens travel to the ranks holding their slots, and the outputs come back
             recv_x, recv_slots, recv_weights, _, handle = self.dispatcher.dispatch(x, slots, weights)
-            out = self.dispatcher.combine(self.local_experts(recv_x, recv_slots, recv_weights), handle)
+            start = time.perf_counter()
+            local = self.local_experts(recv_x, recv_slots, recv_weights)
+            self.expert_s += time.perf_counter() - start
+            out = self.dispatcher.combine(local, handle)
         return out + self.shared(x) if self.shared is not None else out
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

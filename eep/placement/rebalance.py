@@ -18,12 +18,14 @@ How a plan is made, per layer and all layers at once:
    room that does not hold the expert yet (LPT). A rank that already holds the expert's
    weights is taken instead if that keeps it within `1 + keep_slack` of the layer's mean rank
    load (or it is the least loaded anyway): a slot whose expert stays costs no move.
-3. Moves only into free slots: a new replica on a rank is written into a slot that the tables
-   in use do not list (an empty slot, or one holding an unlisted copy), so the tables in use
-   stay valid while the copies run (they are the interim state: every expert stays covered),
-   and one table switch turns the new layout on. A rank takes at most as many new replicas as
-   it has free slots in that layer; a layer that cannot be packed within that, or whose
-   imbalance would not improve by `min_gain`, keeps its layout (no moves).
+3. Moves only into free slots: every expert's first listed slot keeps serving throughout; any
+   other slot is free (empty, an unlisted copy, or a listed replica beyond the first). A new
+   replica on a rank is written into one of its free slots (empty ones first, then unlisted
+   copies, then replicas given up); the interim tables are those in use without the replicas
+   given up, so every expert stays covered while the copies run, and one table switch turns the
+   new layout on. A rank takes at most as many new replicas as it has free slots in that
+   layer; a layer that cannot be packed within that, or whose imbalance would not improve by
+   `min_gain`, keeps its layout (no moves).
 4. Sources (no step waits for a move, so no schedule is needed, only an order of preference):
    a peer rank on the destination's host that holds the expert in a slot no move writes to,
    else the destination host's backup (host memory: no bytes on the network, which the data
@@ -54,6 +56,8 @@ class RebalancePlan:
     """What `plan_rebalance` decided (pure data; compare tensors with torch.equal).
 
     - `placement`: the tables to switch to once every move is written.
+    - `interim`: the tables to serve with while the moves run: those in use without the listed
+      replicas that moves overwrite (each expert keeps a listed replica; no weights move).
     - `held_after [L, P]`: what each slot holds after the moves (the others keep their content).
     - `moves`: the copies, in (layer, expert) order, each into a slot the tables in use do not list
       (`Moves`: columns; iterating gives `Transfer`s).
@@ -64,6 +68,7 @@ class RebalancePlan:
     """
 
     placement: Placement
+    interim: Placement
     held_after: torch.Tensor
     moves: Moves
     replicas: torch.Tensor
@@ -196,8 +201,11 @@ def plan_rebalance(
     kind, ident = _sources(moves, state, num_ranks, hosts, backup, num_experts)
     table = torch.cat([moves, (moves[:, 2] // per_rank).unsqueeze(1), kind.unsqueeze(1), ident.unsqueeze(1)], 1)
     final = placement_from_phy2log(new_phy, num_experts, placement.max_replicas)
+    interim = phy2log.clone()
+    interim[moves[:, 0], moves[:, 2]] = -1  # listed replicas given up for a move stop serving first
     return RebalancePlan(
-        placement=final, held_after=held_after, moves=Moves(table, tuple(hosts), expert_bytes, topology),
+        placement=final, interim=placement_from_phy2log(interim, num_experts, placement.max_replicas),
+        held_after=held_after, moves=Moves(table, tuple(hosts), expert_bytes, topology),
         replicas=(final.logical_replica_count.sum(1) - num_experts).clamp(min=0),
         imbalance_before=before, imbalance_after=torch.where(keep, before, after),
         changed=(new_phy != phy2log).any(1),
@@ -225,14 +233,15 @@ def _loads(load: torch.Tensor, num_layers: int, num_experts: int) -> torch.Tenso
 class _State:
     """What the packing may use: per (layer, rank) room and free slots; per (layer, expert) the
     ranks that hold its weights already (`holders`, -1 padded, ascending) and how many listed
-    slots and free slots (unlisted copies) of it each has. Rows of the (layer, expert) tables
+    slots (the expert's first listed one) and free slots (any other copy) of it each has. Rows of the (layer, expert) tables
     are `layer * (E + 1) + expert`; row E of every layer (the padding expert) is empty."""
 
     rank_of: torch.Tensor  # [P] the rank of each slot
     usable: torch.Tensor  # [L, P] bool: on an active rank
-    listed: torch.Tensor  # [L, P] bool: listed in the tables in use (and usable)
+    in_use: torch.Tensor  # [L, P] bool: listed in the tables in use (and usable)
+    listed: torch.Tensor  # [L, P] bool: of those, each expert's first: listed also in the interim tables
     room: torch.Tensor  # [L, N] slots of the rank (0 for ranks outside `active`)
-    free: torch.Tensor  # [L, N] usable slots the tables in use do not list: where moves may write
+    free: torch.Tensor  # [L, N] usable slots but those: where moves may write
     holders: torch.Tensor  # [L * (E + 1), H] int64 ranks, -1 padded
     kept_listed: torch.Tensor  # [L * (E + 1), H] listed slots of that holder with the expert
     kept_free: torch.Tensor  # [L * (E + 1), H] free slots of that holder with a copy of it
@@ -247,7 +256,17 @@ class _State:
         on = torch.zeros(num_ranks, dtype=torch.bool)
         on[active] = True
         usable = on[rank_of].expand(num_layers, num_physical)
-        listed = usable & (phy2log >= 0)
+        in_use = usable & (phy2log >= 0)
+        # each expert's first listed slot stays listed throughout (the interim tables serve with it);
+        # every other slot is free: its copy may be kept (no move) or given up for a move
+        width_key = torch.where(in_use, torch.arange(num_layers).unsqueeze(1) * width + phy2log.clamp(min=0),
+                                num_layers * width)
+        order = torch.argsort(width_key * num_physical + torch.arange(num_physical), dim=1)
+        key_sorted = width_key.gather(1, order)
+        lead = torch.ones_like(key_sorted, dtype=torch.bool)
+        lead[:, 1:] = key_sorted[:, 1:] != key_sorted[:, :-1]
+        listed = torch.zeros_like(in_use)
+        listed.scatter_(1, order, lead & (key_sorted < num_layers * width))
         free = usable & ~listed
         room = torch.where(on, per_rank, 0).expand(num_layers, num_ranks).clone()
         # one key per (layer, expert, rank) that holds it; its listed and free slot counts
@@ -265,7 +284,7 @@ class _State:
         kept_listed = torch.zeros((num_layers * width, most), dtype=torch.int64)
         kept_free = torch.zeros((num_layers * width, most), dtype=torch.int64)
         holders[row, col], kept_listed[row, col], kept_free[row, col] = rank, n_listed, n_free
-        return cls(rank_of, usable, listed, room, free.view(num_layers, num_ranks, per_rank).sum(2),
+        return cls(rank_of, usable, in_use, listed, room, free.view(num_layers, num_ranks, per_rank).sum(2),
                    holders, kept_listed, kept_free)
 
 
@@ -411,11 +430,13 @@ def _assign(items: _Items, picks: _Picks, state: _State, phy2log: torch.Tensor,
     taken = torch.zeros(num_layers, num_physical, dtype=torch.bool)
     rows = torch.arange(num_layers).unsqueeze(1).expand_as(in_free)
     taken[rows[in_free >= 0], in_free[in_free >= 0]] = True
-    # the free slots for the moves, per rank: empty ones first, then the lowest (a copy there is given
-    # up). `ranked` lists the open slots in that order; matching by rank over it (ties: position in
-    # `ranked`) gives each moved replica a position there
+    # the free slots for the moves (a copy there is given up); `ranked` lists the open slots in the
+    # order below; matching by rank over it (ties: position in `ranked`) gives each moved replica
+    # a position there
     open_ = state.usable & ~state.listed & ~taken
-    order_key = torch.where(open_, state.rank_of * 2 + (held >= 0).to(torch.int64), none)
+    # per rank: empty slots, then unlisted copies, then listed replicas the new layout gives up
+    grade = torch.where(held < 0, 0, torch.where(state.in_use, 2, 1))
+    order_key = torch.where(open_, state.rank_of * 3 + grade, none)
     ranked = torch.sort(order_key * num_physical + torch.arange(num_physical), dim=1).indices
     rank_sorted = torch.where(open_, state.rank_of, none).gather(1, ranked)
     pos = _match(rank_sorted, torch.where(kind == 2, rank, none), none)

@@ -149,8 +149,11 @@ class RankWorker:
         self.exchange_timings.clear()
         tokens = self.worker.execute(work)
         load = self.load.take().to(torch.int32) if order.report_load else None
+        expert_s = 0.0
+        for layer in self.worker.model.moe_layers():
+            expert_s, layer.expert_s = expert_s + layer.expert_s, 0.0
         return StepResult(tokens, time.perf_counter() - start, tuple(self.exchange_timings), time.process_time_ns(),
-                          self.heartbeat.cpu_ns if self.heartbeat is not None else 0, load, self.load.cpu_ns,
+                          self.heartbeat.cpu_ns if self.heartbeat is not None else 0, load, expert_s, self.load.cpu_ns,
                           self.mover.done, self.mover.failed)
 
     def warm_up(self, num_tokens: int = 8) -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from eep.bench.harness import timeline as tl
@@ -35,16 +36,22 @@ from eep.bench.harness.server import BenchFailed, ServerHandle, System
 logger = logging.getLogger(__name__)
 
 REJOIN_TIMEOUT_S = 120.0
+SAMPLE_S = 0.25  # how often a run's sampler is called
 _TICK_S = 0.02
 _REJOIN_POLL_S = 0.25
+
+
+Sampler = Callable[[Any, float], Awaitable[None]]  # (the run's HTTP client, the run's clock now)
 
 
 class _Schedule:
     """The kill, the rejoin request and the wait for the rank to be back, on the run's clock."""
 
     def __init__(self, client: Any, server: ServerHandle, system: System, load: ClosedLoop, pids: list[int], *,
-                 victim: int, fault_at_s: float, rejoin_after_s: float, tail_s: float) -> None:
+                 victim: int, fault_at_s: float, rejoin_after_s: float, tail_s: float,
+                 sampler: Sampler | None = None) -> None:
         self.client, self.server, self.system, self.load, self.pids = client, server, system, load, pids
+        self.sampler = sampler
         self.victim, self.fault_at_s, self.rejoin_after_s, self.tail_s = victim, fault_at_s, rejoin_after_s, tail_s
         self.end = fault_at_s + rejoin_after_s + tail_s  # pushed back while a requested rejoin is not done
         self.times: dict[str, float] = {}
@@ -53,11 +60,14 @@ class _Schedule:
         return time.monotonic() - self.load.clock
 
     async def run(self) -> None:
-        next_report, next_poll = 1.0, 0.0
+        next_report, next_poll, next_sample = 1.0, 0.0, 0.0
         while (now := self.now()) < self.end:
             if now >= next_report:
                 self._report(now)
                 next_report += 1.0
+            if self.sampler is not None and now >= next_sample:
+                next_sample = now + SAMPLE_S
+                await self.sampler(self.client, now)
             if self.system.kill and "kill" not in self.times and now >= self.fault_at_s:
                 self._kill()
             if self.system.rejoin and "rejoin_requested" not in self.times \
@@ -104,16 +114,17 @@ class _Schedule:
 
 
 async def drive_fault_run(server: ServerHandle, system: System, trace: Trace, *, concurrency: int, victim: int,
-                          fault_at_s: float, rejoin_after_s: float,
-                          tail_s: float) -> tuple[dict[str, Any], list[RequestRecord]]:
-    """The timed run (module docstring): its figures (`analyse_fault_run`) and every request's record."""
+                          fault_at_s: float, rejoin_after_s: float, tail_s: float,
+                          sampler: Sampler | None = None) -> tuple[dict[str, Any], list[RequestRecord]]:
+    """The timed run (module docstring): its figures (`analyse_fault_run`) and every request's
+    record. `sampler`, if given, is called every `SAMPLE_S` of the run (on the run's clock)."""
     async with http_client(server, concurrency) as client:
         await warm(client, server, trace, concurrency)
         pids = (await membership(client))["pids"]
         clock, wall0 = time.monotonic(), time.time()
         load = ClosedLoop(client, server, trace, clock=clock)
         schedule = _Schedule(client, server, system, load, pids, victim=victim, fault_at_s=fault_at_s,
-                             rejoin_after_s=rejoin_after_s, tail_s=tail_s)
+                             rejoin_after_s=rejoin_after_s, tail_s=tail_s, sampler=sampler)
         load.keep_going = lambda: schedule.now() < schedule.end
         load.start(concurrency)
         await schedule.run()
