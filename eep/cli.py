@@ -281,6 +281,7 @@ def _cmd_bench_failure(args: argparse.Namespace) -> int:
             rejoin_after_s=args.rejoin_after, tail_s=args.tail, failure_timeout_s=args.failure_timeout,
             systems=tuple(args.systems.split(",")), steady_rounds=args.steady_rounds,
             steady_slice_s=args.steady_slice, dtype=args.dtype, seed=args.seed,
+            eep_args=("--enable-eplb",) if args.enable_eplb else (),
         )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -543,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "and CPU (0: none)")
     fail.add_argument("--steady-slice", type=float, default=2.5, help="seconds per slice")
     fail.add_argument("--seed", type=int, default=0)
+    fail.add_argument("--enable-eplb", action="store_true", help="run the eep system with --enable-eplb")
     fail.add_argument("--calibrate", nargs="?", const="fixed", default=None, choices=("fixed", "eep"),
                       help="instead of the experiment: the steady-state comparison between two identical "
                            "servers (A/A, --steady-rounds rounds; fixed-membership ones unless 'eep' is given), "

@@ -374,3 +374,27 @@ def test_a_seeded_random_schedule_of_host_faults_loses_nothing(
             _wait_active(inst, [0, 1, 2, 3])
         assert _status(inst)["membership"]["steps_committed_by_fenced_ranks"] == 0
     inst.remove()
+
+
+def test_a_rebalance_moves_experts_rank_to_rank_across_hosts_and_changes_no_token(
+    hosts: NamespaceHosts, tmp_path: Path
+) -> None:
+    """2 hosts x 2 ranks, the skewed model, EPLB on and no host backups: a new replica on one host
+    of an expert only the other host holds is read from a rank there, over ZeroMQ CURVE."""
+    model = init_model(tmp_path / "skewed", "deepseek_v3", router_skew=1.0)
+    engine = LLMEngine(EngineConfig(str(model), dtype="float32", max_model_len=MAX_MODEL_LEN, progress=False))
+    try:
+        want = [o.output_ids for o in engine.generate(PROMPTS * 3, PARAMS * 3)]
+    finally:
+        engine.close()
+    inst = HostsInstance(hosts, str(model), ep_size=4, args=[
+        *ARGS, "--ep-num-redundant-experts", "4", "--no-expert-backup", "--enable-eplb", "--eplb-window-steps", "20",
+        "--eplb-rebalance-num-iterations", "20", "--eplb-imbalance-threshold", "1.02"])
+    with inst:
+        with eep.Client(f"unix:{inst.socket}", timeout_s=120) as client:
+            rounds = [[o.output_ids for o in client.generate(PROMPTS * 3, PARAMS * 3)] for _ in range(3)]
+        eplb = _status(inst)["membership"]["eplb"]
+    inst.remove()
+    assert all(r == want for r in rounds)
+    assert eplb["switched"] >= 1 and eplb["moves"]["peer"] > 0, eplb["rebalances"]
+    assert eplb["peer_moves_across_hosts"] > 0, eplb

@@ -189,3 +189,13 @@ def test_survivors_without_a_free_slot_rebalance_by_giving_up_replicas() -> None
     assert float(plan.imbalance_after.mean()) < 1.10 < float(plan.imbalance_before.mean())
     given_up = (plan.interim.physical_to_logical_map < 0) & (live.physical_to_logical_map >= 0)
     assert bool(given_up.any()) and bool((plan.interim.logical_replica_count > 0).all())
+
+
+def test_the_plan_bench_times_rebalances_on_deepseek_v3s_shape() -> None:
+    from eep.bench.plan import run_plan_bench
+
+    result = run_plan_bench((32,), repeats=1)
+    (case,) = result["rebalance_cases"]
+    assert case["ep"] == 32 and case["moves"] > 0 and case["moves_from_peers"] > 0
+    assert case["imbalance_after"] < case["imbalance_before"]
+    assert result["summary"]["rebalance_max_ms"] == case["plan_ms"]["max"]

@@ -44,7 +44,15 @@ import time
 from typing import Any
 
 from eep.bench.harness import timeline as tl
-from eep.bench.harness.clients import ClosedLoop, RequestRecord, Trace, http_client, membership, serve_reference, warm
+from eep.bench.harness.clients import (
+    ClosedLoop,
+    RequestRecord,
+    Trace,
+    http_client,
+    membership,
+    serve_reference,
+    warm,
+)
 from eep.bench.harness.faultrun import drive_fault_run
 from eep.bench.harness.interleave import STEADY_FIRST_INDEX, interleaved
 from eep.bench.harness.record import frozen_gc, provenance, save_timeline_plot

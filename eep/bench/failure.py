@@ -95,6 +95,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import statistics
 from collections.abc import Callable
@@ -151,11 +152,16 @@ def run_failure_bench(
     steady_slice_s: float = 2.5,
     dtype: str = "auto",
     seed: int = 0,
+    eep_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run the experiment on each system in `systems` (`fixed` last: it also serves the
-    reference outputs); return a JSON-able dict with every series, event and the summary."""
+    reference outputs); return a JSON-able dict with every series, event and the summary.
+    `eep_args`: more `eep serve` flags for the `eep` system (e.g. `--enable-eplb`)."""
     chosen = _check(systems, ep_size=ep_size, victim=victim, fault_at_s=fault_at_s, rejoin_after_s=rejoin_after_s,
                     tail_s=tail_s, concurrency=concurrency, steady_rounds=steady_rounds, steady_slice_s=steady_slice_s)
+    chosen = [dataclasses.replace(s, serve_args=(*s.serve_args, *eep_args),
+                                  label=f"{s.label} {' '.join(eep_args)}") if s.name == "eep" and eep_args else s
+              for s in chosen]
     trace = Trace(seed, checkpoint_vocab(model_path), prompt_len, output_len)
 
     def server(system: System) -> LocalServer:
@@ -170,7 +176,7 @@ def run_failure_bench(
         "model_path": model_path, "ep_size": ep_size, "victim": victim, "concurrency": concurrency,
         "prompt_len": prompt_len, "output_len": output_len, "fault_at_s": fault_at_s,
         "rejoin_after_s": rejoin_after_s, "tail_s": tail_s, "failure_timeout_s": failure_timeout_s, "dtype": dtype,
-        "steady_rounds": steady_rounds, "steady_slice_s": steady_slice_s, "seed": seed,
+        "steady_rounds": steady_rounds, "steady_slice_s": steady_slice_s, "seed": seed, "eep_args": list(eep_args),
     }, labels={s.name: s.label for s in chosen})
 
 

@@ -127,7 +127,7 @@ class Cluster:
             data_addresses=self.data_addresses if ep.backend == "shm" else None, epoch=epoch,
             node_of=tuple(ep.node_of(r) for r in range(ep.ep_size)) if self.data_addresses else None,
             backup_addresses=self.backup_addresses, backup_timeout_s=self.timeouts.backup_fetch_s,
-            data_plane_curve=ep.curve_data_plane, peer_addresses=self.peer_addresses,
+            data_plane_curve=ep.curve_data_plane, peer_addresses=self.peer_addresses, count_expert_load=ep.elastic,
         )
 
     def start_local(self, spec: RankSpec, wait_s: float) -> Started:

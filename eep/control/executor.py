@@ -245,7 +245,8 @@ class EPExecutor:
         self.steps_from_fenced += any(self.pool[r].incarnation != view.incarnations[r] for r in active)
         for r in active:
             self.ledger.rank_report(r, self.pool[r].pid, results[r].cpu_ns, results[r].heartbeat_ns, results[r].load_ns)
-        self.rebalancer.after_step(ctl.steps, results)
+        if self.ep.elastic:
+            self.rebalancer.after_step(ctl.steps, results)
 
     def _count_exchanges(self, timings: list[tuple[float, ...]]) -> None:
         """Add a committed step's dispatch/combine times: `exchange_s`, the mean over ranks of

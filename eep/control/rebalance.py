@@ -93,6 +93,7 @@ class Rebalancer:
         self._check = False  # a report arrived: look at the imbalance at the next step boundary
         self.moves = {"peer": 0, "backup": 0, "disk": 0}  # experts copied by switched rebalances, by source
         self.switched = 0  # rebalances switched in
+        self.peer_moves_across_hosts = 0  # of the peer moves, those from a rank on another host (over ZeroMQ)
         controller.on_view.append(self.void)
 
     # -- every step ------------------------------------------------------------------------------
@@ -221,6 +222,7 @@ class Rebalancer:
         switch_s = time.perf_counter() - t0
         for m in b.plan.moves:
             self.moves[m.source_kind] += 1
+            self.peer_moves_across_hosts += m.source_kind == "peer" and m.source_host != self.ep.node_of(m.dst_rank)
         self.switched += 1
         self._record(b, "switched", switch_s)
         ctl.event("rebalanced", None, f"{len(b.plan.moves)} moves ({b.plan.moves_from_peers} from peers, "
@@ -250,5 +252,6 @@ class Rebalancer:
             "imbalance_max": float(imbalance.max()),
             "replicas_per_layer": (counts.sum(1) - counts.shape[1]).clamp(min=0).tolist(),
             "moves_in_flight": len(self._inflight.plan.moves) if self._inflight is not None else 0,
-            "moves": dict(self.moves), "switched": self.switched, "rebalances": list(self.records),
+            "moves": dict(self.moves), "peer_moves_across_hosts": self.peer_moves_across_hosts,
+            "switched": self.switched, "rebalances": list(self.records),
         }

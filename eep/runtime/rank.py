@@ -117,6 +117,7 @@ class RankWorker:
         # the router's choices of this rank's own tokens, per (layer, expert): the instance's load is their sum
         self.load = ExpertLoadCounter(len(model.moe_layers()), model.cfg.num_experts,
                                       max(1, spec.max_num_seqs) * model.cfg.top_k * 64, device=model.embed.device)
+        self.load.enabled = spec.count_expert_load
         for layer in model.moe_layers():
             layer.load = self.load
         self._view: tuple[int, tuple[int, ...]] = (0, tuple(range(spec.num_ranks)))
@@ -164,7 +165,7 @@ class RankWorker:
         layers = model.moe_layers()
         saved = [layer.dispatcher.exchange for layer in layers if layer.dispatcher is not None]
         alone = _Isolated(self.spec.rank, self.spec.num_ranks)
-        self.load.enabled = False  # its made-up tokens are no load
+        counting, self.load.enabled = self.load.enabled, False  # its made-up tokens are no load
         try:
             for layer in layers:
                 if layer.dispatcher is not None:
@@ -177,7 +178,7 @@ class RankWorker:
             for layer, exchange in zip([x for x in layers if x.dispatcher is not None], saved):
                 layer.dispatcher.exchange = exchange  # type: ignore[union-attr]
             self.exchange_timings.clear()
-            self.load.enabled = True
+            self.load.enabled = counting
 
     def update_routing(self, placement: Placement) -> None:
         """Switch the routing tables in place. A slot of this rank may keep its expert or be

@@ -152,6 +152,7 @@ class RankSpec:
     backup_timeout_s: float = 2.0  # the longest wait for another host's backup (then: the disk)
     data_plane_curve: bool = True  # multi-host: the data addresses authenticate and encrypt (CURVE)
     peer_addresses: tuple[str, ...] | None = None  # every rank's expert row server (a rebalance's peer source)
+    count_expert_load: bool = False  # count the router's choices (elastic membership only: eep.model.expert_load)
 
     @property
     def slots(self) -> SlotRange:
