@@ -29,7 +29,8 @@ over the mean rank load, of `static`'s layout under its own recent load window);
 server over its steady slices (the longest rank's expert compute per step, and the ranks'
 mean: what balance shortens); `rebalance_pause_s` (around each switch of the timed run before
 the kill, the longest stretch without a token within 0.5 s of it, less the normal gap; the
-largest); `bytes_moved_per_rebalance`, `moves_from_peers`, `rebalances` (switched during the
+largest; `rebalance_pause_aa_s`: the same figure every half second at least 1 s from a switch,
+its median and max: what the instrument reads where nothing happened); `bytes_moved_per_rebalance`, `moves_from_peers`, `rebalances` (switched during the
 whole bench); `requests_lost`, `outputs_differing`; `bookkeeping_ratio` (the share of
 `eplb`'s CPU in its steady slices not spent counting the expert load and planning and
 switching rebalances: the ledger's `expert_load` and `eplb`).
@@ -116,7 +117,7 @@ def run_eplb_bench(model_path: str, *, ep_size: int = 4, redundant: int = 8, spa
                                                    fault_at_s=fault_at_s, rejoin_after_s=rejoin_after_s, tail_s=tail_s,
                                                    sampler=_sampler(samples)))
         run["samples"] = samples
-        run["rebalance_pauses_s"] = _rebalance_pauses(run, records)
+        run["rebalance_pauses_s"], run["quiet_pauses_s"] = _rebalance_pauses(run, records)
         run["outputs_differing"] = asyncio.run(_differing(a, trace, records, concurrency))
         out["timed"] = run
         out["final_status"] = asyncio.run(_status(b))["eplb"]
@@ -138,16 +139,22 @@ async def _balance(srv: LocalServer, trace: Trace, concurrency: int, limit_s: fl
         load = ClosedLoop(client, srv, trace, clock=clock, first_index=STEADY_FIRST_INDEX // 2)
         load.start(concurrency)
         status: dict[str, Any] = {}
+        samples = []
+        settled_at = None
         while time.monotonic() - clock < limit_s:
             await asyncio.sleep(_BALANCE_POLL_S)
             status = (await membership(client))["eplb"]
-            if status["switched"] >= 1 and not status["moves_in_flight"]:
+            now = time.monotonic() - clock
+            samples.append({"t": now, "imbalance_mean": status["imbalance_mean"], "switched": status["switched"]})
+            if settled_at is None and status["switched"] >= 1 and not status["moves_in_flight"]:
+                settled_at = now
+            if settled_at is not None and now >= max(settled_at + 5.0, 10.0):  # a few more periods for the picture
                 break
         await load.cancel()
     if not status.get("switched"):
         raise BenchFailed(f"the eplb server did not rebalance within {limit_s:.0f} s: {status}")
-    return {"seconds": time.monotonic() - clock, "imbalance_mean": status["imbalance_mean"],
-            "rebalances": status["rebalances"]}
+    return {"seconds": time.monotonic() - clock, "first_switch_s": settled_at, "imbalance_mean": status["imbalance_mean"],
+            "samples": samples, "rebalances": status["rebalances"]}
 
 
 def _sampler(samples: list[dict[str, Any]]):  # type: ignore[no-untyped-def]
@@ -199,6 +206,8 @@ def _summary(out: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s_ratio": statistics.median(ratios) if ratios else None,
         "tokens_per_s_ratio_min": min(ratios, default=None), "tokens_per_s_ratio_max": max(ratios, default=None),
         "rebalance_pause_s": max(run["rebalance_pauses_s"], default=None),
+        "rebalance_pause_aa_s": {"median": statistics.median(run["quiet_pauses_s"]) if run["quiet_pauses_s"] else None,
+                                 "max": max(run["quiet_pauses_s"], default=None), "n": len(run["quiet_pauses_s"])},
         "bytes_moved_per_rebalance": statistics.mean(r["bytes_moved"] for r in switched) if switched else 0,
         "moves_from_peers": out["final_status"]["moves"]["peer"],
         "moves_by_source": out["final_status"]["moves"],
@@ -217,13 +226,20 @@ def _summary(out: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _rebalance_pauses(run: dict[str, Any], records: list[RequestRecord]) -> list[float]:
+def _rebalance_pauses(run: dict[str, Any], records: list[RequestRecord]) -> tuple[list[float], list[float]]:
     """Per rebalance switched in the timed run before the kill: the longest stretch without a
-    token within 0.5 s of the switch, less the normal gap (never below 0)."""
+    token within 0.5 s of the switch, less the normal gap (never below 0). And the same figure
+    at every half second of that stretch at least 1 s from any switch: what the instrument
+    reads where nothing happened (its A/A)."""
     arrivals = tl.arrivals(records)
     kill = run["times"].get("kill", float("inf"))
     switches = [e["t"] for e in run["events"] if e["kind"] == "rebalanced" and 0.5 <= e["t"] < kill - 0.5]
-    return [max(0.0, tl.longest_gap(arrivals, t - 0.5, t + 0.5) - run["normal_gap_s"]) for t in switches]
+
+    def pause(t: float) -> float:
+        return max(0.0, tl.longest_gap(arrivals, t - 0.5, t + 0.5) - run["normal_gap_s"])
+
+    quiet = [k / 2 for k in range(2, int(2 * (kill - 0.5)) + 1) if all(abs(k / 2 - t) >= 1.0 for t in switches)]
+    return [pause(t) for t in switches], [pause(t) for t in quiet]
 
 
 def summary_table(result: dict[str, Any]) -> str:
@@ -238,7 +254,9 @@ def summary_table(result: dict[str, Any]) -> str:
             f"{_f(s['expert_max_ms_per_step']['eplb'])} (mean rank {_f(s['expert_mean_ms_per_step']['static'])} / "
             f"{_f(s['expert_mean_ms_per_step']['eplb'])})",
             f"rebalances {s['rebalances']}, {s['bytes_moved_per_rebalance'] / 1e6:.2f} MB moved each, "
-            f"{s['moves_from_peers']} experts from peers; pause around a switch {_f(s['rebalance_pause_s'])} s",
+            f"{s['moves_from_peers']} experts from peers; pause around a switch {_f(s['rebalance_pause_s'])} s "
+            f"(the same figure where nothing happened: median {_f(s['rebalance_pause_aa_s']['median'])}, max "
+            f"{_f(s['rebalance_pause_aa_s']['max'])} s)",
             f"requests lost {s['requests_lost']}, outputs differing {s['outputs_differing']}, "
             f"bookkeeping ratio {_f(s['bookkeeping_ratio'], 4)}"]
     return "\n".join(rows)
@@ -255,11 +273,21 @@ def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     run = result["timed"]
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    fig, (cx, ax, bx) = plt.subplots(3, 1, figsize=(9, 8), gridspec_kw={"height_ratios": [1, 2, 1]})
+    balance = result["balance"]["samples"]
+    cx.plot([s["t"] for s in balance], [s["imbalance_mean"] for s in balance], color="tab:purple",
+            label="EPLB on, from the start layout: imbalance (mean over layers)")
+    cx.axhline(result["summary"]["imbalance_before"], color="gray", ls=":", label="EPLB off (start layout)")
+    cx.set_xlabel("time since the balancing load started (s)")
+    cx.set_ylabel("max / mean")
+    cx.set_ylim(bottom=1.0)
+    cx.grid(alpha=0.3)
+    cx.legend(loc="upper right", fontsize=8)
+    bx.sharex(ax)
     t, rate = tl.moving_rates(run["tokens_per_bin"])
     ax.plot(t, rate, label="EPLB on: tokens/s (1 s window)", color="tab:blue")
     for e in run["events"]:
-        if e["kind"] == "rebalanced":
+        if e["kind"] == "rebalanced" and e["t"] >= 0:
             ax.axvline(e["t"], color="tab:green", alpha=0.3, lw=0.8)
             bx.axvline(e["t"], color="tab:green", alpha=0.3, lw=0.8)
     for key, label, color in (("kill", "rank SIGKILLed", "tab:red"), ("rejoin_requested", "rejoin asked", "tab:orange")):
@@ -275,5 +303,5 @@ def plot(result: dict[str, Any], path: str) -> None:
     bx.set_ylim(bottom=1.0)
     bx.grid(alpha=0.3)
     bx.legend(loc="upper right", fontsize=8)
-    ax.set_title(f"eep bench eplb: skewed model, {result['config']['ep_size']} ranks")
+    cx.set_title(f"eep bench eplb: skewed model, {result['config']['ep_size']} ranks")
     save_timeline_plot(fig, ax, path)

@@ -149,6 +149,7 @@ class RankWorker:
         work = order.work
         self.exchange_timings.clear()
         tokens = self.worker.execute(work)
+        self.load.flush()
         load = self.load.take().to(torch.int32) if order.report_load else None
         expert_s = 0.0
         for layer in self.worker.model.moe_layers():

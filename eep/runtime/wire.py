@@ -184,7 +184,7 @@ class StepResult:
     heartbeat_ns: int = 0  # of which its heartbeat thread's (eep.runtime.accounting)
     load: torch.Tensor | None = None  # [L, E] int32: (token, k) pairs its routers sent to each expert since
     # the last report (only when the order asked: `report_load`)
-    expert_s: float = 0.0  # of compute_s, its expert compute (the slots' matmuls, between dispatch and combine)
+    expert_s: float = 0.0  # CPU seconds of its expert compute (the slots' matmuls, between dispatch and combine)
     load_ns: int = 0  # its CPU time spent counting the expert load so far (eep.model.expert_load)
     moves_done: int = 0  # the last batch of moves (MoveExperts) this rank finished writing (0: none)
     moves_failed: str = ""  # why that batch did not finish ("": it did)
