@@ -122,6 +122,9 @@ class Rebalancer:
             if b is not None:
                 if not b.pending:
                     self._finish(b)
+                elif time.perf_counter() - b.started > self.ep.timeout_s:  # a rank that never says done
+                    self._inflight = None
+                    self._record(b, f"given up: ranks {sorted(b.pending)} not done within {self.ep.timeout_s:g} s", 0.0)
                 return
             if self.ep.enable_eplb and self._check:
                 self._check = False
