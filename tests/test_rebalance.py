@@ -174,7 +174,7 @@ def test_survivors_without_a_free_slot_rebalance_by_giving_up_replicas() -> None
     """After a repair used the spare slots, few are free: the plan gives up replicas beyond each
     expert's first (unlisted in the interim tables) and writes its moves there. (With 8 spare
     slots per rank, 2 more than re-homing one rank's 18 needs: with exactly 6 the survivors are
-    full and a plan reaches about 1.15 here, see docs/eplb.md.)"""
+    full and a plan reaches about 1.12 here, see docs/eplb.md.)"""
     g = torch.Generator().manual_seed(1)
     zipf = 1 / torch.arange(1, 65, dtype=torch.float64)
     load = torch.stack([zipf[torch.randperm(64, generator=g)] for _ in range(4)]) * 1e4
