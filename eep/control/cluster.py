@@ -47,7 +47,7 @@ class Cluster:
         self.secret = secret
         # the ranks' expert row servers (a rebalance's peer source) are CURVE doors like every other:
         # one host without a cluster secret makes one of its own, handed only to its ranks
-        self.rank_secret = secret if ep.nnodes > 1 or not ep.elastic else (secret or ClusterSecret(os.urandom(32)))
+        self.rank_secret = secret if ep.nnodes > 1 else ClusterSecret(os.urandom(32)) if ep.elastic else None
         self.peer_addresses: tuple[str, ...] | None = None
         self.hosts: HostListener | None = None  # the other nodes' agents (multi-host)
         self.data_addresses: tuple[str, ...] | None = None

@@ -93,9 +93,15 @@ def rank_loads(placement: Placement, load: torch.Tensor | None, num_ranks: int) 
     if num_ranks < 1 or num_physical % num_ranks:
         raise ConfigError(f"num_ranks={num_ranks} does not divide the {num_physical} physical slots")
     weights = _layer_loads(load, num_layers, placement.num_logical, uniform_if_zero=False)  # [L, E]
-    per_replica = weights / placement.logical_replica_count.clamp(min=1)  # [L, E]
-    live = phy2log >= 0
-    slot_load = torch.where(live, per_replica.gather(1, phy2log.clamp(min=0)), 0.0)  # [L, P]
+    return loads_of_ranks(phy2log, placement.logical_replica_count, weights, num_ranks)
+
+
+def loads_of_ranks(phy2log: torch.Tensor, count: torch.Tensor, weights: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """`rank_loads` on checked tables: slot map `phy2log [L, P]`, replica counts `count [L, E]`,
+    loads `weights [L, E]` float64 -> `[L, N]`."""
+    num_layers, num_physical = phy2log.shape
+    per_replica = weights / count.clamp(min=1)  # [L, E]
+    slot_load = torch.where(phy2log >= 0, per_replica.gather(1, phy2log.clamp(min=0)), 0.0)  # [L, P]
     return slot_load.view(num_layers, num_ranks, num_physical // num_ranks).sum(dim=2)
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from eep.errors import ConfigError
+from eep.placement.eplb import loads_of_ranks
 from eep.placement.repair import Transfer
 from eep.placement.routing import Placement, placement_from_phy2log
 from eep.placement.topology import Topology
@@ -104,10 +105,7 @@ def layer_imbalance(placement: Placement, load: torch.Tensor, active: Sequence[i
 
 def _imbalance(phy2log: torch.Tensor, count: torch.Tensor, weights: torch.Tensor, active: Sequence[int],
                num_ranks: int) -> torch.Tensor:
-    num_layers, num_physical = phy2log.shape
-    per_replica = weights / count.clamp(min=1)
-    slot_load = torch.where(phy2log >= 0, per_replica.gather(1, phy2log.clamp(min=0)), 0.0)
-    ranks = slot_load.view(num_layers, num_ranks, num_physical // num_ranks).sum(2)[:, list(active)]  # [L, A]
+    ranks = loads_of_ranks(phy2log, count, weights, num_ranks)[:, list(active)]  # [L, A]
     mean = ranks.mean(1)
     return torch.where(mean > 0, ranks.max(1).values / mean.clamp(min=1e-300), torch.ones_like(mean))
 

@@ -25,10 +25,9 @@ import array
 import logging
 import threading
 import time
+from typing import Protocol
 
 import zmq
-
-from typing import Protocol
 
 from eep.errors import EepError
 from eep.runtime.expert_backup import ExpertBackup
@@ -72,7 +71,7 @@ class RowServer:
     """Answers `fetch_rows` requests for `source` on `address`, on a thread of its own."""
 
     def __init__(self, source: RowSource, address: str, secret: ClusterSecret, what: str = "backup") -> None:
-        self.backup, self.address = source, address
+        self.source, self.address = source, address
         self._max_pairs = source.num_layers * source.num_experts
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -103,8 +102,8 @@ class RowServer:
                 if asked is None:
                     continue
                 ident = frames[0]
-                kept = bytes(int(self.backup.keeps(layer, expert)) for layer, expert in asked)
-                rows = [self.backup.raw(layer, expert) for (layer, expert), k in zip(asked, kept) if k]
+                kept = bytes(int(self.source.keeps(layer, expert)) for layer, expert in asked)
+                rows = [self.source.raw(layer, expert) for (layer, expert), k in zip(asked, kept) if k]
                 if any(row is None for row in rows):  # the source gave one up meanwhile (a slot rewritten)
                     kept, rows = bytes(len(asked)), []
                 self._sock.send_multipart([ident, b"", kept, *rows], copy=False)
