@@ -96,8 +96,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         ),
         socket_path=args.socket,
         ep=EPConfig(
-            ep_size=args.ep_size, num_redundant_experts=args.ep_num_redundant_experts, backend=args.ep_backend,
-            fault_policy=args.fault_policy, failure_timeout_s=args.failure_timeout, rejoin=args.rejoin,
+            ep_size=args.ep_size, ep_max_size=args.ep_max_size, num_redundant_experts=args.ep_num_redundant_experts,
+            backend=args.ep_backend, fault_policy=args.fault_policy, failure_timeout_s=args.failure_timeout, rejoin=args.rejoin,
             on_uncoverable=args.on_uncoverable, num_spare_slots=args.ep_spare_slots,
             expert_backup=not args.no_expert_backup, cpu_affinity=not args.no_cpu_affinity,
             fork_server=not args.no_fork_server, nnodes=args.nnodes, dist_init_addr=args.dist_init_addr,
@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="run an instance that answers requests on a Unix socket (eep.Client)")
     _add_model_args(srv)
     srv.add_argument("--ep-size", type=int, default=_default(EPConfig, "ep_size"), help="expert-parallel rank processes")
+    srv.add_argument("--ep-max-size", type=int, default=None,
+                     help="the most ranks POST /admin/scale may grow the instance to: its data plane, tables and "
+                          "rank numbers are sized for this many at start (default: --ep-size)")
     srv.add_argument("--ep-num-redundant-experts", type=int, default=_default(EPConfig, "num_redundant_experts"))
     srv.add_argument("--ep-backend", choices=["shm", "gloo"], default=_default(EPConfig, "backend"))
     srv.add_argument("--fault-policy", choices=["repair", "none", "restart"], default=None,

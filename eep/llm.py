@@ -31,7 +31,7 @@ def build_engine(config: EngineConfig, ep: EPConfig | None = None) -> LLMEngine:
     error nothing is left running (the executor stops the ranks it started).
     """
     executor: Executor | None = None
-    if ep is not None and ep.ep_size > 1:
+    if ep is not None and ep.num_ranks > 1:
         from eep.control.executor import EPExecutor
 
         executor = EPExecutor(config, ep)

@@ -5,10 +5,12 @@ list; nothing moved that stays; no layer made worse; the same input, the same pl
 
 from __future__ import annotations
 
+import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from eep.errors import ConfigError
 from eep.membership.view import MembershipView
 from eep.placement.coverage import plan_coverage
 from eep.placement.eplb import plan_placement
@@ -199,3 +201,62 @@ def test_the_plan_bench_times_rebalances_on_deepseek_v3s_shape() -> None:
     assert case["ep"] == 32 and case["moves"] > 0 and case["moves_from_peers"] > 0
     assert case["imbalance_after"] < case["imbalance_before"]
     assert result["summary"]["rebalance_max_ms"] == case["plan_ms"]["max"]
+
+
+def test_leaving_ranks_hand_their_experts_to_the_ranks_that_stay() -> None:
+    # three ranks of 3 slots: rank 0 holds 0, 1; rank 1 holds 2, 3; rank 2 (leaving) holds 4 and a
+    # replica of 0. The two that stay take 4 (from rank 2, a peer that goes on serving meanwhile).
+    tables = placement_from_phy2log(torch.tensor([[0, 1, -1, 2, 3, -1, 4, 0, -1]]), 5, 2)
+    held = tables.physical_to_logical_map.clone()
+    load = torch.tensor([[4.0, 1.0, 1.0, 1.0, 3.0]])
+    plan = plan_rebalance(tables, held, load, [0, 1, 2], 3, num_redundant=0, expert_bytes=EXPERT_BYTES,
+                          topology=TOPOLOGY, leaving=[2])
+    new = plan.placement.physical_to_logical_map
+    assert new[0, 6:].tolist() == [-1, -1, -1]  # nothing listed on the leaving rank
+    assert sorted(e for e in new[0].tolist() if e >= 0) == [0, 1, 2, 3, 4]  # every expert once
+    # by hand: heaviest first, 0 (4) stays on rank 0, 4 (3) goes to rank 1 (the least loaded
+    # without it: a move from peer rank 2), 1, 2, 3 stay where they are
+    assert new[0, :6].tolist() == [0, 1, -1, 2, 3, 4]
+    assert [(m.expert, m.dst_slot, m.source_kind, m.source_rank) for m in plan.moves] == [(4, 5, "peer", 2)]
+    # the interim tables are those in use: the leaving rank serves until the switch
+    assert torch.equal(plan.interim.physical_to_logical_map, tables.physical_to_logical_map)
+    assert float(plan.imbalance_after[0]) == 1.0  # rank 0: 4 + 1, rank 1: 1 + 1 + 3
+
+
+def test_leaving_ranks_are_refused_when_the_rest_cannot_hold_every_expert() -> None:
+    tables = placement_from_phy2log(torch.tensor([[0, 1, 2, 3]]), 4, 1)
+    with pytest.raises(ConfigError, match="too few slots"):
+        plan_rebalance(tables, tables.physical_to_logical_map.clone(), torch.ones(1, 4), [0, 1], 2,
+                       num_redundant=0, expert_bytes=EXPERT_BYTES, topology=TOPOLOGY, leaving=[1])
+
+
+@settings(max_examples=150, deadline=None)
+@given(states(), st.data())
+def test_a_scale_down_plan_lists_only_the_ranks_that_stay_and_covers_everything(s: dict, data: st.DataObject) -> None:
+    active = list(s["active"])
+    assume(len(active) > 1)
+    leaving = data.draw(st.sets(st.sampled_from(active), min_size=1, max_size=len(active) - 1))
+    tables, held = s["tables"], s["held"]
+    per_rank = tables.num_physical // s["num_ranks"]
+    stay = [r for r in active if r not in leaving]
+    try:
+        plan = plan_rebalance(tables, held, s["load"], active, s["num_ranks"], num_redundant=s["budget"],
+                              expert_bytes=EXPERT_BYTES, topology=TOPOLOGY, host_of=s["host_of"],
+                              leaving=sorted(leaving))
+    except ConfigError:
+        assert len(stay) * per_rank < tables.num_logical  # refused only when the rest has too few slots
+        return
+    old, new, interim = (tables.physical_to_logical_map, plan.placement.physical_to_logical_map,
+                         plan.interim.physical_to_logical_map)
+    covered = tables.logical_replica_count > 0
+    assert bool(((plan.interim.logical_replica_count > 0) | ~covered).all())
+    assert bool(((plan.placement.logical_replica_count > 0) | ~covered).all())
+    assert bool(((interim == old) | (interim == -1)).all())
+    for layer, slot in torch.nonzero(new >= 0).tolist():
+        assert slot // per_rank in stay, "the new tables list a slot of a leaving rank"
+    for m in plan.moves:
+        assert m.dst_rank in stay and int(interim[m.layer, m.dst_slot]) == -1
+        if m.source_kind == "peer":  # a leaving rank may send: its listed slots are never written
+            assert m.source_rank in active
+            src = range(m.source_rank * per_rank, (m.source_rank + 1) * per_rank)
+            assert any(int(held[m.layer, p]) == m.expert and int(interim[m.layer, p]) == m.expert for p in src)

@@ -33,10 +33,10 @@ def data_layout(cfg: ModelConfig, dtype: torch.dtype, ep: EPConfig, max_num_batc
     row per token, combine one hidden row per (token, k) pair (not pre-summed, see
     eep.dataplane.dispatch), so up to top_k rows per token."""
     if ep.backend == "gloo":
-        return ShmLayout(num_ranks=ep.ep_size, region_bytes=64)
+        return ShmLayout(num_ranks=ep.num_ranks, region_bytes=64)
     hidden_bytes = cfg.hidden_size * torch.empty(0, dtype=dtype).element_size()
     row = max(cfg.top_k * 12 + hidden_bytes, cfg.top_k * hidden_bytes)
-    return ShmLayout(num_ranks=ep.ep_size, region_bytes=max_num_batched_tokens * row)
+    return ShmLayout(num_ranks=ep.num_ranks, region_bytes=max_num_batched_tokens * row)
 
 
 class Cluster:
@@ -55,7 +55,7 @@ class Cluster:
         self._aborts = None  # multi-host: ZeroMQ ABORTs to every rank's data address at each new epoch
         self._tmpdir: str | None = None  # gloo's file store on one host; made only for it
         self.local = LocalHost(
-            ep.ep_size, layout=layout if ep.backend == "shm" else None, heartbeats=ep.elastic,
+            ep.num_ranks, layout=layout if ep.backend == "shm" else None, heartbeats=ep.elastic,
             backup_mask=backup_masks[0] if backup_masks is not None else None,
             model_path=config.model_path, dtype=config.dtype, cpu_affinity=ep.cpu_affinity,
             fork_server=ep.fork_server, secret=self.rank_secret,
@@ -64,7 +64,7 @@ class Cluster:
             segment = self.local.segment
             self.rendezvous = segment.name if segment is not None else self._gloo_rendezvous()
             if ep.elastic and ep.nnodes == 1 and segment is not None:  # abstract Unix sockets: no file to remove
-                self.peer_addresses = tuple(f"ipc://@{segment.name}-experts-{r}" for r in range(ep.ep_size))
+                self.peer_addresses = tuple(f"ipc://@{segment.name}-experts-{r}" for r in range(ep.num_ranks))
             if ep.nnodes > 1:
                 self._join_hosts()
         except BaseException:
@@ -75,7 +75,7 @@ class Cluster:
     def _gloo_rendezvous(self) -> str:
         if self.ep.nnodes > 1:  # gloo's TCP store, on node 0 after the data-plane ports
             host, port = wire.split_addr(self.ep.dist_init_addr)  # type: ignore[arg-type]
-            return f"tcp://{host}:{port + 1 + self.ep.ep_size}"
+            return f"tcp://{host}:{port + 1 + self.ep.num_ranks}"
         self._tmpdir = tempfile.mkdtemp(prefix="eep-ep-")
         return f"file://{self._tmpdir}/gloo-store"
 
@@ -88,14 +88,14 @@ class Cluster:
         assert ep.dist_init_addr is not None and self.secret is not None
         host0, port = wire.split_addr(ep.dist_init_addr)
         setup = wire.HostSetup(
-            0, self.layout, ep.ep_size, self.config.model_path, self.config.dtype, self.backup_masks,
+            0, self.layout, ep.num_ranks, self.config.model_path, self.config.dtype, self.backup_masks,
             t.heartbeat_interval_s, ep.failure_timeout_s, ep.etcd_endpoints, ep.instance, ep.cpu_affinity,
             ep.fork_server,
         )
         self.hosts = HostListener(ep.dist_init_addr, t.heartbeat_interval_s, setup, self.secret)  # also takes hosts back later
         agents = self.hosts.wait_agents(range(1, ep.nnodes), ep.start_timeout_s)
         address = {0: host0, **{n: link.address for n, link in agents.items()}}
-        self.data_addresses = tuple(data_address(address[ep.node_of(r)], port + 1, r) for r in range(ep.ep_size))
+        self.data_addresses = tuple(data_address(address[ep.node_of(r)], port + 1, r) for r in range(ep.num_ranks))
         if ep.backend == "shm":
             from eep.security.curve import CurveKeys
 
@@ -107,12 +107,12 @@ class Cluster:
         if ep.elastic:
             from eep.runtime.backup_server import peer_address
 
-            self.peer_addresses = tuple(peer_address(address[ep.node_of(r)], port, ep.ep_size, ep.nnodes, r)
-                                        for r in range(ep.ep_size))
+            self.peer_addresses = tuple(peer_address(address[ep.node_of(r)], port, ep.num_ranks, ep.nnodes, r)
+                                        for r in range(ep.num_ranks))
         if self.backup_masks is not None:
             from eep.runtime.backup_server import backup_address
 
-            self.backup_addresses = tuple(backup_address(address[n], port, ep.ep_size, n) for n in range(ep.nnodes))
+            self.backup_addresses = tuple(backup_address(address[n], port, ep.num_ranks, n) for n in range(ep.nnodes))
             self.local.serve_backup(self.backup_addresses[0])
         logger.info("nodes up: %s", ", ".join(f"{n}={a}" for n, a in sorted(address.items())))
 
@@ -121,11 +121,11 @@ class Cluster:
         """What rank `rank` is started with (node 0's names; another host's agent fills its own)."""
         c, ep = self.config, self.ep
         return RankSpec(
-            rank, ep.ep_size, c.model_path, c.dtype, c.max_num_seqs, c.max_model_len, placement,  # type: ignore[arg-type]
+            rank, ep.num_ranks, c.model_path, c.dtype, c.max_num_seqs, c.max_model_len, placement,  # type: ignore[arg-type]
             ep.backend, self.rendezvous, ep.timeout_s, heartbeat_interval_s=self.timeouts.heartbeat_interval_s,
             held=held, **self.local.names(),  # type: ignore[arg-type]
             data_addresses=self.data_addresses if ep.backend == "shm" else None, epoch=epoch,
-            node_of=tuple(ep.node_of(r) for r in range(ep.ep_size)) if self.data_addresses else None,
+            node_of=tuple(ep.node_of(r) for r in range(ep.num_ranks)) if self.data_addresses else None,
             backup_addresses=self.backup_addresses, backup_timeout_s=self.timeouts.backup_fetch_s,
             data_plane_curve=ep.curve_data_plane, peer_addresses=self.peer_addresses, count_expert_load=ep.elastic,
         )

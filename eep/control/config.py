@@ -18,7 +18,10 @@ SECRET_HOW = ("make one with `eep secret init PATH`, copy it to every host (mode
 
 @dataclass(frozen=True, slots=True)
 class EPConfig:
-    ep_size: int = 4
+    ep_size: int = 4  # the ranks started
+    # the most ranks the instance can grow to (`POST /admin/scale`): its data plane, heartbeat board,
+    # tables and rank numbering are sized for this many from the start (None: ep_size)
+    ep_max_size: int | None = None
     num_redundant_experts: int = 0
     backend: str = "shm"
     timeout_s: float = 30.0  # a data-plane wait this long on a live (heartbeating) peer fails it
@@ -32,7 +35,7 @@ class EPConfig:
     cpu_affinity: bool = True  # pin active ranks to the cores round-robin; re-spread at every view change
     fork_server: bool = True  # fork this host's ranks from one interpreter that imported torch once
     topology: Topology = field(default_factory=Topology)
-    # across hosts (eep.runtime.agent): ranks r * nnodes // ep_size live on node r // (ep_size // nnodes);
+    # across hosts (eep.runtime.agent): rank r lives on node r // (num_ranks // nnodes);
     # node 0 (this process) listens on dist_init_addr for the other nodes' agents
     nnodes: int = 1
     dist_init_addr: str | None = None
@@ -58,6 +61,10 @@ class EPConfig:
             object.__setattr__(self, "fault_policy", "repair" if self.backend == "shm" else "none")
         if self.ep_size < 1:
             raise ConfigError(f"ep_size must be >= 1, got {self.ep_size}")
+        if self.ep_max_size is not None and self.ep_max_size < self.ep_size:
+            raise ConfigError(f"ep_max_size ({self.ep_max_size}) must be >= ep_size ({self.ep_size})")
+        if self.num_ranks > self.ep_size and self.fault_policy != "repair":
+            raise ConfigError("--ep-max-size needs fault_policy 'repair': a fixed membership cannot scale")
         if self.num_redundant_experts < 0:
             raise ConfigError(f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}")
         for name, value, allowed in (
@@ -82,8 +89,9 @@ class EPConfig:
         self._check_hosts()
 
     def _check_hosts(self) -> None:
-        if self.nnodes < 1 or self.ep_size % self.nnodes:
-            raise ConfigError(f"nnodes must divide ep_size: {self.ep_size} ranks on {self.nnodes} nodes")
+        if self.nnodes < 1 or self.ep_size % self.nnodes or self.num_ranks % self.nnodes:
+            raise ConfigError(f"nnodes must divide ep_size and ep_max_size: {self.ep_size} (at most "
+                              f"{self.num_ranks}) ranks on {self.nnodes} nodes")
         if self.nnodes > 1 and self.dist_init_addr is None:
             raise ConfigError("more than one node needs --dist-init-addr HOST:PORT (node 0's address)")
         if self.nnodes > 1 and self.cluster_secret_file is None:
@@ -97,8 +105,19 @@ class EPConfig:
     def elastic(self) -> bool:
         return self.fault_policy == "repair"
 
+    @property
+    def num_ranks(self) -> int:
+        """The ranks the instance is sized for (`ep_max_size`, or `ep_size`): ranks 0..num_ranks-1."""
+        return self.ep_max_size if self.ep_max_size is not None else self.ep_size
+
+    @property
+    def initial_ranks(self) -> tuple[int, ...]:
+        """The ranks started: the first ep_size / nnodes of every node's ranks (one host: 0..ep_size-1)."""
+        per_node, start = self.num_ranks // self.nnodes, self.ep_size // self.nnodes
+        return tuple(n * per_node + i for n in range(self.nnodes) for i in range(start))
+
     def node_of(self, rank: int) -> int:
-        return rank // (self.ep_size // self.nnodes)
+        return rank // (self.num_ranks // self.nnodes)
 
     @property
     def timeouts(self) -> Timeouts:

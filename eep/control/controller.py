@@ -1,7 +1,7 @@
 """The controller's state and its one point of change.
 
 `Controller` owns the committed membership view, the routing tables in use (`placement`),
-what each slot holds (`held`), the balanced `target` placement, what is uncovered and why the
+what each slot holds (`held`), what a rank loads when it (re)joins (`target`), what is uncovered and why the
 instance is paused, and the timeline of membership events. `commit(view, why)` is the one
 point where a view changes: the view is stored (a compare-and-swap of the epoch in the
 membership store, which is the authority across hosts), a new epoch is announced to every
@@ -32,10 +32,12 @@ class Controller:
     def __init__(self, ep: EPConfig, timeouts: Timeouts, store: MembershipStore, cluster: Cluster, pool: RankPool,
                  target: Placement) -> None:
         self.ep, self.timeouts, self.store, self.cluster, self.pool = ep, timeouts, store, cluster, pool
-        self.target = target  # the balanced placement with spare slots: what the instance returns to
+        # [L, P] what each rank's slots load when it (re)joins: the balanced start layout with spare
+        # slots, and for a rank a scale-up adds, its share of the layout planned then
+        self.target = target.physical_to_logical_map.clone()
         self.placement = target  # the routing tables in use
         self.held = target.physical_to_logical_map.clone()  # the expert each slot's weights are
-        self.view = MembershipView.initial((0,) * ep.ep_size)
+        self.view = MembershipView.initial((0,) * ep.num_ranks)
         self.events: deque[MembershipEvent] = deque(maxlen=HISTORY)
         self.uncovered: tuple[tuple[int, int], ...] = ()
         self.paused_reason: str | None = None
@@ -48,7 +50,8 @@ class Controller:
         """Commit the first view, of the processes the pool started: an instance restarted under
         the same name goes on from the epoch its store has."""
         committed = self.store.current()
-        initial = MembershipView.initial(self.pool.incarnations())
+        initial = MembershipView.initial(self.pool.incarnations(),
+                                         set(range(self.ep.num_ranks)) - set(self.ep.initial_ranks))
         if committed is not None:
             initial = MembershipView(committed.epoch + 1, initial.states, initial.incarnations)
         self._store(committed.epoch if committed is not None else None, initial)
@@ -110,7 +113,7 @@ class Controller:
     # -- the tables ----------------------------------------------------------------------------
     @property
     def per_rank(self) -> int:
-        return self.placement.num_physical // self.ep.ep_size
+        return self.placement.num_physical // self.ep.num_ranks
 
     def slots_of(self, rank: int) -> slice:
         return slice(rank * self.per_rank, (rank + 1) * self.per_rank)

@@ -44,8 +44,8 @@ class CoverageKeeper:
              joined: tuple[int, ...] = ()) -> RepairPlan:
         return plan_coverage(
             view, placement, held, expert_bytes=self.expert_bytes, topology=self.ep.topology,
-            backup=self.backup_masks, host_of=[self.ep.node_of(r) for r in range(self.ep.ep_size)],
-            joined=joined, target=self.ctl.target.physical_to_logical_map,
+            backup=self.backup_masks, host_of=[self.ep.node_of(r) for r in range(self.ep.num_ranks)],
+            joined=joined, target=self.ctl.target,
         )
 
     def settle(self) -> None:
@@ -77,7 +77,7 @@ class CoverageKeeper:
         ready = None if joined else self.planner.take(ctl.view, ctl.placement, ctl.held)
         plan = ready or self.plan(ctl.view, ctl.placement, ctl.held, joined)
         for r in joined:  # the joiners hold their slots of the target (they loaded them)
-            ctl.held[:, ctl.slots_of(r)] = ctl.target.physical_to_logical_map[:, ctl.slots_of(r)]
+            ctl.held[:, ctl.slots_of(r)] = ctl.target[:, ctl.slots_of(r)]
         ctl.held[:, [s for s in range(ctl.placement.num_physical) if s // ctl.per_rank in dead]] = -1
         copies = _copies(plan)
         t_plan = time.perf_counter()

@@ -34,6 +34,7 @@ from eep.control.pool import RankPool
 from eep.control.rebalance import Rebalancer
 from eep.control.reintegration import Reintegration
 from eep.control.replies import ReplyCollector
+from eep.control.scaling import Scaler
 from eep.control.steps import StepRunner
 from eep.engine.worker import SeqWork
 from eep.errors import ConfigError, DataPlaneError, RankFailed, RanksFailed, StepRetry
@@ -43,7 +44,7 @@ from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
 from eep.placement.backups import backup_masks
 from eep.placement.eplb import plan_placement
-from eep.placement.routing import Placement, spare_slots_for, with_spare_slots
+from eep.placement.routing import Placement, placement_from_phy2log, spare_slots_for, with_spare_slots
 from eep.runtime import wire
 from eep.runtime.accounting import Ledger
 from eep.runtime.wire import StepResult
@@ -56,7 +57,8 @@ _MAX_RETRIES = 3  # consecutive steps abandoned without a failure before the dat
 
 def target_placement(cfg: ModelConfig, ep: EPConfig) -> Placement:
     """The balanced placement with room (spare slots) to re-home one rank's experts on the
-    others; across hosts, one host's."""
+    others; across hosts, one host's. With `ep_max_size`, planned on the ranks started and laid
+    out over all the instance is sized for: the other ranks' slots stay empty until a scale-up."""
     balanced = plan_placement(cfg.num_experts, ep.ep_size, num_layers=len(cfg.moe_layers),
                               num_redundant=ep.num_redundant_experts)
     spare = ep.num_spare_slots
@@ -64,12 +66,19 @@ def target_placement(cfg: ModelConfig, ep: EPConfig) -> Placement:
         lost = ep.ep_size // ep.nnodes if ep.nnodes > 1 else 1
         spare = (spare_slots_for(balanced.num_physical // ep.ep_size, ep.ep_size, lost)
                  if ep.elastic and ep.ep_size > 1 else 0)
-    return with_spare_slots(balanced, ep.ep_size, spare, balanced.max_replicas + (1 if ep.elastic else 0))
+    started = with_spare_slots(balanced, ep.ep_size, spare, balanced.max_replicas + (1 if ep.elastic else 0))
+    if ep.num_ranks == ep.ep_size:
+        return started
+    per_rank = started.num_physical // ep.ep_size
+    phy2log = torch.full((started.num_layers, ep.num_ranks * per_rank), -1, dtype=torch.int64)
+    for i, rank in enumerate(ep.initial_ranks):
+        phy2log[:, rank * per_rank:(rank + 1) * per_rank] = started.physical_to_logical_map[:, i * per_rank:(i + 1) * per_rank]
+    return placement_from_phy2log(phy2log, started.num_logical, started.max_replicas)
 
 
 class EPExecutor:
     def __init__(self, config: EngineConfig, ep: EPConfig) -> None:
-        self.config, self.ep, self.num_ranks = config, ep, ep.ep_size
+        self.config, self.ep, self.num_ranks = config, ep, ep.num_ranks
         self.timeouts = ep.timeouts
         with CheckpointReader(config.model_path) as reader:
             cfg = ModelConfig.from_hf(reader.config)
@@ -79,7 +88,7 @@ class EPExecutor:
         expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * torch.empty(0, dtype=dtype).element_size()
         # what each host's backup keeps, fixed at start from the initial tables: host h keeps its
         # own experts and host h+1's (one host: every expert)
-        masks = (backup_masks(target, [ep.node_of(r) for r in range(ep.ep_size)])
+        masks = (backup_masks(target, [ep.node_of(r) for r in range(ep.num_ranks)])
                  if ep.elastic and ep.expert_backup else None)
         secret = ClusterSecret.load(ep.cluster_secret_file) if ep.cluster_secret_file else None
         credentials = secret.etcd_credentials(ep.instance) if secret is not None else None
@@ -100,7 +109,7 @@ class EPExecutor:
         except BaseException:
             self.store.close()
             raise
-        self.pool = RankPool(self._cluster, ep.ep_size)
+        self.pool = RankPool(self._cluster, ep.num_ranks)
         self.detector = FailureDetector(self._cluster, self.pool, self.timeouts, self.ledger)
         self.ctl = Controller(ep, self.timeouts, self.store, self._cluster, self.pool, target)
         self.replies = ReplyCollector(self.pool, self.detector, lambda r, why: self.ctl.event("fault_seen", r, why))
@@ -109,6 +118,7 @@ class EPExecutor:
         self.reintegration = Reintegration(ep, self.timeouts, self.ctl, self.coverage_keeper, self.replies, self.hooks)
         self.rebalancer = Rebalancer(ep, self.ctl, self.coverage_keeper, self.replies, self.ledger, expert_bytes, masks,
                                      self.hooks)
+        self.scaler = Scaler(ep, self.ctl, self.reintegration, self.rebalancer)
         try:
             self._start()
         except BaseException:
@@ -118,9 +128,9 @@ class EPExecutor:
                     self.ctl.placement.num_physical, ep.fault_policy)
 
     def _start(self) -> None:
-        for rank in range(self.num_ranks):  # the start waits for the fork server's imports
+        for rank in self.ep.initial_ranks:  # the start waits for the fork server's imports
             self.pool.spawn(rank, self.ctl.placement, None, 0, wait_s=self.ep.start_timeout_s)
-        answers = self.replies.collect(range(self.num_ranks), (wire.Ready,), 0, self.ep.start_timeout_s,
+        answers = self.replies.collect(self.ep.initial_ranks, (wire.Ready,), 0, self.ep.start_timeout_s,
                                        heartbeats=False)
         answers.raise_first("Ready")
         for rank, ready in answers.replies.items():
@@ -162,23 +172,30 @@ class EPExecutor:
         return self.ctl.events
 
     def membership_pending(self) -> bool:
-        return self.reintegration.pending()
+        return self.reintegration.pending() or self.scaler.pending() or self.rebalancer.in_flight
+
+    def needs_step(self) -> bool:
+        """Moves are being written: only a step's answers (empty ones will do) say when they are done."""
+        return self.rebalancer.in_flight
 
     def at_step_boundary(self) -> tuple[int, ...]:
-        """Between two steps: drain, start replacements (rejoin auto) and switch in every joiner
-        that has finished loading. Returns the ranks switched in."""
+        """Between two steps: a scale operation's next part, drain, start replacements (rejoin
+        auto), switch in every joiner that has finished loading, a rebalance's switch or start.
+        Returns the ranks switched in."""
         if not self.ep.elastic:
             return ()
-        with self.ledger.charge("step_boundary"):
-            if self.ctl.paused_reason is not None:
-                self._check_while_paused()
-            switched = self.reintegration.at_step_boundary()
-        if not switched:  # (a switch-in changed the view: a rebalance plans from it at a later boundary)
-            try:
-                self.rebalancer.at_step_boundary()
-            except RankFailed as e:  # died while its moves were sent or the tables switched
-                self.ctl.event("fault_seen", e.rank, f"during a rebalance: {e}")
-                self._handle_failure(frozenset({e.rank}), [])
+        switched: tuple[int, ...] = ()
+        try:
+            with self.ledger.charge("step_boundary"):
+                if self.ctl.paused_reason is not None:
+                    self._check_while_paused()
+                self.scaler.at_step_boundary()
+                switched = self.reintegration.at_step_boundary()
+            if not switched:  # (a switch-in changed the view: a rebalance plans from it at a later boundary)
+                self.rebalancer.at_step_boundary(start_new=not self.scaler.pending())
+        except RankFailed as e:  # died while moves were sent or the tables switched
+            self.ctl.event("fault_seen", e.rank, f"during a rebalance: {e}")
+            self._handle_failure(frozenset({e.rank}), [])
         return switched
 
     def _check_while_paused(self) -> None:
@@ -204,6 +221,18 @@ class EPExecutor:
         if not self.ep.elastic:
             raise ConfigError("rejoin needs fault_policy 'repair'")
         self.reintegration.rejoin(rank)
+
+    def scale(self, ep_size: int, operation_id: str | None = None) -> dict[str, object]:
+        """Move the instance to `ep_size` active ranks (within `ep_max_size`), at step boundaries,
+        while it serves (eep.control.scaling). The same `operation_id` again gives the same
+        operation: safe to retry. ConfigError if refused now."""
+        if not self.ep.elastic:
+            raise ConfigError("scaling needs fault_policy 'repair'")
+        return self.scaler.request(ep_size, operation_id)
+
+    def scale_status(self, operation_id: str) -> dict[str, object]:
+        """A scale operation's state; KeyError if this instance has none by that id."""
+        return self.scaler.status(operation_id)
 
     # -- steps ---------------------------------------------------------------------------------
     def execute(self, work: list[list[SeqWork]]) -> list[list[int]]:
@@ -301,6 +330,8 @@ class EPExecutor:
             "dataplane": dict(self.dataplane),
             "nodes": self.ep.nnodes,
             "eplb": self.rebalancer.status(),
+            "ep_max_size": self.ep.num_ranks,
+            "scale": self.scaler.current.to_dict() if self.scaler.current is not None else None,
         }
 
     def update_routing(self, placement: Placement) -> None:

@@ -13,7 +13,9 @@ from the one in use, and:
   (`SetRouting` on every active rank, as any in-place table update) turns the new layout on.
 Any view change (a failure, a drain, a rejoin) gives up a batch in flight: its targets' content
 is forgotten (never listed), and the next rebalance plans from the live layout, so the instance
-returns to balance on the survivors and again once a rank is back.
+returns to balance on the survivors and again once a rank is back. A scale operation
+(`eep.control.scaling`) asks for rebalances of its own (`start`, also without `--enable-eplb`):
+onto the ranks that stay before a scale-down, over all of them after a scale-up.
 """
 
 from __future__ import annotations
@@ -116,7 +118,14 @@ class Rebalancer:
                         if results[r].moves_failed:
                             b.failed[r] = results[r].moves_failed
 
-    def at_step_boundary(self) -> None:
+    @property
+    def in_flight(self) -> bool:
+        """A batch of moves is being written: only steps' answers say when it is done."""
+        return self._inflight is not None
+
+    def at_step_boundary(self, start_new: bool = True) -> None:
+        """Switch a batch whose moves are all written; with `start_new` (no scale operation
+        running) and `--enable-eplb`, start one when due."""
         with self.ledger.charge("eplb"):
             b = self._inflight
             if b is not None:
@@ -126,10 +135,25 @@ class Rebalancer:
                     self._inflight = None
                     self._record(b, f"given up: ranks {sorted(b.pending)} not done within {self.ep.timeout_s:g} s", 0.0)
                 return
-            if self.ep.enable_eplb and self._check:
+            if self.ep.enable_eplb and self._check and start_new:
                 self._check = False
                 if self._due():
                     self._start()
+
+    def start(self, leaving: tuple[int, ...] = ()) -> int:
+        """A rebalance asked for now (a scale operation), due or not, with or without
+        `--enable-eplb`: its batch number, or 0 when the layout is as planned already.
+        ConfigError if `leaving` cannot go (the others lack slots) or a batch is in flight."""
+        if self._inflight is not None:
+            raise ConfigError(f"rebalance {self._inflight.batch} is in flight")
+        with self.ledger.charge("eplb"):
+            return self._start(leaving)
+
+    def outcome(self, batch: int) -> str | None:
+        """What became of `batch`: "switched", "given up: ...", or None while in flight."""
+        if self._inflight is not None and self._inflight.batch == batch:
+            return None
+        return next((str(r["outcome"]) for r in reversed(self.records) if r["batch"] == batch), "given up: forgotten")
 
     def void(self) -> None:
         """A view change: a batch in flight is given up (its targets stay unknown: never listed)."""
@@ -142,7 +166,7 @@ class Rebalancer:
     def imbalance(self) -> torch.Tensor:
         """`[L]` the layout in use under the window's load (1.0 where a layer has no load yet)."""
         ctl = self.ctl
-        return layer_imbalance(ctl.placement, self.window.total, ctl.view.active_ranks, self.ep.ep_size)
+        return layer_imbalance(ctl.placement, self.window.total, ctl.view.active_ranks, self.ep.num_ranks)
 
     def _due(self) -> bool:
         ctl, ep = self.ctl, self.ep
@@ -154,22 +178,28 @@ class Rebalancer:
             return True
         return bool(self.imbalance().max() > ep.eplb_imbalance_threshold)
 
-    def plan(self) -> RebalancePlan:
+    def plan(self, active: tuple[int, ...] | None = None, leaving: tuple[int, ...] = ()) -> RebalancePlan:
+        """A plan from the live layout under the window's load (even, before any load is counted)
+        over `active` (default: the view's active ranks), without `leaving`'s slots."""
         ctl = self.ctl
+        load = self.window.load()
+        if not load.any():
+            load = torch.ones_like(load)
         return plan_rebalance(
-            ctl.placement, ctl.held, self.window.load(), ctl.view.active_ranks, self.ep.ep_size,
-            num_redundant=self.ep.num_redundant_experts, expert_bytes=self.expert_bytes, topology=self.ep.topology,
-            host_of=[self.ep.node_of(r) for r in range(self.ep.ep_size)], backup=self.backup_masks,
+            ctl.placement, ctl.held, load, active if active is not None else ctl.view.active_ranks,
+            self.ep.num_ranks, num_redundant=self.ep.num_redundant_experts, expert_bytes=self.expert_bytes,
+            topology=self.ep.topology, host_of=[self.ep.node_of(r) for r in range(self.ep.num_ranks)],
+            backup=self.backup_masks, leaving=leaving,
         )
 
-    def _start(self) -> None:
+    def _start(self, leaving: tuple[int, ...] = ()) -> int:
         ctl = self.ctl
         self._last = ctl.steps
         t0 = time.perf_counter()
-        plan = self.plan()
+        plan = self.plan(leaving=leaving)
         plan_s = time.perf_counter() - t0
         if not plan.switches:
-            return
+            return 0
         self._batch += 1
         b = _Batch(self._batch, plan, set(), time.perf_counter(), ctl.steps)
         if not torch.equal(plan.interim.physical_to_logical_map, ctl.placement.physical_to_logical_map):
@@ -192,13 +222,14 @@ class Rebalancer:
                                      wire.MovesAccepted, self.ep.timeout_s, heartbeats=ctl.cluster.heartbeats)
             except ConfigError as e:  # refused: the targets stay unknown (never listed)
                 self._record(b, f"given up: {e}", 0.0)
-                return
+                return b.batch
         b.pending = set(copies)
         self._inflight = b
         if copies:
             self.hooks.moving(tuple(sorted(copies)))
         else:  # the tables alone change: switch now
             self._finish(b)
+        return b.batch
 
     def _finish(self, b: _Batch) -> None:
         """Every target rank is done: one table switch on every active rank."""

@@ -3,7 +3,9 @@
 it in (epoch + 1, one in-place table update on every rank, missing experts copied in the same
 round trip); a joiner that dies or hangs while loading fails without touching a step; `drain`
 takes an active rank out at the next step boundary (its requests move, its experts are covered
-as after a failure, its process stops)."""
+as after a failure, its process stops). A scale-up (`eep.control.scaling`) starts absent ranks
+with `join`; a scale-down takes ranks out to absent with `remove` (a drain that leaves nothing
+to restart)."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class Reintegration:
             ep, timeouts, controller, coverage, replies, hooks)
         self.pending_rejoin: set[int] = set()
         self.pending_drain: set[int] = set()
+        self.pending_remove: set[int] = set()  # active ranks a scale-down takes out at the next boundary
         if ep.rejoin == "auto":
             controller.on_fail.append(self.pending_rejoin.update)
 
@@ -39,11 +42,11 @@ class Reintegration:
         idle wait, a second, instead of every 50 ms for as long as the host is gone)."""
         up = self.ctl.cluster.node_up
         return bool(any(up(self.ep.node_of(r)) for r in self.pending_rejoin) or self.pending_drain
-                    or self.ctl.view.ranks_in(RankState.JOINING))
+                    or self.pending_remove or self.ctl.view.ranks_in(RankState.JOINING))
 
     def request_drain(self, rank: int) -> None:
         view = self.ctl.view
-        if not 0 <= rank < self.ep.ep_size or view.states[rank] is not RankState.ACTIVE:
+        if not 0 <= rank < self.ep.num_ranks or view.states[rank] is not RankState.ACTIVE:
             raise ConfigError(f"rank {rank} is not active: only an active rank can be drained")
         if len(view.active_ranks) - len(self.pending_drain - {rank}) <= 1:
             raise ConfigError("the last active rank cannot be drained")
@@ -52,11 +55,17 @@ class Reintegration:
     def rejoin(self, rank: int) -> None:
         """Start a new process for failed `rank`; it loads while the others serve and is switched
         in at the first step boundary after it is ready."""
+        if not 0 <= rank < self.ep.num_ranks:  # -1 would index the last rank
+            raise ConfigError(f"rank {rank} does not exist: this instance has ranks 0..{self.ep.num_ranks - 1}")
+        if self.ctl.view.states[rank] is RankState.ABSENT:
+            raise ConfigError(f"rank {rank} is absent (the instance is scaled down): scale up to bring it in")
+        if self.ctl.view.states[rank] is not RankState.FAILED:
+            raise ConfigError(f"rank {rank} is {self.ctl.view.states[rank].value}: only a failed rank can rejoin")
+        self.join(rank)
+
+    def join(self, rank: int) -> None:
+        """Start a process for failed or absent `rank`, loading its slots of `target`."""
         ctl = self.ctl
-        if not 0 <= rank < self.ep.ep_size:  # -1 would index the last rank
-            raise ConfigError(f"rank {rank} does not exist: this instance has ranks 0..{self.ep.ep_size - 1}")
-        if ctl.view.states[rank] is not RankState.FAILED:
-            raise ConfigError(f"rank {rank} is {ctl.view.states[rank].value}: only a failed rank can rejoin")
         node = self.ep.node_of(rank)
         if not ctl.cluster.node_up(node):
             raise ConfigError(f"rank {rank} lives on node {node}, whose agent is not connected: start "
@@ -65,7 +74,7 @@ class Reintegration:
             ctl.event("reaped", rank, f"old process exited with code {code}")
         # The joiner loads its slots of the balanced target placement and starts with the tables
         # in use (its own slots unlisted); the tables that list them are made when it is ready.
-        _, held_after = plan_rejoin(ctl.placement, ctl.held, self.ep.ep_size, rank, ctl.target.physical_to_logical_map)
+        _, held_after = plan_rejoin(ctl.placement, ctl.held, self.ep.num_ranks, rank, ctl.target)
         try:
             p = ctl.pool.spawn(rank, ctl.placement, held_after, ctl.view.epoch)
         except RankFailed as e:  # its host's agent did not start it
@@ -74,10 +83,24 @@ class Reintegration:
         ctl.commit(ctl.view.begin_join(rank, p.incarnation), f"rank {rank} joining (pid {p.pid})")
         ctl.event("rejoin_started", rank, f"pid {p.pid}")
 
+    def remove(self, ranks: set[int]) -> None:
+        """Take `ranks` out of the instance (scale-down): failed and joining ones now (a joiner's
+        process is stopped; no step changes), active ones at the next step boundary, as a drain."""
+        ctl = self.ctl
+        now = {r for r in ranks if ctl.view.states[r] in (RankState.FAILED, RankState.JOINING)}
+        self.pending_rejoin -= ranks
+        if now:
+            for rank in sorted(now):
+                if ctl.view.states[rank] is RankState.JOINING:
+                    code = ctl.pool.stop(rank, ctl.view.epoch)
+                    ctl.event("removed", rank, f"stopped while joining; process exited with code {code}")
+            ctl.commit(ctl.view.remove(now), f"removed {sorted(now)} (scale-down)")
+        self.pending_remove |= {r for r in ranks if ctl.view.states[r] is RankState.ACTIVE}
+
     def at_step_boundary(self) -> tuple[int, ...]:
         """Drain what is to be drained, start the replacements due, switch in every joiner that
         has finished loading. Returns the ranks switched in."""
-        if self.pending_drain:
+        if self.pending_drain or self.pending_remove:
             self._drain_now()
         for rank in sorted(self.pending_rejoin):
             if not self.ctl.cluster.node_up(self.ep.node_of(rank)):
@@ -142,12 +165,20 @@ class Reintegration:
                                          f"in {pause * 1e3:.1f} ms")
 
     def _drain_now(self) -> None:
+        """Drained ranks leave as failed (they may rejoin), removed ones as absent; both in one
+        view change, their requests moved by the engine (RanksFailed)."""
         ctl = self.ctl
         t0 = time.perf_counter()
-        ranks, self.pending_drain = set(self.pending_drain), set()
-        ctl.commit(ctl.view.fail(ranks), f"drained {sorted(ranks)}")
+        drained, self.pending_drain = set(self.pending_drain), set()
+        removed, self.pending_remove = set(self.pending_remove) - drained, set()
+        ranks = {r for r in drained | removed if ctl.view.states[r] is RankState.ACTIVE}
+        if not ranks:
+            return
+        what = "; ".join(f"{w} {sorted(rs & ranks)}" for w, rs in (("drained", drained), ("removed", removed)) if rs & ranks)
+        ctl.commit(ctl.view.fail(drained & ranks).remove(removed & ranks), what)
         for rank in sorted(ranks):
             code = ctl.pool.stop(rank, ctl.view.epoch)
-            ctl.event("drained", rank, f"left the view; process exited with code {code}")
+            ctl.event("drained" if rank in drained else "removed", rank,
+                      f"left the view; process exited with code {code}")
         failed = self.coverage.reconcile(t0)
         raise RanksFailed(frozenset(ranks | failed), ctl.view.epoch)

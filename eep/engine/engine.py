@@ -45,6 +45,8 @@ class ElasticExecutor(Protocol):
 
     def membership_pending(self) -> bool: ...
 
+    def needs_step(self) -> bool: ...
+
     def at_step_boundary(self) -> tuple[int, ...]: ...
 
     def status(self) -> dict[str, object]: ...
@@ -52,6 +54,10 @@ class ElasticExecutor(Protocol):
     def rejoin(self, rank: int) -> None: ...
 
     def drain(self, rank: int) -> None: ...
+
+    def scale(self, ep_size: int, operation_id: str | None = None) -> dict[str, object]: ...
+
+    def scale_status(self, operation_id: str) -> dict[str, object]: ...
 
 
 class Executor(Protocol):
@@ -223,8 +229,8 @@ class LLMEngine:
         plans = [s.schedule(admit, decoding) if r in active else [] for r, s in enumerate(self.schedulers)]
         if not any(plans) and not admit:  # the survivors had nothing running: admit at once
             plans = [s.schedule(True, decoding) if r in active else [] for r, s in enumerate(self.schedulers)]
-        if not any(plans):
-            return []
+        if not any(plans) and not (elastic is not None and elastic.needs_step()):
+            return []  # (a rebalance's moves in flight: an empty step collects who is done)
         try:
             tokens = self.executor.execute([[self._work(s) for s in plan] for plan in plans])
         except RanksFailed:
@@ -236,6 +242,8 @@ class LLMEngine:
             if self._restart_executor is None:
                 raise
             self._restart(e)
+            return []
+        if not any(plans):
             return []
         # Commit only now that the whole step succeeded on every rank: a failure above leaves
         # every request as it was before the step, so the step can simply be run again.

@@ -7,7 +7,9 @@ What this module promises:
   a data-plane message stamped with an older epoch can always be recognised and dropped.
 - States: ACTIVE (serves and exchanges), FAILED (out of the active set; its slots are gone),
   JOINING (a new incarnation is loading and warming up; not in the active set until
-  `activate`). Observations (a silent heartbeat, a peer's report) are not states: the
+  `activate`), ABSENT (a rank the instance is sized for but does not run: not started yet, or
+  scaled down; no process, nothing to restart; `begin_join` brings it in, `remove` takes a rank
+  out to it). Observations (a silent heartbeat, a peer's report) are not states: the
   detector (`eep.control.detector`) confirms a failure, and only `fail` and `activate` change
   who takes part in a step.
 - `MembershipEvent` is the structured record of a change (epoch, rank, step, what, why, and
@@ -17,6 +19,7 @@ What this module promises:
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from eep.errors import MembershipError
@@ -26,6 +29,7 @@ class RankState(enum.Enum):
     ACTIVE = "active"
     FAILED = "failed"
     JOINING = "joining"
+    ABSENT = "absent"
 
 
 _IN_STEP = (RankState.ACTIVE,)
@@ -46,9 +50,14 @@ class MembershipView:
             )
 
     @classmethod
-    def initial(cls, incarnations: tuple[int, ...]) -> MembershipView:
-        """Epoch 0: every rank active, held by the given incarnations."""
-        return cls(0, (RankState.ACTIVE,) * len(incarnations), tuple(incarnations))
+    def initial(cls, incarnations: tuple[int, ...], absent: Iterable[int] = ()) -> MembershipView:
+        """Epoch 0: every rank active, held by the given incarnations, but those `absent` (not
+        started: room to scale up to)."""
+        out = set(absent)
+        if len(out & set(range(len(incarnations)))) == len(incarnations):
+            raise MembershipError("an instance needs at least one rank that is not absent")
+        return cls(0, tuple(RankState.ABSENT if r in out else RankState.ACTIVE for r in range(len(incarnations))),
+                   tuple(incarnations))
 
     @property
     def num_ranks(self) -> int:
@@ -81,10 +90,18 @@ class MembershipView:
 
     def fail(self, ranks: frozenset[int] | set[int]) -> MembershipView:
         """Commit the failure of `ranks` (active or joining): epoch + 1 if any of them
-        was in the step. Failing a rank that already failed changes nothing."""
+        was in the step. Failing a rank that already failed, or an absent one, changes nothing."""
+        return self._leave(ranks, RankState.FAILED)
+
+    def remove(self, ranks: frozenset[int] | set[int]) -> MembershipView:
+        """Take `ranks` (any state) out of the instance (scale-down): absent, nothing to restart;
+        epoch + 1 if any of them was in the step."""
+        return self._leave(ranks, RankState.ABSENT)
+
+    def _leave(self, ranks: frozenset[int] | set[int], state: RankState) -> MembershipView:
         for r in ranks:
             self._check_rank(r)
-        changes = {r: RankState.FAILED for r in ranks if self.states[r] is not RankState.FAILED}
+        changes = {r: state for r in ranks if self.states[r] not in (state, RankState.ABSENT)}
         if not changes:
             return self
         leaves_step = any(self.states[r] in _IN_STEP for r in changes)
@@ -93,11 +110,11 @@ class MembershipView:
         return self._with(self.epoch + 1 if leaves_step else self.epoch, changes)
 
     def begin_join(self, rank: int, incarnation: int) -> MembershipView:
-        """A new process (`incarnation`) takes the failed `rank`'s place and starts loading.
-        Not yet in the step: the epoch stays."""
+        """A new process (`incarnation`) takes the failed or absent `rank`'s place and starts
+        loading. Not yet in the step: the epoch stays."""
         self._check_rank(rank)
-        if self.states[rank] is not RankState.FAILED:
-            raise MembershipError(f"rank {rank} is {self.states[rank].value}: only a failed rank can rejoin")
+        if self.states[rank] not in (RankState.FAILED, RankState.ABSENT):
+            raise MembershipError(f"rank {rank} is {self.states[rank].value}: only a failed or absent rank can join")
         if incarnation in self.incarnations:
             raise MembershipError(f"incarnation {incarnation} was already used; every process needs a fresh one")
         return self._with(self.epoch, {rank: RankState.JOINING}, {rank: incarnation})

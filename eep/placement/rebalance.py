@@ -154,6 +154,7 @@ def plan_rebalance(
     host_of: Sequence[int] | None = None,
     backup: Mapping[int, torch.Tensor] | None = None,
     min_gain: float = MIN_GAIN,
+    leaving: Sequence[int] = (),
 ) -> RebalancePlan:
     """Plan the move from `placement` (the tables in use) to a layout balanced under `load`.
 
@@ -170,6 +171,10 @@ def plan_rebalance(
         host_of: each rank's host (None: one host); backup: host -> `[L, E]` bool, what each
             host's expert backup keeps (None: no backups).
         min_gain: a layer is re-laid out only if its imbalance falls by at least this much.
+        leaving: active ranks the new layout leaves empty (a scale-down): they serve meanwhile
+            and send as peers; every layer listing one of their slots is laid out again, whatever
+            it gains (`_packed`; ConfigError if the others lack a slot per expert).
+            `imbalance_before` is then of the active ranks, `imbalance_after` of those that stay.
     """
     phy2log = placement.physical_to_logical_map
     num_layers, num_physical = phy2log.shape
@@ -181,22 +186,26 @@ def plan_rebalance(
     active = sorted(set(int(r) for r in active))
     if not active or active[0] < 0 or active[-1] >= num_ranks:
         raise ConfigError(f"active ranks {active} are not a non-empty subset of 0..{num_ranks - 1}")
+    out, stay = _staying(active, leaving)
     hosts = list(host_of) if host_of is not None else [0] * num_ranks
     weights = _loads(load, num_layers, num_experts)
     per_rank = num_physical // num_ranks
     before = layer_imbalance(placement, weights, active, num_ranks)
-    state = _State.of(placement, held.to(torch.int64), active, num_ranks)
-    fill_cap = torch.full((num_layers,), len(active) * max(per_rank - 1, 1), dtype=torch.int64).clamp(min=num_experts)
-    count = replica_counts(weights, num_layers * num_redundant, fill_cap, min(len(active), placement.max_replicas))
-    items = _Items.of(weights, count)
-    picks = _pack(items, state, weights.sum(1) / len(active))
+    before_stay = layer_imbalance(placement, weights, stay, num_ranks) if out else before
+    state = _State.of(placement, held.to(torch.int64), stay, num_ranks)
+    fill_cap = torch.full((num_layers,), len(stay) * max(per_rank - 1, 1), dtype=torch.int64).clamp(min=num_experts)
+    count = replica_counts(weights, num_layers * num_redundant, fill_cap, min(len(stay), placement.max_replicas))
+    items, picks = _packed(weights, count, state, len(stay), fall_back=bool(out))
     new_phy, held_after, moves = _assign(items, picks, state, phy2log, held.to(torch.int64))
-    after = _imbalance(new_phy, _replicas(new_phy, num_experts), weights, active, num_ranks)
-    keep = picks.failed | (after > before - min_gain)  # not worth it, or not possible: as it is
+    after = _imbalance(new_phy, _replicas(new_phy, num_experts), weights, stay, num_ranks)
+    must = _must_move(phy2log, out, per_rank, picks.failed, stay)
+    keep = picks.failed | ((after > before_stay - min_gain) & ~must)  # not worth it, or not possible: as it is
     new_phy[keep] = phy2log[keep]
     held_after[keep] = held[keep].to(torch.int64)
     moves = moves[~keep[moves[:, 0]]]
-    kind, ident = _sources(moves, state, num_ranks, hosts, backup, num_experts)
+    # the leaving ranks' listed slots are never written: they send as peers too
+    sources = _State.of(placement, held.to(torch.int64), active, num_ranks) if out else state
+    kind, ident = _sources(moves, sources, num_ranks, hosts, backup, num_experts)
     table = torch.cat([moves, (moves[:, 2] // per_rank).unsqueeze(1), kind.unsqueeze(1), ident.unsqueeze(1)], 1)
     final = placement_from_phy2log(new_phy, num_experts, placement.max_replicas)
     interim = phy2log.clone()
@@ -205,9 +214,44 @@ def plan_rebalance(
         placement=final, interim=placement_from_phy2log(interim, num_experts, placement.max_replicas),
         held_after=held_after, moves=Moves(table, tuple(hosts), expert_bytes, topology),
         replicas=(final.logical_replica_count.sum(1) - num_experts).clamp(min=0),
-        imbalance_before=before, imbalance_after=torch.where(keep, before, after),
+        imbalance_before=before, imbalance_after=torch.where(keep, before_stay, after),
         changed=(new_phy != phy2log).any(1),
     )
+
+
+def _packed(weights: torch.Tensor, count: torch.Tensor, state: _State, num_stay: int,
+            fall_back: bool) -> tuple[_Items, _Picks]:
+    """The packing (`_pack`); with `fall_back` (ranks leave) and no room for some layer, again
+    without replicas and tight: every expert stays where a staying rank lists it."""
+    items = _Items.of(weights, count)
+    picks = _pack(items, state, weights.sum(1) / num_stay)
+    if fall_back and bool(picks.failed.any()):
+        items = _Items.of(weights, torch.ones_like(count))
+        picks = _pack(items, state, weights.sum(1) / num_stay, tight=True)
+    return items, picks
+
+
+def _staying(active: list[int], leaving: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(the leaving ranks, the active ranks that stay), checked."""
+    out = sorted(set(int(r) for r in leaving))
+    stay = [r for r in active if r not in out]
+    if not set(out) <= set(active) or not stay:
+        raise ConfigError(f"leaving ranks {out} must be active ranks of {active}, and some must stay")
+    return out, stay
+
+
+def _must_move(phy2log: torch.Tensor, out: list[int], per_rank: int, failed: torch.Tensor,
+               stay: list[int]) -> torch.Tensor:
+    """`[L]` the layers that list a slot of a leaving rank (laid out again whatever they gain);
+    ConfigError if the packing found no room for one of them."""
+    must = torch.zeros(phy2log.shape[0], dtype=torch.bool)
+    for r in out:
+        must |= (phy2log[:, r * per_rank:(r + 1) * per_rank] >= 0).any(1)
+    if (must & failed).any():
+        layer = int(torch.nonzero(must & failed)[0])
+        raise ConfigError(f"layer {layer}: ranks {stay} have too few slots ({len(stay)} x {per_rank}) for every "
+                          f"expert once ranks {out} leave")
+    return must
 
 
 def _replicas(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -324,13 +368,15 @@ class _Picks:
     failed: torch.Tensor  # [L] bool: a layer some expert's only replica found no rank for
 
 
-def _pack(items: _Items, state: _State, mean_load: torch.Tensor) -> _Picks:
+def _pack(items: _Items, state: _State, mean_load: torch.Tensor, tight: bool = False) -> _Picks:
     """Steps 2 and 3 of the module docstring: sticky LPT over all layers at once, one item of
     every layer per iteration. This loop is most of a plan's time: each iteration is a few
     whole-`[L, N]` operations and the rest on the expert's few holders (`[L, H]`), in numpy,
     whose per-operation cost on arrays this small is a fraction of torch's. `closed` is +inf
     where a rank has no room or no free slot left (no move there); `taken` marks the ranks a
-    replica of the expert at hand went to already (its replicas are consecutive items)."""
+    replica of the expert at hand went to already (its replicas are consecutive items). `tight`:
+    every expert stays where it is listed, whatever the load (a listed holder before one with an
+    unlisted copy): a move takes a free slot only for an expert no staying rank lists."""
     num_layers, num_items = items.expert.shape
     num_ranks = state.room.shape[1]
     width = state.holders.shape[0] // num_layers
@@ -349,7 +395,7 @@ def _pack(items: _Items, state: _State, mean_load: torch.Tensor) -> _Picks:
     picks = np.full((num_items, num_layers), -1, dtype=np.int64)
     kinds = np.full((num_items, num_layers), -1, dtype=np.int64)
     failed = np.zeros(num_layers, dtype=bool)
-    near = (mean_load * (1 + KEEP_SLACK)).numpy()  # [L]
+    near = np.full(num_layers, inf) if tight else (mean_load * (1 + KEEP_SLACK)).numpy()  # [L]
     experts, weights = items.expert.t().contiguous().numpy(), items.weight.t().contiguous().numpy()
     valids, firsts = items.valid.t().contiguous().numpy(), items.first.t().contiguous().numpy()
     same = np.zeros((num_items, num_layers), dtype=bool)
@@ -366,7 +412,7 @@ def _pack(items: _Items, state: _State, mean_load: torch.Tensor) -> _Picks:
         cells = base[:, None] + np.maximum(hold, 0)
         listed_left, free_left = kept_listed[row], kept_free[row]
         sticky = ~(full[cells] | taken[cells]) & (hold >= 0) & ((listed_left > 0) | ((free_left > 0) & (free[cells] > 0)))
-        keep_all = np.where(sticky, load[cells], inf)
+        keep_all = np.where(sticky, load[cells] + (np.where(listed_left > 0, 0.0, 1e300) if tight else 0.0), inf)
         j = keep_all.argmin(1)
         keep_load = keep_all[rows, j]
         take_keep = (keep_load < inf) & ((keep_load + w <= near) | (keep_load <= best_load))

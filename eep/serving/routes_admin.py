@@ -1,6 +1,8 @@
 """The admin endpoints of the HTTP API (`eep.serving.http`): `POST /admin/ranks/{rank}/rejoin`
-(start a replacement for a failed rank) and `POST /admin/ranks/{rank}/drain` (take an active
-rank out gracefully at the next step boundary).
+(start a replacement for a failed rank), `POST /admin/ranks/{rank}/drain` (take an active
+rank out gracefully at the next step boundary), `POST /admin/scale` (move to N active ranks
+within `--ep-max-size`; 202 with the operation, whose `operation_id` a retry may send again)
+and `GET /admin/scale/{operation_id}` (its state).
 
 They want the admin key and only it (`Auth.admin`: 403 for everyone when the server has none).
 The change runs on the engine loop's thread through the executor's membership side
@@ -13,11 +15,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Response
 
 from eep.errors import ConfigError
 from eep.serving.deps import ApiError, Auth, Serving
-from eep.serving.schemas import AdminReply, errors
+from eep.serving.schemas import AdminReply, ScaleOperation, ScaleRequest, errors
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +41,49 @@ def router(serving: Serving, auth: Auth) -> APIRouter:
     async def drain(rank: int = rank_param) -> dict[str, Any]:
         return await _change(serving, "drain", rank)
 
+    scale_responses: dict[int | str, dict[str, Any]] = {202: {"model": ScaleOperation},
+                                                        **errors(400, 409, *auth.admin_codes)}
+
+    @r.post("/admin/scale", status_code=202, response_model=None, responses=scale_responses,
+            summary="Move the instance to ep_size active ranks while it serves (within --ep-max-size)")
+    async def scale(body: ScaleRequest, response: Response) -> dict[str, Any]:
+        def run(e: Any) -> dict[str, Any]:
+            try:
+                return _elastic(e, "scaling").scale(body.ep_size, body.operation_id)
+            except ConfigError as err:  # out of range, an operation in progress, an id reused for another size
+                raise ApiError(409, str(err), code="membership_conflict") from None
+
+        op = await serving.on_loop(run)
+        response.headers["Location"] = f"/admin/scale/{op['operation_id']}"
+        return op
+
+    @r.get("/admin/scale/{operation_id}", response_model=None,
+           responses={200: {"model": ScaleOperation}, **errors(404, *auth.admin_codes)},
+           summary="The state of a scale operation")
+    async def scale_status(operation_id: str = Path(min_length=1, max_length=128)) -> dict[str, Any]:
+        def run(e: Any) -> dict[str, Any]:
+            try:
+                return _elastic(e, "scaling").scale_status(operation_id)
+            except KeyError:
+                raise ApiError(404, f"no scale operation {operation_id!r} (this instance keeps its last 100)",
+                               code="operation_not_found") from None
+
+        return await serving.on_loop(run)
+
     return r
+
+
+def _elastic(engine: Any, action: str) -> Any:
+    elastic = engine.executor.elastic
+    if elastic is None:
+        raise ApiError(409, f"{action} needs an expert-parallel instance (--ep-size > 1)", code="membership_conflict")
+    return elastic
 
 
 async def _change(serving: Serving, action: str, rank: int) -> dict[str, Any]:
     """`action` ("rejoin" or "drain") of `rank`, on the loop thread; the reply of the route."""
     def run(e: Any) -> None:
-        elastic = e.executor.elastic
-        if elastic is None:
-            raise ApiError(409, f"{action} needs an expert-parallel instance (--ep-size > 1)",
-                           code="membership_conflict")
+        elastic = _elastic(e, action)
         try:
             (elastic.rejoin if action == "rejoin" else elastic.drain)(rank)
         except ConfigError as err:  # the state refuses it now (not failed, the last rank, ...)

@@ -226,12 +226,39 @@ class AdminReply(BaseModel):
     rank: int
 
 
+class ScaleRequest(BaseModel):
+    """`POST /admin/scale`: the number of active ranks to move to, within `--ep-max-size`. Send an
+    `operation_id` of your own to retry safely: the same id gives the same operation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ep_size: int = Field(ge=1, le=4096)
+    operation_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+
+
+class ScaleOperation(BaseModel):
+    """A scale operation (`eep.control.scaling.ScaleOperation`): `state` running, done or failed;
+    `phase` what it does now; `added` and `removed` the ranks it took in and out."""
+
+    operation_id: str
+    ep_size: int
+    from_ep_size: int
+    state: Literal["running", "done", "failed"]
+    phase: str
+    detail: str
+    added: list[int]
+    removed: list[int]
+    created: float
+    finished: float | None
+    duration_s: float
+
+
 # -- what /openapi.json says beyond the models -------------------------------------------------
 _DESCRIPTIONS = {
     400: "Invalid request (wrong type, out of range, too long for the context)",
     401: "Missing or wrong key",
     403: "The admin endpoints are closed: the server has no --admin-api-key",
-    404: "The model does not exist",
+    404: "The model (or the scale operation) does not exist",
     409: "The instance's membership state refuses this change now",
     413: "The request body is larger than the server's limit",
     503: "The engine is unavailable (stopped after a failed step, shutting down, or not answering)",
