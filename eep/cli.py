@@ -240,6 +240,22 @@ def _cmd_bench_eplb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_scale(args: argparse.Namespace) -> int:
+    from eep.bench.scale import run_scale_bench, summary_table
+    from eep.model.default_model import ensure_default_model
+
+    model = args.model_path or str(ensure_default_model(Path(args.cache_dir), "deepseek_v3", args.router_skew))
+    result = run_scale_bench(
+        model, ep_size=args.ep_size, max_size=args.ep_max_size, sizes=tuple(int(n) for n in args.sizes.split(",")),
+        redundant=args.ep_num_redundant_experts, concurrency=args.concurrency, steady_s=args.steady,
+        settle_s=args.settle, seed=args.seed,
+    )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    print(summary_table(result))
+    return 0
+
+
 def _cmd_sim(args: argparse.Namespace) -> int:
     from eep.sim import report
     from eep.sim.cluster import DEFAULT_CLUSTER, DEFAULT_MODEL
@@ -632,6 +648,21 @@ def build_parser() -> argparse.ArgumentParser:
     eb.add_argument("--json", default="out/eplb.json", help="the whole record (default: %(default)s)")
     eb.add_argument("--plot", default="out/eplb.png", help="the picture (default: %(default)s)")
     eb.set_defaults(func=_cmd_bench_eplb)
+
+    sc = bench_sub.add_parser("scale", help="scale up and down under HTTP load (POST /admin/scale): time, pause, "
+                                            "lost and differing requests (JSON)")
+    sc.add_argument("--model-path", help="a checkpoint (default: the skewed default DeepSeek-V3, built on first use)")
+    sc.add_argument("--router-skew", type=float, default=1.0, help="the default model's router skew (ALPHA)")
+    sc.add_argument("--ep-size", type=int, default=4, help="the ranks it starts on")
+    sc.add_argument("--ep-max-size", type=int, default=6)
+    sc.add_argument("--sizes", default="6,3", help="the sizes asked for, in turn (default: %(default)s)")
+    sc.add_argument("--ep-num-redundant-experts", type=int, default=4)
+    sc.add_argument("--concurrency", type=int, default=16)
+    sc.add_argument("--steady", type=float, default=8.0, help="seconds of load before the first request")
+    sc.add_argument("--settle", type=float, default=8.0, help="seconds of load after each operation is done")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--json", default="out/scale.json", help="the whole record (default: %(default)s)")
+    sc.set_defaults(func=_cmd_bench_scale)
 
     sim = sub.add_parser("sim", help="simulate one wide-EP instance on a GPU cluster through a failure (JSON, PNG)")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True, metavar="REPORT")

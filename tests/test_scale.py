@@ -20,6 +20,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from eep.config import EngineConfig
+from eep.control.config import EPConfig
+from eep.control.executor import EPExecutor
+from eep.engine.engine import LLMEngine
+from eep.engine.sampling import SamplingParams
+from eep.membership.view import RankState
 from eep.model.default_model import init_model
 
 START_TIMEOUT_S = 180
@@ -197,8 +203,15 @@ def test_an_idle_instance_scales_and_retries_are_safe(server: Server) -> None:
     # refused: beyond --ep-max-size, below one rank, unknown operations, an unknown field
     assert server.scale({"ep_size": 7}).status_code == 409
     assert server.scale({"ep_size": 0}).status_code == 400
-    assert server.scale({"ep_size": 4, "operation_id": "bad id!"}).status_code == 400
+    assert server.scale({"ep_size": 4, "operation_id": ""}).status_code == 400
+    assert server.scale({"ep_size": 4, "operation_id": "x" * 129}).status_code == 400
     assert server.scale({"ep_size": 4, "extra": 1}).status_code == 400
+    # any text is an id; the Location header quotes it, and reads back
+    odd = server.scale({"ep_size": 5, "operation_id": "grow 5/ä"})
+    assert odd.status_code == 202 and odd.headers["location"] == "/admin/scale/grow%205%2F%C3%A4", odd.headers
+    assert httpx.get(f"{server.url}{odd.headers['location']}", headers=HEADERS, timeout=30).json()["operation_id"] == \
+        "grow 5/ä"
+    assert server.wait_done("grow%205%2F%C3%A4")["state"] == "done"
     missing = httpx.get(f"{server.url}/admin/scale/never", headers=HEADERS, timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "operation_not_found"
     assert httpx.post(f"{server.url}/admin/scale", json={"ep_size": 4}, timeout=30).status_code == 401
@@ -206,28 +219,29 @@ def test_an_idle_instance_scales_and_retries_are_safe(server: Server) -> None:
     assert "Traceback" not in log, log[-4000:]
 
 
-def test_ranks_killed_in_the_middle_of_a_scale_change_its_path_not_its_goal(model: Path) -> None:
-    """A joiner SIGKILLed while it loads is started again; a leaving rank SIGKILLed while the
-    scale-down's moves are in flight gives that batch up, the rank is removed as failed and the
-    others' moves are planned again; no token differs and the instance ends at the size asked."""
-    from eep.config import EngineConfig
-    from eep.control.config import EPConfig
-    from eep.control.executor import EPExecutor
-    from eep.engine.engine import LLMEngine
-    from eep.engine.sampling import SamplingParams
-
+def _engine_and_reference(model: Path, rng: random.Random, n: int, max_tokens: int,
+                          **ep: object) -> tuple[LLMEngine, list[list[int]], list[SamplingParams], list[list[int]]]:
+    """An instance sized for 6 ranks started on 4, `n` prompts (every third one seeded sampling)
+    and their outputs on one process (the reference)."""
     config = EngineConfig(str(model), dtype="bfloat16", max_num_seqs=16, max_model_len=96, progress=False)
-    rng = random.Random(3)
-    prompts = [[rng.randrange(3, 4000) for _ in range(rng.randrange(6, 30))] for _ in range(24)]
-    params = [SamplingParams(max_tokens=16, ignore_eos=True, **({"temperature": 0.9, "seed": i} if i % 3 == 2 else {}))
-              for i in range(len(prompts))]
+    prompts = [[rng.randrange(3, 4000) for _ in range(rng.randrange(6, 30))] for _ in range(n)]
+    params = [SamplingParams(max_tokens=max_tokens, ignore_eos=True,
+                             **({"temperature": 0.9, "seed": i} if i % 3 == 2 else {})) for i in range(n)]
     reference = LLMEngine(config)
     try:
         want = [o.output_ids for o in reference.generate(prompts, params)]
     finally:
         reference.close()
-    ep = EPConfig(ep_size=4, ep_max_size=6, num_redundant_experts=4, failure_timeout_s=0.5, timeout_s=10.0)
-    engine = LLMEngine(config, EPExecutor(config, ep))
+    settings = EPConfig(ep_size=4, ep_max_size=6, num_redundant_experts=4, failure_timeout_s=0.5, timeout_s=10.0,
+                        **ep)  # type: ignore[arg-type]
+    return LLMEngine(config, EPExecutor(config, settings)), prompts, params, want
+
+
+def test_ranks_killed_in_the_middle_of_a_scale_change_its_path_not_its_goal(model: Path) -> None:
+    """A joiner SIGKILLed while it loads is started again; a leaving rank SIGKILLed while the
+    scale-down's moves are in flight gives that batch up, the rank is removed as failed and the
+    others' moves are planned again; no token differs and the instance ends at the size asked."""
+    engine, prompts, params, want = _engine_and_reference(model, random.Random(3), 24, 16)
     ex = engine.executor.elastic
     assert ex is not None
     killed: list[int] = []
@@ -275,26 +289,8 @@ def test_seeded_scale_schedules_with_kills_end_at_the_size_asked_and_change_no_t
     (`--rejoin auto`: a kill that lands just after the operation ended is a plain failure, and
     the rank comes back):
     every operation ends done at its size, and every request's output is the reference's."""
-    from eep.config import EngineConfig
-    from eep.control.config import EPConfig
-    from eep.control.executor import EPExecutor
-    from eep.engine.engine import LLMEngine
-    from eep.engine.sampling import SamplingParams
-    from eep.membership.view import RankState
-
     rng = random.Random(seed)
-    config = EngineConfig(str(model), dtype="bfloat16", max_num_seqs=16, max_model_len=96, progress=False)
-    prompts = [[rng.randrange(3, 4000) for _ in range(rng.randrange(6, 30))] for _ in range(12)]
-    params = [SamplingParams(max_tokens=12, ignore_eos=True, **({"temperature": 0.9, "seed": i} if i % 3 == 2 else {}))
-              for i in range(len(prompts))]
-    reference = LLMEngine(config)
-    try:
-        want = [o.output_ids for o in reference.generate(prompts, params)]
-    finally:
-        reference.close()
-    ep = EPConfig(ep_size=4, ep_max_size=6, num_redundant_experts=4, failure_timeout_s=0.5, timeout_s=10.0,
-                  rejoin="auto")
-    engine = LLMEngine(config, EPExecutor(config, ep))
+    engine, prompts, params, want = _engine_and_reference(model, rng, 12, 12, rejoin="auto")
     ex = engine.executor.elastic
     assert ex is not None
     schedule = []

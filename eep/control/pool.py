@@ -125,16 +125,30 @@ class RankPool:
             self.fenced.remove(p)
         return codes
 
-    def stop(self, rank: int, epoch: int) -> int | None:
-        """Stop `rank`'s process politely (a drain) and reap it; its exit code."""
-        p, self._procs[rank] = self._procs[rank], None
-        if p is None:
-            return None
-        try:
-            wire.send(p.conn, wire.Stop(epoch))
-        except OSError:
-            pass
-        return p.close(kill=False)
+    def stop_all(self, ranks: Iterable[int], epoch: int) -> None:
+        """Ask the processes of `ranks` (out of the view: a drain, a scale-down) to stop, and
+        wait for none of them: they exit side by side at the lowest priority while the others
+        serve, and are reaped by `reap_exited` (or killed before a new process takes the rank,
+        or at close). Waiting cost a drain ~60 ms per rank on two cores."""
+        for r in sorted(ranks):
+            p = self._procs[r]
+            if p is None:
+                continue
+            self._procs[r] = None
+            try:
+                wire.send(p.conn, wire.Stop(epoch))
+            except OSError:
+                pass
+            if not p.remote and p.proc.poll() is None:
+                renice(p.pid, 19)
+            self.fenced.append(p)
+
+    def reap_exited(self) -> list[tuple[int, int | None]]:
+        """Reap the processes out of the view that have exited: (rank, exit code) of each."""
+        done = [p for p in self.fenced if p.proc.poll() is not None]
+        for p in done:
+            self.fenced.remove(p)
+        return [(p.rank, p.close(kill=False)) for p in done]
 
     def close(self, epoch: int) -> None:
         """Stop every rank (politely, then by force) and reap the fenced ones."""

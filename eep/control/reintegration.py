@@ -84,22 +84,25 @@ class Reintegration:
         ctl.event("rejoin_started", rank, f"pid {p.pid}")
 
     def remove(self, ranks: set[int]) -> None:
-        """Take `ranks` out of the instance (scale-down): failed and joining ones now (a joiner's
-        process is stopped; no step changes), active ones at the next step boundary, as a drain."""
+        """Take `ranks` out of the instance (scale-down): failed and joining ones now (a joiner,
+        which never served, is killed: it may be busy loading; no step changes), active ones at
+        the next step boundary, as a drain."""
         ctl = self.ctl
         now = {r for r in ranks if ctl.view.states[r] in (RankState.FAILED, RankState.JOINING)}
         self.pending_rejoin -= ranks
         if now:
-            for rank in sorted(now):
-                if ctl.view.states[rank] is RankState.JOINING:
-                    code = ctl.pool.stop(rank, ctl.view.epoch)
-                    ctl.event("removed", rank, f"stopped while joining; process exited with code {code}")
+            joining = {r for r in now if ctl.view.states[r] is RankState.JOINING}
             ctl.commit(ctl.view.remove(now), f"removed {sorted(now)} (scale-down)")
+            ctl.pool.fence(joining, ctl.view.epoch)
+            for rank in sorted(joining):
+                ctl.event("removed", rank, f"killed while joining; exit code {ctl.pool.reap_fenced(rank)}")
         self.pending_remove |= {r for r in ranks if ctl.view.states[r] is RankState.ACTIVE}
 
     def at_step_boundary(self) -> tuple[int, ...]:
         """Drain what is to be drained, start the replacements due, switch in every joiner that
         has finished loading. Returns the ranks switched in."""
+        for rank, code in self.ctl.pool.reap_exited():
+            self.ctl.event("reaped", rank, f"old process exited with code {code}")
         if self.pending_drain or self.pending_remove:
             self._drain_now()
         for rank in sorted(self.pending_rejoin):
@@ -176,9 +179,8 @@ class Reintegration:
             return
         what = "; ".join(f"{w} {sorted(rs & ranks)}" for w, rs in (("drained", drained), ("removed", removed)) if rs & ranks)
         ctl.commit(ctl.view.fail(drained & ranks).remove(removed & ranks), what)
+        ctl.pool.stop_all(ranks, ctl.view.epoch)
         for rank in sorted(ranks):
-            code = ctl.pool.stop(rank, ctl.view.epoch)
-            ctl.event("drained" if rank in drained else "removed", rank,
-                      f"left the view; process exited with code {code}")
+            ctl.event("drained" if rank in drained else "removed", rank, "left the view; its process is stopping")
         failed = self.coverage.reconcile(t0)
         raise RanksFailed(frozenset(ranks | failed), ctl.view.epoch)

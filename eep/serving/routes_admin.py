@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Response
 
@@ -54,10 +55,10 @@ def router(serving: Serving, auth: Auth) -> APIRouter:
                 raise ApiError(409, str(err), code="membership_conflict") from None
 
         op = await serving.on_loop(run)
-        response.headers["Location"] = f"/admin/scale/{op['operation_id']}"
+        response.headers["Location"] = f"/admin/scale/{quote(str(op['operation_id']), safe='')}"
         return op
 
-    @r.get("/admin/scale/{operation_id}", response_model=None,
+    @r.get("/admin/scale/{operation_id:path}", response_model=None,  # (an id may hold a "/")
            responses={200: {"model": ScaleOperation}, **errors(404, *auth.admin_codes)},
            summary="The state of a scale operation")
     async def scale_status(operation_id: str = Path(min_length=1, max_length=128)) -> dict[str, Any]:

@@ -233,7 +233,7 @@ class ScaleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ep_size: int = Field(ge=1, le=4096)
-    operation_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    operation_id: Text | None = Field(default=None, min_length=1, max_length=128)
 
 
 class ScaleOperation(BaseModel):
