@@ -162,9 +162,9 @@ def test_scale_4_to_6_to_3_under_load_changes_no_token(server: Server) -> None:
         done = server.wait_done("up-6")
         assert done["state"] == "done" and done["added"] == [4, 5] and done["from_ep_size"] == 4, done
         assert server.membership()["view"]["active"] == [0, 1, 2, 3, 4, 5]
-        served_by_6 = len(got)
         time.sleep(1.0)
 
+        served_before_down = len(got)
         down = server.scale({"ep_size": 3, "operation_id": "down-3"})
         assert down.status_code == 202, down.text
         done = server.wait_done("down-3")
@@ -178,7 +178,9 @@ def test_scale_4_to_6_to_3_under_load_changes_no_token(server: Server) -> None:
     membership = server.membership()
     assert membership["view"]["active"] == [0, 1, 2]
     assert [r["state"] for r in membership["view"]["ranks"]] == ["active"] * 3 + ["absent"] * 3
-    assert len(got) > served_by_6 > 0
+    # served all along: requests finished after the scale-down was asked for (the first ones may
+    # end after the scale-up is done: 24 tokens take a while on 2 cores)
+    assert len(got) > served_before_down
     assert [text for i, text in got] == [want[i] for i, _ in got]  # no token differs, greedy or seeded
     rebalances = [r for r in membership["eplb"]["rebalances"] if r["outcome"] == "switched"]
     assert any(r["moves_from_peers"] > 0 for r in rebalances), rebalances  # the scale-down's, rank to rank
@@ -232,8 +234,8 @@ def _engine_and_reference(model: Path, rng: random.Random, n: int, max_tokens: i
         want = [o.output_ids for o in reference.generate(prompts, params)]
     finally:
         reference.close()
-    settings = EPConfig(ep_size=4, ep_max_size=6, num_redundant_experts=4, failure_timeout_s=0.5, timeout_s=10.0,
-                        **ep)  # type: ignore[arg-type]
+    settings = EPConfig(**({"ep_size": 4, "ep_max_size": 6, "num_redundant_experts": 4, "failure_timeout_s": 0.5,
+                            "timeout_s": 10.0} | ep))  # type: ignore[arg-type]
     return LLMEngine(config, EPExecutor(config, settings)), prompts, params, want
 
 
@@ -290,7 +292,10 @@ def test_seeded_scale_schedules_with_kills_end_at_the_size_asked_and_change_no_t
     the rank comes back):
     every operation ends done at its size, and every request's output is the reference's."""
     rng = random.Random(seed)
-    engine, prompts, params, want = _engine_and_reference(model, rng, 12, 12, rejoin="auto")
+    # the default failure timeout (1 s), not the 0.5 s of the scripted tests: up to three joiners
+    # load at once here, and once, under the whole suite on two cores, both survivors of a kill were
+    # failed too while its step was drained (most likely heartbeats starved past 0.5 s)
+    engine, prompts, params, want = _engine_and_reference(model, rng, 12, 12, rejoin="auto", failure_timeout_s=1.0)
     ex = engine.executor.elastic
     assert ex is not None
     schedule = []

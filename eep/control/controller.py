@@ -1,8 +1,8 @@
 """The controller's state and its one point of change.
 
 `Controller` owns the committed membership view, the routing tables in use (`placement`),
-what each slot holds (`held`), what a rank loads when it (re)joins (`target`), what is uncovered and why the
-instance is paused, and the timeline of membership events. `commit(view, why)` is the one
+what each slot holds (`held`), what a rank loads when it (re)joins (`target`), what is
+uncovered and why the instance is paused, and the timeline of membership events. `commit(view, why)` is the one
 point where a view changes: the view is stored (a compare-and-swap of the epoch in the
 membership store, which is the authority across hosts), a new epoch is announced to every
 host (every rank blocked in a step of an older one abandons it at once), and the change is
