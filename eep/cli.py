@@ -102,7 +102,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             expert_backup=not args.no_expert_backup, cpu_affinity=not args.no_cpu_affinity,
             fork_server=not args.no_fork_server, nnodes=args.nnodes, dist_init_addr=args.dist_init_addr,
             etcd_endpoints=tuple(e for e in (args.etcd_endpoints or "").split(",") if e), instance=args.instance,
-            cluster_secret_file=args.cluster_secret_file, curve_data_plane=not args.insecure_data_plane,
+            head_lease_ttl_s=args.head_lease_ttl, cluster_secret_file=args.cluster_secret_file, curve_data_plane=not args.insecure_data_plane,
             allow_unauthenticated_gloo=args.allow_unauthenticated_gloo,
             enable_eplb=args.enable_eplb, eplb_window_steps=args.eplb_window_steps,
             eplb_rebalance_num_iterations=args.eplb_rebalance_num_iterations,
@@ -465,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--etcd-endpoints", metavar="URL[,URL...]",
                      help="etcd members that hold the committed membership (default: in memory)")
     srv.add_argument("--instance", default="default", help="the instance's name in etcd")
+    srv.add_argument("--head-lease-ttl", type=float, default=_default(EPConfig, "head_lease_ttl_s"), metavar="S",
+                     help="with etcd: the head holds the instance's leader key under a lease of this many seconds "
+                          "(only the holder commits views)")
     srv.add_argument("--cluster-secret-file", metavar="PATH",
                      help="the cluster credential (`eep secret init PATH`, mode 0600, the same file on every host): "
                           "required across hosts; every connection between hosts proves it holds it")

@@ -265,8 +265,8 @@ def test_an_etcd_outage_neither_stops_serving_nor_fails_a_host_nor_commits_a_vie
     model_dir: Path, reference: list[list[int]]
 ) -> None:
     """Every etcd member stopped (SIGSTOP: connections open, no answers) for longer than the
-    failure timeout and than node 1's lease: the instance serves on and takes no host for lost
-    (etcd is not on any liveness path). A rank SIGKILLed meanwhile: its view change waits for
+    failure timeout and than node 1's lease and the head's leader key: the instance serves on
+    and takes no host for lost (etcd is not on any liveness path). A rank SIGKILLed meanwhile: its view change waits for
     the store. Two members return (not the one node 0 talks to first): the controller commits
     through another endpoint, each epoch once; node 1 is listed again (its lease taken anew)."""
     import os
@@ -315,6 +315,12 @@ def test_an_etcd_outage_neither_stops_serving_nor_fails_a_host_nor_commits_a_vie
                 while "node1" not in read()[1]:
                     assert time.monotonic() < deadline, "node 1 was not listed again after the outage"
                     time.sleep(0.2)
+                with entered(hosts.names[2]):  # the head's leader key lapsed in the outage: it took it back
+                    store = EtcdStore(cluster.endpoints[::-1], instance, timeout_s=1.0, credentials=credentials)
+                    try:
+                        assert (store.leader() or {}).get("head") == "node0"
+                    finally:
+                        store.close()
             finally:
                 members(signal.SIGCONT, [0, 1, 2])
             status = _status(inst)

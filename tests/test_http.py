@@ -305,6 +305,129 @@ def test_a_client_that_hangs_up_mid_stream_frees_its_request(server: Http) -> No
     assert generated < 120  # it did not run to the end
 
 
+def _events(resp: httpx.Response, limit: int | None = None) -> list[tuple[str | None, dict | str]]:  # type: ignore[type-arg]
+    """The (id, data) of a stream's events, the first `limit` of them (then the client hangs up)."""
+    out: list[tuple[str | None, dict | str]] = []  # type: ignore[type-arg]
+    event_id: str | None = None
+    for line in resp.iter_lines():
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            data = line[6:]
+            out.append((event_id, data if data == "[DONE]" else json.loads(data)))
+            event_id = None
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def _stream(srv: Http, path: str, body: dict, limit: int | None = None,  # type: ignore[type-arg]
+            **headers: str) -> tuple[int, list[tuple[str | None, dict | str]]]:  # type: ignore[type-arg]
+    h = {"authorization": f"Bearer {KEY}", **{k.replace("_", "-"): v for k, v in headers.items()}}
+    with httpx.stream("POST", f"{srv.url}{path}", json=body, headers=h, timeout=60) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            return resp.status_code, [(None, resp.json())]
+        return 200, _events(resp, limit)
+
+
+def _pieces(events: list) -> tuple[list[int], str, list[str]]:  # type: ignore[type-arg]
+    """A completion stream's token ids, text and event ids (the [DONE] left out)."""
+    ids: list[int] = []
+    text, eids = "", []
+    for eid, data in events:
+        if isinstance(data, dict):
+            choice = data["choices"][0]
+            ids += choice.get("token_ids", [])
+            text += choice.get("text") or (choice.get("delta") or {}).get("content", "")
+            eids.append(eid)
+    return ids, text, eids
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": [5, 6, 7, 8], "max_tokens": 24, "temperature": 0, "ignore_eos": True},
+    {"prompt": "Expert parallelism", "max_tokens": 24, "temperature": 1.0, "seed": 7, "ignore_eos": True},
+    {"prompt": [[5, 6, 7], [9, 10, 11, 12]], "max_tokens": 10, "temperature": 0, "ignore_eos": True},
+], ids=["greedy", "seeded", "two-prompts"])
+def test_a_broken_stream_resumes_with_last_event_id_and_changes_no_token(server: Http, body: dict) -> None:  # type: ignore[type-arg]
+    """Every event carries `id: <request id>:<tokens through it>`; the client hangs up after a few
+    (the request is aborted: its KV slot freed) and sends the same request again with
+    Last-Event-ID: it gets exactly the events after it, then [DONE]; the tokens and text, joined,
+    are those of an uninterrupted stream."""
+    body = {"model": MODEL, "stream": True, "return_token_ids": True, **body}
+    status, whole = _stream(server, "/v1/completions", body)
+    assert status == 200 and whole[-1] == (None, "[DONE]")
+    ids, text, eids = _pieces(whole)
+    rid = whole[0][1]["id"]  # type: ignore[index]
+    assert all(e is not None and e.rsplit(":", 1)[0] == rid for e in eids)
+    ends = [int(e.rsplit(":", 1)[1]) for e in eids]
+    assert ends == sorted(ends) and ends[-1] == len(ids)  # the stream's tokens through each event
+    for cut in (1, 4, len(eids) - 1):
+        status, first = _stream(server, "/v1/completions", body, limit=cut)
+        assert status == 200
+        last = first[-1][0]
+        assert last is not None
+        _idle(server, {"authorization": f"Bearer {KEY}"})  # aborted when its client went away
+        status, rest = _stream(server, "/v1/completions", body, **{"last_event_id": last})
+        assert status == 200 and rest[-1] == (None, "[DONE]"), rest[-2:]
+        a, b = _pieces(first), _pieces(rest)
+        assert a[0] + b[0] == ids and a[1] + b[1] == text, (cut, a, b)
+        assert int(b[2][0].rsplit(":", 1)[1]) > int(last.rsplit(":", 1)[1])
+
+
+def test_a_chat_stream_resumes_after_its_role_chunk(server: Http) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16, "temperature": 0,
+            "stream": True}
+    status, whole = _stream(server, "/v1/chat/completions", body)
+    assert status == 200 and whole[0][0] is not None and whole[0][0].endswith(":0")
+    _, text, _ = _pieces(whole)
+    status, first = _stream(server, "/v1/chat/completions", body, limit=3)
+    last = first[-1][0]
+    assert last is not None
+    status, rest = _stream(server, "/v1/chat/completions", body, **{"last_event_id": last})
+    assert status == 200 and rest[-1] == (None, "[DONE]")
+    assert all("role" not in d["choices"][0]["delta"] for _, d in rest if isinstance(d, dict))
+    assert _pieces(first)[1] + _pieces(rest)[1] == text
+
+
+def test_a_retry_with_the_same_request_id_gets_the_same_completion_and_runs_nothing_twice(server: Http) -> None:
+    headers = {"authorization": f"Bearer {KEY}"}
+    url = f"{server.url}/v1/completions"
+    body = {"model": MODEL, "prompt": [3, 4, 5], "max_tokens": 20, "temperature": 0.8, "ignore_eos": True,
+            "return_token_ids": True}  # sampled without a seed: only the journal can give the same tokens back
+    first = httpx.post(url, json=body, headers={**headers, "X-Request-Id": "retry-1"}, timeout=60)
+    assert first.status_code == 200 and first.headers["x-request-id"] == "retry-1"
+    assert first.json()["id"] == "retry-1"
+    before = _idle(server, headers)["eep_generated_tokens_total"]
+    again = httpx.post(url, json=body, headers={**headers, "X-Request-Id": "retry-1"}, timeout=60)
+    assert again.status_code == 200 and again.json() == first.json()
+    key = httpx.post(url, json=body, headers={**headers, "Idempotency-Key": "retry-1"}, timeout=60)
+    assert key.json() == first.json()
+    assert _idle(server, headers)["eep_generated_tokens_total"] == before  # nothing ran again
+    other = httpx.post(url, json={**body, "max_tokens": 5}, headers={**headers, "X-Request-Id": "retry-1"}, timeout=60)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "request_id_conflict"
+    # a client that gives up while its request runs, then retries: it goes on from what it had
+    long = {**body, "max_tokens": 100, "temperature": 0, "prompt": [8, 9]}
+    reference = httpx.post(url, json=long, headers=headers, timeout=60).json()["choices"][0]["token_ids"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=long, headers={**headers, "X-Request-Id": "retry-2"}, timeout=0.3)
+    _idle(server, headers)
+    done = httpx.post(url, json=long, headers={**headers, "X-Request-Id": "retry-2"}, timeout=60).json()
+    assert done["choices"][0]["token_ids"] == reference
+
+
+def test_last_event_id_of_an_unknown_request_is_404_and_a_malformed_one_400(server: Http) -> None:
+    body = {"model": MODEL, "prompt": [5, 6], "max_tokens": 4, "stream": True}
+    status, reply = _stream(server, "/v1/completions", body, **{"last_event_id": "cmpl-nobody:3"})
+    assert status == 404 and reply[0][1]["error"]["code"] == "request_not_found"  # type: ignore[index]
+    for bad in ("no-index", "x:-1", "x:1e3"):
+        status, _ = _stream(server, "/v1/completions", body, **{"last_event_id": bad})
+        assert status == 400, bad
+    for bad in ("x" * 129, "tab\there"):
+        status, _ = _stream(server, "/v1/completions", body, **{"x_request_id": bad})
+        assert status == 400, bad
+
+
 def _idle(srv: Http, headers: dict[str, str], timeout_s: float = 60) -> dict[str, float]:
     """/metrics once no request runs or waits (fails after `timeout_s`)."""
     deadline = time.monotonic() + timeout_s

@@ -27,6 +27,7 @@ from eep.membership.store import (
     LeaseLost,
     MembershipStore,
     MemoryStore,
+    NotLeader,
     StoreError,
 )
 from eep.security.secret import ClusterSecret
@@ -151,6 +152,90 @@ def test_a_host_is_listed_while_its_lease_is_renewed(store: MembershipStore) -> 
         time.sleep(0.05)
     with pytest.raises(LeaseLost):
         lease.keep_alive()
+
+
+def _same_instance(store: MembershipStore) -> MembershipStore:
+    """Another head's store of the same instance (the memory store is one process's: itself)."""
+    if isinstance(store, EtcdStore):
+        return EtcdStore(store.endpoints, instance=store._prefix.split("/")[2], credentials=store._credentials)
+    return store
+
+
+def test_one_head_holds_the_leader_key_and_another_gets_it_only_once_it_is_gone(store: MembershipStore) -> None:
+    assert store.leader() is None
+    lease = store.campaign("node0", {"http": "10.0.0.1:8000"}, ttl_s=1.0)
+    assert store.leader() == {"head": "node0", "info": {"http": "10.0.0.1:8000"}}
+    other = _same_instance(store)
+    try:
+        with pytest.raises(NotLeader, match="node0"):
+            other.campaign("node1", {}, ttl_s=1.0)
+        for _ in range(5):  # 1.5 s: past its TTL, renewed
+            time.sleep(0.3)
+            lease.keep_alive()
+        with pytest.raises(NotLeader):
+            other.campaign("node1", {}, ttl_s=1.0)
+        lease.revoke()  # a clean hand-over
+        other.campaign("node1", {}, ttl_s=1.0)
+        assert store.leader() == {"head": "node1", "info": {}}
+        assert "\0leader" not in store.hosts() and "leader" not in store.hosts()
+    finally:
+        if other is not store:
+            other.close()
+
+
+def test_a_head_whose_lease_ran_out_never_commits_again_even_from_the_current_epoch(etcd: EtcdServer) -> None:
+    """The old head, cut off but alive, still believes epoch 1 is current, and it is: the epoch
+    CAS alone would let it commit. The leader key's check in the same transaction refuses it."""
+    old = _etcd_store(etcd, uuid.uuid4().hex)
+    new = _same_instance(old)
+    try:
+        lease = old.campaign("node0", {}, ttl_s=1.0)
+        old.commit(None, _view(1))
+        deadline = time.monotonic() + 10.0
+        while True:  # not renewed: the key goes with the lease (about a TTL)
+            try:
+                new.campaign("node1", {}, ttl_s=5.0)
+                break
+            except NotLeader:
+                assert time.monotonic() < deadline, "the lapsed head still holds the key"
+                time.sleep(0.1)
+        with pytest.raises(LeaseLost):
+            lease.keep_alive()
+        with pytest.raises(NotLeader, match="node1"):
+            old.commit(1, _view(2))
+        assert old.current() == _view(1)
+        new.commit(1, _view(2))  # the new head goes on from the committed view
+        assert new.current() == _view(2)
+        racing = [_same_instance(old) for _ in range(3)]  # and heads racing for a free key: one wins
+        try:
+            won: list[int] = []
+            barrier = threading.Barrier(3)
+
+            def run(k: int) -> None:
+                barrier.wait(timeout=10)
+                try:
+                    racing[k].campaign(f"standby{k}", {}, ttl_s=5.0)
+                    won.append(k)
+                except NotLeader:
+                    pass
+
+            assert new.leader() == {"head": "node1", "info": {}}
+            # the key gone as when its lease ends (here at once, by deleting it)
+            new._call("/v3/kv/deleterange", {"key": base64.b64encode(new._prefix.encode() + b"leader").decode()})
+            threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=30)
+            assert len(won) == 1, won
+            with pytest.raises(NotLeader):  # and the head whose key went no longer commits
+                new.commit(2, _view(3))
+        finally:
+            for s in racing:
+                s.close()
+    finally:
+        old.close()
+        new.close()
 
 
 _HOLDER = """

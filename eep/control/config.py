@@ -41,6 +41,7 @@ class EPConfig:
     dist_init_addr: str | None = None
     etcd_endpoints: tuple[str, ...] = ()  # the membership store (memory when empty)
     instance: str = "default"  # the store's key prefix
+    head_lease_ttl_s: float = 2.0  # with etcd: the head's hold on the leader key (eep.control.leadership)
     # the cluster credential (eep.security.secret): every connection between hosts proves it
     # holds it; the data plane's CURVE keys and the etcd password derive from it
     cluster_secret_file: str | None = None
@@ -75,8 +76,8 @@ class EPConfig:
                 raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
         if self.fault_policy == "repair" and self.backend != "shm":
             raise ConfigError("fault_policy 'repair' needs the shm backend; gloo's membership is fixed (use 'none')")
-        if self.failure_timeout_s <= 0 or self.timeout_s <= 0:
-            raise ConfigError("failure_timeout_s and timeout_s must be > 0")
+        if self.failure_timeout_s <= 0 or self.timeout_s <= 0 or self.head_lease_ttl_s <= 0:
+            raise ConfigError("failure_timeout_s, timeout_s and head_lease_ttl_s must be > 0")
         if self.num_spare_slots is not None and self.num_spare_slots < 0:
             raise ConfigError(f"num_spare_slots must be >= 0, got {self.num_spare_slots}")
         for name in ("eplb_window_steps", "eplb_rebalance_num_iterations", "eplb_report_steps"):

@@ -17,9 +17,16 @@ from collections.abc import Callable
 
 from eep.control.cluster import Cluster
 from eep.control.config import EPConfig, Timeouts
+from eep.control.leadership import Leadership
 from eep.control.pool import RankPool
 from eep.errors import MembershipError
-from eep.membership.store import Committed, EpochConflict, MembershipStore, StoreError
+from eep.membership.store import (
+    Committed,
+    EpochConflict,
+    MembershipStore,
+    NotLeader,
+    StoreError,
+)
 from eep.membership.view import MembershipEvent, MembershipView
 from eep.placement.routing import Placement
 
@@ -30,8 +37,9 @@ HISTORY = 1000  # events kept for status(): a long-lived server must not grow wi
 
 class Controller:
     def __init__(self, ep: EPConfig, timeouts: Timeouts, store: MembershipStore, cluster: Cluster, pool: RankPool,
-                 target: Placement) -> None:
+                 target: Placement, leadership: Leadership | None = None) -> None:
         self.ep, self.timeouts, self.store, self.cluster, self.pool = ep, timeouts, store, cluster, pool
+        self.leadership = leadership  # across hosts with etcd: this head's hold on the leader key
         # [L, P] what each rank's slots load when it (re)joins: the balanced start layout with spare
         # slots, and for a rank a scale-up adds, its share of the layout planned then
         self.target = target.physical_to_logical_map.clone()
@@ -100,6 +108,16 @@ class Controller:
             try:
                 self.store.commit(expected, record)
                 return
+            except NotLeader as e:  # the leader key lapsed (an outage): taken again if free, else deposed
+                try:
+                    if self.leadership is not None and self.leadership.reclaim():
+                        continue
+                except StoreError as again:
+                    if time.monotonic() > deadline:
+                        raise MembershipError(f"the membership store is unreachable: {again}") from None
+                    time.sleep(0.05)
+                    continue
+                raise MembershipError(f"the membership store refused epoch {view.epoch}: {e}") from None
             except EpochConflict as e:
                 raise MembershipError(f"the membership store refused epoch {view.epoch}: {e}; another controller "
                                       f"commits this instance's views") from None

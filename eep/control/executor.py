@@ -18,8 +18,10 @@ failure raises `RankFailed`."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -30,6 +32,7 @@ from eep.control.controller import Controller
 from eep.control.coverage import CoverageKeeper
 from eep.control.detector import FailureDetector
 from eep.control.hooks import FaultHooks
+from eep.control.leadership import Leadership
 from eep.control.pool import RankPool
 from eep.control.rebalance import Rebalancer
 from eep.control.reintegration import Reintegration
@@ -44,7 +47,12 @@ from eep.model.checkpoint import CheckpointReader
 from eep.model.config import ModelConfig
 from eep.placement.backups import backup_masks
 from eep.placement.eplb import plan_placement
-from eep.placement.routing import Placement, placement_from_phy2log, spare_slots_for, with_spare_slots
+from eep.placement.routing import (
+    Placement,
+    placement_from_phy2log,
+    spare_slots_for,
+    with_spare_slots,
+)
 from eep.runtime import wire
 from eep.runtime.accounting import Ledger
 from eep.runtime.wire import StepResult
@@ -95,6 +103,13 @@ class EPExecutor:
         self.store: MembershipStore = (EtcdStore(list(ep.etcd_endpoints), ep.instance, timeout_s=ep.failure_timeout_s,
                                                  credentials=credentials)
                                        if ep.etcd_endpoints else MemoryStore())
+        self.on_deposed: list[Callable[[str], None]] = []  # told once if another head takes the leader key
+        try:  # across hosts with etcd: the leader key first, so that a second head stops before it starts ranks
+            self.leadership = (Leadership(self.store, "node0", {"control": ep.dist_init_addr, "pid": os.getpid()},
+                                          ep.head_lease_ttl_s, self._deposed) if ep.etcd_endpoints else None)
+        except BaseException:
+            self.store.close()
+            raise
         self.ledger = Ledger()  # CPU time of elastic bookkeeping and of all the work (eep.runtime.accounting)
         self.hooks = FaultHooks()
         self.steps_from_fenced = 0  # committed steps with an answer from a process outside the view (must stay 0)
@@ -107,11 +122,13 @@ class EPExecutor:
             self._cluster: Cluster | None = Cluster(
                 config, ep, self.timeouts, data_layout(cfg, dtype, ep, config.max_num_batched_tokens), masks, secret)
         except BaseException:
+            if self.leadership is not None:
+                self.leadership.close()
             self.store.close()
             raise
         self.pool = RankPool(self._cluster, ep.num_ranks)
         self.detector = FailureDetector(self._cluster, self.pool, self.timeouts, self.ledger)
-        self.ctl = Controller(ep, self.timeouts, self.store, self._cluster, self.pool, target)
+        self.ctl = Controller(ep, self.timeouts, self.store, self._cluster, self.pool, target, self.leadership)
         self.replies = ReplyCollector(self.pool, self.detector, lambda r, why: self.ctl.event("fault_seen", r, why))
         self.runner = StepRunner(ep, self.timeouts, self.pool, self.replies)
         self.coverage_keeper = CoverageKeeper(ep, self.ctl, self.replies, self.ledger, expert_bytes, masks, self.hooks)
@@ -170,6 +187,15 @@ class EPExecutor:
     @property
     def events(self) -> deque[MembershipEvent]:
         return self.ctl.events
+
+    @property
+    def deposed(self) -> str | None:
+        """Why this head no longer leads its instance (another head holds the leader key), or None."""
+        return self.leadership.deposed if self.leadership is not None else None
+
+    def _deposed(self, reason: str) -> None:  # the leadership's thread
+        for listener in list(self.on_deposed):
+            listener(reason)
 
     def membership_pending(self) -> bool:
         return self.reintegration.pending() or self.scaler.pending() or self.rebalancer.in_flight
@@ -358,4 +384,6 @@ class EPExecutor:
         self.pool.close(self.ctl.view.epoch)
         self._cluster.close()
         self._cluster = None
+        if self.leadership is not None:
+            self.leadership.close()
         self.store.close()

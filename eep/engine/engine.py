@@ -43,6 +43,11 @@ class ElasticExecutor(Protocol):
     @property
     def paused_reason(self) -> str | None: ...
 
+    @property
+    def deposed(self) -> str | None: ...
+
+    on_deposed: list[Callable[[str], None]]
+
     def membership_pending(self) -> bool: ...
 
     def needs_step(self) -> bool: ...
@@ -151,7 +156,12 @@ class LLMEngine:
         self.executor.close()
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Request:
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                    output_ids: Sequence[int] = ()) -> Request:
+        """Admit a request; with `output_ids`, one that goes on from tokens committed elsewhere
+        (another head, a stream that broke off): prompt and those tokens are prefilled, and
+        decoding goes on from their count with the same seed, so it samples what an
+        uninterrupted run would have."""
         ids = self._encode(prompt)
         if not ids:
             raise RequestError("the prompt is empty")
@@ -163,8 +173,10 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if len(output_ids) >= params.max_tokens or min(output_ids, default=0) < 0 or max(output_ids, default=0) >= vocab:
+            raise RequestError(f"{len(output_ids)} committed tokens cannot go on under max_tokens {params.max_tokens}")
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**31)
-        req = Request(request_id or f"req-{next(self._ids)}", list(ids), params, seed)
+        req = Request(request_id or f"req-{next(self._ids)}", list(ids), params, seed, [int(t) for t in output_ids])
         # the active rank with the fewest requests takes it (data-parallel attention)
         self._least_loaded().add(req)
         return req

@@ -61,6 +61,7 @@ class _Submission:
     params: SamplingParams
     future: Future[RequestOutput]
     on_tokens: Callable[[TokenEvent], None] | None = None
+    resume: tuple[list[int], str] | None = None
 
 
 @dataclass(slots=True)
@@ -83,11 +84,17 @@ class EngineLoop:
         self._calls: deque[_Call] = deque()  # guarded by _cond
         self._closing = False  # guarded by _cond
         self._error: BaseException | None = None  # set once, by the loop thread
+        self._stopped: EngineUnavailable | None = None  # stop_serving's reason; guarded by _cond
         self._inflight: dict[str, _Inflight] = {}  # loop thread only
         self._closed = False
         self.on_step: Callable[[float], None] | None = None  # called on the loop thread with each step's seconds
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        elastic = engine.executor.elastic
+        if elastic is not None:  # a head that another head deposed serves no more
+            elastic.on_deposed.append(self.stop_serving)
+            if elastic.deposed is not None:
+                self.stop_serving(elastic.deposed)
 
     # -- any thread -------------------------------------------------------------------------
     @property
@@ -98,27 +105,41 @@ class EngineLoop:
 
     @property
     def healthy(self) -> bool:
-        """False once a step failed or the loop was closed."""
-        return self._error is None and not self._closing
+        """False once a step failed, the loop stopped serving or was closed."""
+        return self._error is None and self._stopped is None and not self._closing
 
     @property
     def error(self) -> BaseException | None:
-        """The error of the step that stopped the loop, if one did."""
-        return self._error
+        """The error of the step that stopped the loop, or why it stopped serving, if either did."""
+        return self._error or self._stopped
+
+    def stop_serving(self, reason: str) -> None:
+        """Serve no more (any thread): the step in progress ends, every request in flight and
+        every later one fails with EngineUnavailable(`reason`); the engine stays open until
+        `close`. Idempotent (the first reason stays)."""
+        with self._cond:
+            if self._stopped is None:
+                self._stopped = EngineUnavailable(reason)
+                logger.error("the engine loop stops serving: %s", reason)
+            self._cond.notify_all()
 
     def submit(
-        self, prompt: Prompt, params: SamplingParams, on_tokens: Callable[[TokenEvent], None] | None = None
+        self, prompt: Prompt, params: SamplingParams, on_tokens: Callable[[TokenEvent], None] | None = None,
+        resume: tuple[list[int], str] | None = None,
     ) -> Future[RequestOutput]:
         """Queue one request; the future resolves as the module docstring says. Never blocks.
 
         `on_tokens` (streaming) is called on the loop's thread after every step that committed
         tokens of this request, last with its finish reason, before the future resolves; it
-        must not block (hand the event to another thread or event loop)."""
+        must not block (hand the event to another thread or event loop). `resume`: the output
+        ids committed already (elsewhere, or before its client went away) and the text streamed
+        of them; the request goes on from there (`LLMEngine.add_request`), streaming only what
+        follows."""
         future: Future[RequestOutput] = Future()
         with self._cond:
             unavailable = self._unavailable()
             if unavailable is None:
-                self._queue.append(_Submission(prompt, params, future, on_tokens))
+                self._queue.append(_Submission(prompt, params, future, on_tokens, resume))
                 self._cond.notify()
         if unavailable is not None:
             future.set_exception(unavailable)
@@ -176,6 +197,8 @@ class EngineLoop:
             return EngineUnavailable(
                 f"the engine stopped after a failed step ({self._error}); restart the instance to serve again"
             )
+        if self._stopped is not None:
+            return self._stopped
         if self._closing:
             return EngineUnavailable("the engine loop is closed (the server is shutting down)")
         return None
@@ -185,12 +208,12 @@ class EngineLoop:
         try:
             while True:
                 with self._cond:
-                    while not (self._closing or self._queue or self._inflight or self._calls):
+                    while not (self._closing or self._stopped or self._queue or self._inflight or self._calls):
                         if self.engine.membership_pending():  # a joiner to switch in: look again soon
                             self._cond.wait(_JOIN_POLL_S)
                             break
                         self._cond.wait(self._idle_wait_s)
-                    if self._closing:
+                    if self._closing or self._stopped:
                         break
                     admitted = list(self._queue)
                     self._queue.clear()
@@ -209,8 +232,13 @@ class EngineLoop:
                     self._resolve(finished)
                 elif self._inflight:  # would spin: every in-flight request must be scheduled
                     raise RuntimeError(f"{len(self._inflight)} requests in flight but the engine has no work")
-            self._fail_inflight(EngineUnavailable("the engine loop was closed before this request finished"))
-            self._fail_calls(EngineUnavailable("the engine loop was closed"))
+            with self._cond:
+                stopped, queued = self._stopped, list(self._queue)
+                self._queue.clear()
+            self._fail_inflight(stopped or EngineUnavailable("the engine loop was closed before this request finished"))
+            self._fail_calls(stopped or EngineUnavailable("the engine loop was closed"))
+            for sub in queued:
+                _fail(sub.future, stopped or EngineUnavailable("the engine loop was closed"))
         except BaseException as e:  # a failed step: a rank died or went silent, or a bug
             logger.error("engine step failed; failing %d in-flight requests: %s", len(self._inflight), e, exc_info=e)
             with self._cond:
@@ -233,12 +261,13 @@ class EngineLoop:
     def _admit(self, sub: _Submission) -> None:
         if sub.future.cancelled():
             return
+        done, text = sub.resume if sub.resume is not None else ([], "")
         try:
-            req = self.engine.add_request(sub.prompt, sub.params)
+            req = self.engine.add_request(sub.prompt, sub.params, output_ids=done)
         except EepError as e:  # the request's own fault: its caller learns why, the loop goes on
             _fail(sub.future, e)
             return
-        self._inflight[req.request_id] = _Inflight(req, sub.future, sub.on_tokens)
+        self._inflight[req.request_id] = _Inflight(req, sub.future, sub.on_tokens, len(done), text)
 
     def _abort_cancelled(self) -> None:
         for rid, entry in list(self._inflight.items()):

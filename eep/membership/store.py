@@ -56,6 +56,11 @@ class LeaseLost(MembershipError):
     """A host's lease ran out (or was revoked) before it was renewed: the host is out."""
 
 
+class NotLeader(MembershipError):
+    """Another head holds the instance's leader key, or this head's hold on it ran out: this
+    head may not commit."""
+
+
 @dataclass(frozen=True, slots=True)
 class Committed:
     """A committed membership record: its epoch and the JSON-able view (and placement)."""
@@ -103,6 +108,18 @@ class MembershipStore(abc.ABC):
     @abc.abstractmethod
     def hosts(self) -> dict[str, dict[str, Any]]:
         """Every host whose lease is alive, with its info."""
+
+    @abc.abstractmethod
+    def campaign(self, head: str, info: dict[str, Any], ttl_s: float) -> HostLease:
+        """Become the instance's head: hold its leader key under a lease of `ttl_s`, kept alive
+        as a host's is (`keep_alive` raises LeaseLost once it ran out, NotLeader if the key was
+        taken meanwhile). NotLeader if another head holds the key. From then on every `commit` of this store checks, in the same transaction
+        as the epoch, that the key is still the one it made: a head whose lease ran out (cut off,
+        stalled) can never commit again (NotLeader), even where its epoch is still current."""
+
+    @abc.abstractmethod
+    def leader(self) -> dict[str, Any] | None:
+        """The head holding the leader key (`head`, `info`), or None."""
 
     def close(self) -> None:  # noqa: B027 (nothing to release by default)
         """Release connections."""
@@ -159,6 +176,9 @@ def _check_commit(expected: int | None, committed: Committed) -> None:
 
 
 # -- one host ---------------------------------------------------------------------------------
+_LEADER = "\0leader"  # the memory store keeps its leader key among the host leases, under a name no host has
+
+
 class _MemoryLease(HostLease):
     def __init__(self, store: MemoryStore, host: str, ttl_s: float) -> None:
         self.store, self.host, self.ttl_s = store, host, ttl_s
@@ -184,6 +204,7 @@ class MemoryStore(MembershipStore):
         self._cond = threading.Condition()
         self._current: Committed | None = None
         self._hosts: dict[str, tuple[_MemoryLease, float, dict[str, Any]]] = {}
+        self._leading: _MemoryLease | None = None  # the leader key this store made (`campaign`)
 
     def current(self) -> Committed | None:
         with self._cond:
@@ -192,6 +213,8 @@ class MemoryStore(MembershipStore):
     def commit(self, expected_epoch: int | None, committed: Committed) -> None:
         _check_commit(expected_epoch, committed)
         with self._cond:
+            if self._leading is not None and self._leader_entry() is not self._leading:
+                raise NotLeader(f"this head's hold on the leader key ran out ({self._leading.host})")
             found = None if self._current is None else self._current.epoch
             if found != expected_epoch:  # one process's store: its current record is its own
                 raise EpochConflict(expected_epoch, found)
@@ -213,7 +236,25 @@ class MemoryStore(MembershipStore):
     def hosts(self) -> dict[str, dict[str, Any]]:
         now = time.monotonic()
         with self._cond:
-            return {h: dict(info) for h, (_, until, info) in self._hosts.items() if until > now}
+            return {h: dict(info) for h, (_, until, info) in self._hosts.items()
+                    if until > now and h != _LEADER}
+
+    def _leader_entry(self) -> _MemoryLease | None:
+        entry = self._hosts.get(_LEADER)
+        return entry[0] if entry is not None and entry[1] > time.monotonic() else None
+
+    def campaign(self, head: str, info: dict[str, Any], ttl_s: float) -> HostLease:
+        with self._cond:
+            if self._leader_entry() is not None:
+                raise NotLeader(f"head {self._hosts[_LEADER][2]['head']!r} leads this instance")
+            lease = _MemoryLease(self, _LEADER, ttl_s)
+            self._hosts[_LEADER] = (lease, time.monotonic() + ttl_s, {"head": head, "info": dict(info)})
+            self._leading = lease
+            return lease
+
+    def leader(self) -> dict[str, Any] | None:
+        with self._cond:
+            return dict(self._hosts[_LEADER][2]) if self._leader_entry() is not None else None
 
 
 # -- across hosts -----------------------------------------------------------------------------
@@ -251,10 +292,20 @@ class _EtcdLease(HostLease):
         self.store._call("/v3/lease/revoke", {"ID": self.id})
 
 
+class _EtcdLeaderLease(_EtcdLease):
+    """The leader key's lease: renewing it also checks that the key is still the one this head
+    made (it may have been taken over while the lease lived: NotLeader)."""
+
+    def keep_alive(self) -> None:
+        super().keep_alive()
+        if self.store._leader_create_revision() != self.store._leader_revision:
+            raise NotLeader(f"the leader key is no longer {self.host}'s; {self.store._leader_name()} leads now")
+
+
 class EtcdStore(MembershipStore):
     """The store of a multi-host instance, in etcd under `/eep/{instance}/`: `epoch` (the
-    committed epoch, decimal), `view` (the record, JSON) and `hosts/{host}` (each under its
-    host's lease)."""
+    committed epoch, decimal), `view` (the record, JSON), `hosts/{host}` (each under its
+    host's lease) and `leader` (the head's, under its lease: `campaign`)."""
 
     def __init__(self, endpoints: list[str] | str, instance: str = "default", *, timeout_s: float = 2.0,
                  credentials: tuple[str, str] | None = None) -> None:
@@ -265,6 +316,7 @@ class EtcdStore(MembershipStore):
         self._prefix = f"/eep/{instance}/"
         self._writer = uuid.uuid4().hex  # in every record this store commits: a retry knows its own commit
         self._last_revision: int | None = None  # the view key's revision after this store's last commit
+        self._leader_revision: int | None = None  # the create revision of the leader key it made (`campaign`)
         self._good = 0  # the endpoint that answered last
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s))
         self._credentials = credentials
@@ -339,6 +391,9 @@ class EtcdStore(MembershipStore):
                  if expected_epoch is None else
                  {"key": epoch_key, "target": "VALUE", "result": "EQUAL", "value": _b64(str(expected_epoch))})
         compare = [guard]
+        if self._leader_revision is not None:  # a head commits only while the leader key is still its own
+            compare.append({"key": _b64(self._prefix + "leader"), "target": "CREATE", "result": "EQUAL",
+                            "create_revision": str(self._leader_revision)})
         if committed.epoch == expected_epoch:  # a change within the epoch: only over our own last commit
             if self._last_revision is None:
                 raise EpochConflict(expected_epoch, expected_epoch)
@@ -364,6 +419,8 @@ class EtcdStore(MembershipStore):
             logger.info("etcd: the commit of epoch %d had gone through; its answer was lost", committed.epoch)
             self._last_revision = int(kvs[0]["mod_revision"])
             return
+        if self._leader_revision is not None and self._leader_create_revision() != self._leader_revision:
+            raise NotLeader(f"this head's leader key is gone (its lease ran out); {self._leader_name()} leads now")
         raise EpochConflict(expected_epoch, None if found is None else int(found["epoch"]))
 
     def wait_newer(self, epoch: int, timeout_s: float) -> Committed | None:
@@ -410,6 +467,47 @@ class EtcdStore(MembershipStore):
         self._call("/v3/kv/put", {"key": _b64(self._prefix + "hosts/" + host), "value": _b64(json.dumps(info)),
                                   "lease": lease_id})
         return _EtcdLease(self, host, lease_id, ttl_s)
+
+    def campaign(self, head: str, info: dict[str, Any], ttl_s: float) -> HostLease:
+        grant = self._call("/v3/lease/grant", {"TTL": str(max(1, math.ceil(ttl_s)))})
+        lease_id, key = str(grant["ID"]), _b64(self._prefix + "leader")
+        value = json.dumps({"head": head, "info": info, "writer": self._writer, "lease": lease_id})
+        try:
+            reply = self._call("/v3/kv/txn", {
+                "compare": [{"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}],
+                "success": [{"request_put": {"key": key, "value": _b64(value), "lease": lease_id}}],
+            })
+            won = bool(reply.get("succeeded", False))
+            revision = int(reply["header"]["revision"]) if won else None  # the put's: the key's create revision
+        except StoreError:  # the answer may be what was lost: the key says whether the put went through
+            kv = self._leader_kv()
+            won = kv is not None and json.loads(_unb64(kv.get("value", ""))).get("lease") == lease_id
+            revision = int(kv["create_revision"]) if won and kv is not None else None
+        if not won:
+            with contextlib.suppress(StoreError):
+                self._call("/v3/lease/revoke", {"ID": lease_id})
+            raise NotLeader(f"{self._leader_name()} leads this instance")
+        self._leader_revision = revision
+        return _EtcdLeaderLease(self, f"head {head}", lease_id, ttl_s)
+
+    def _leader_kv(self) -> dict[str, Any] | None:
+        kvs = self._call("/v3/kv/range", {"key": _b64(self._prefix + "leader")}).get("kvs") or []
+        return kvs[0] if kvs else None
+
+    def _leader_create_revision(self) -> int | None:
+        kv = self._leader_kv()
+        return int(kv["create_revision"]) if kv is not None else None
+
+    def _leader_name(self) -> str:
+        holder = self.leader()
+        return f"head {holder['head']!r}" if holder is not None else "no head"
+
+    def leader(self) -> dict[str, Any] | None:
+        kv = self._leader_kv()
+        if kv is None:
+            return None
+        data = json.loads(_unb64(kv.get("value", "")))
+        return {"head": data["head"], "info": data["info"]}
 
     def hosts(self) -> dict[str, dict[str, Any]]:
         prefix = self._prefix + "hosts/"

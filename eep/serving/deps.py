@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eep.engine.loop import EngineLoop
 from eep.errors import EngineUnavailable, RequestError
+from eep.serving.journal import RequestJournal
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,15 @@ class Serving:
         self.max_len = loop.engine.config.max_model_len
         self.vocab = loop.engine.model_config.vocab_size
         self.num_ranks = loop.engine.executor.num_ranks  # fixed for the instance's life
+        self.journal = RequestJournal()  # the requests admitted, by id (retries, resumed streams)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids (text through the model's tokenizer)."""
+        if not isinstance(prompt, str):
+            return [int(t) for t in prompt]
+        if self.tokenizer is None:
+            raise RequestError(f"{self.loop.engine.config.model_path} has no tokenizer.json: pass token ids, not text")
+        return self.tokenizer.encode(prompt)
 
     async def on_loop(self, fn: Any) -> Any:
         """`fn(engine)` run on the loop thread between steps (TimeoutError: it did not answer)."""

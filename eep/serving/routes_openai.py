@@ -13,21 +13,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from eep.engine.loop import EngineLoop, TokenEvent
-from eep.engine.request import RequestOutput
 from eep.engine.sampling import SamplingParams
 from eep.errors import ConfigError, EepError, EngineUnavailable, RequestError
-from eep.serving.deps import Auth, Serving
+from eep.serving.deps import ApiError, Auth, Serving
+from eep.serving.journal import Choice, Entry, StreamEvent, digest, parse_event_id
 from eep.serving.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -57,7 +58,7 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 def router(serving: Serving, auth: Auth) -> APIRouter:
     """The routes of `/v1/...` for `serving`."""
     r = APIRouter(dependencies=auth.inference)
-    generate_codes = (400, *auth.keyed, 404, 413, 503)
+    generate_codes = (400, *auth.keyed, 404, 409, 413, 503)
 
     @r.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **errors(*auth.keyed)})
     async def models() -> dict[str, Any]:
@@ -69,79 +70,67 @@ def router(serving: Serving, auth: Auth) -> APIRouter:
                                                   "events (`stream: true`)",
               "content": {"text/event-stream": sse(CompletionChunk)}},
         **errors(*generate_codes)})
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await _completions(serving, body, request)
+    async def completions(body: CompletionRequest, request: Request, response: Response) -> Any:
+        return await _completions(serving, body, request, response)
 
     @r.post("/v1/chat/completions", response_model=None, responses={
         200: {"model": ChatCompletion, "description": "The reply (`stream: false`) or its chunks as server-sent "
                                                       "events (`stream: true`)",
               "content": {"text/event-stream": sse(ChatCompletionChunk)}},
         **errors(*generate_codes)})
-    async def chat(body: ChatRequest, request: Request) -> Any:
-        return await _chat(serving, body, request)
+    async def chat(body: ChatRequest, request: Request, response: Response) -> Any:
+        return await _chat(serving, body, request, response)
 
     return r
 
 
 # -- completions ------------------------------------------------------------------------------
-async def _completions(serving: Serving, body: CompletionRequest, request: Request) -> Any:
+async def _completions(serving: Serving, body: CompletionRequest, request: Request, response: Response) -> Any:
     """The reply to a completion request: the completion, or its stream."""
     serving.check_model(body.model)
     serving.check_max_tokens(body, "max_tokens")
-    prompts = _prompts(body.prompt)
     params = _params(body.max_tokens, body.temperature, body.top_p, body.seed, ignore_eos=body.ignore_eos)
-    created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+    entry, after = _admit(serving, request, "completion", body, [(p, params) for p in _prompts(body.prompt)])
     ids = body.return_token_ids
     if body.stream:
-        return await _completion_stream(serving, prompts, params, created, rid, ids)
-    outs = await _results([serving.loop.submit(p, params) for p in prompts], request, rid)
-    if outs is None:
+        return await _completion_stream(serving, entry, after, ids)
+    response.headers["X-Request-Id"] = entry.rid
+    if not await _finished(entry, request):
         return _gone()
+    outs = [c.output for c in entry.choices]
     return {
-        "id": rid, "object": "text_completion", "created": created, "model": serving.model_name,
+        "id": entry.rid, "object": "text_completion", "created": entry.created, "model": serving.model_name,
         "choices": [{"index": i, "text": o.text or "", "finish_reason": o.finish_reason, "logprobs": None,
                      **({"prompt_token_ids": o.prompt_ids, "token_ids": o.output_ids} if ids else {})}
-                    for i, o in enumerate(outs)],
-        "usage": _usage(sum(len(o.prompt_ids) for o in outs), sum(len(o.output_ids) for o in outs)),
+                    for i, o in enumerate(outs) if o is not None],
+        "usage": _usage(sum(len(o.prompt_ids) for o in outs if o), sum(len(o.output_ids) for o in outs if o)),
     }
 
 
-async def _completion_stream(serving: Serving, prompts: list[Any], params: SamplingParams, created: int, rid: str,
-                             ids: bool) -> StreamingResponse:
+async def _completion_stream(serving: Serving, entry: Entry, after: int | None, ids: bool) -> StreamingResponse:
     """The chunks of a completion, prompt after prompt, as server-sent events (with the token
-    ids when `ids`). The first event of each prompt is awaited before the 200 goes out, so
-    that a request the engine refuses is still a 4xx."""
-    streams = [_TokenStream(serving.loop, p, params) for p in prompts]
-    try:
-        first = [await s.next() for s in streams]  # validation errors surface here as 4xx
-    except BaseException:
-        _close(streams, rid)
-        raise
+    ids when `ids`), each with its id `<request id>:<tokens of the stream through it>`; from
+    after token `after` when resumed. A new request's first events are awaited before the 200
+    goes out, so that a request the engine refuses is still a 4xx."""
+    await _started(entry)
+
+    def chunk(i: int, ev: StreamEvent) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": i, "text": ev.text, "finish_reason": ev.finish_reason, "logprobs": None}
+        if ids:
+            choice["token_ids"] = list(ev.token_ids)
+        return {"id": entry.rid, "object": "text_completion", "created": entry.created, "model": serving.model_name,
+                "choices": [choice]}
 
     async def events() -> AsyncIterator[bytes]:
-        try:
-            for i, (s, ev) in enumerate(zip(streams, first)):
-                while True:
-                    if ev.text or ev.finish_reason or (ids and ev.token_ids):
-                        choice: dict[str, Any] = {"index": i, "text": ev.text, "finish_reason": ev.finish_reason,
-                                                  "logprobs": None}
-                        if ids:
-                            choice["token_ids"] = list(ev.token_ids)
-                        yield _event({"id": rid, "object": "text_completion", "created": created,
-                                      "model": serving.model_name, "choices": [choice]})
-                    if ev.finish_reason:
-                        break
-                    ev = await s.next()
-        except EepError as e:  # the 200 went out: the error can only be an event
-            yield _error_event(e)
-            return
-        yield b"data: [DONE]\n\n"
+        async for i, ev, end in _follow(entry, after or 0):
+            if ev.text or ev.finish_reason or (ids and ev.token_ids):
+                yield _event(chunk(i, ev), f"{entry.rid}:{end}")
 
-    return _EventStream(events(), streams, rid)
+    return _EventStream(_ended(entry, events()), entry)
 
 
 # -- chat -------------------------------------------------------------------------------------
-async def _chat(serving: Serving, body: ChatRequest, request: Request) -> Any:
+async def _chat(serving: Serving, body: ChatRequest, request: Request, response: Response) -> Any:
     """The reply to a chat request: the assistant's message, or its stream."""
     serving.check_model(body.model)
     serving.check_max_tokens(body, "max_tokens", "max_completion_tokens")
@@ -153,142 +142,195 @@ async def _chat(serving: Serving, body: ChatRequest, request: Request) -> Any:
     ids = tokenizer.encode(chat_prompt(body.messages))
     limit = body.max_completion_tokens or body.max_tokens or max(1, serving.max_len - len(ids))
     params = _params(limit, body.temperature, body.top_p, body.seed, stop_token_ids=[end_id])
-    created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+    entry, after = _admit(serving, request, "chat", body, [(ids, params)])
     if body.stream:
-        return await _chat_stream(serving, ids, params, created, rid)
-    outs = await _results([serving.loop.submit(ids, params)], request, rid)
-    if outs is None:
+        return await _chat_stream(serving, entry, after)
+    response.headers["X-Request-Id"] = entry.rid
+    if not await _finished(entry, request):
         return _gone()
-    out = outs[0]
+    out = entry.choices[0].output
+    assert out is not None
     return {
-        "id": rid, "object": "chat.completion", "created": created, "model": serving.model_name,
+        "id": entry.rid, "object": "chat.completion", "created": entry.created, "model": serving.model_name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text or ""},
                      "finish_reason": out.finish_reason, "logprobs": None}],
         "usage": _usage(len(out.prompt_ids), len(out.output_ids)),
     }
 
 
-async def _chat_stream(serving: Serving, ids: list[int], params: SamplingParams, created: int,
-                       rid: str) -> StreamingResponse:
-    """The chunks of a chat reply as server-sent events: the role first, then the content (the
-    first token awaited before the 200, like `_completion_stream`)."""
-    stream = _TokenStream(serving.loop, ids, params)
-    try:
-        first = await stream.next()
-    except BaseException:
-        _close([stream], rid)
-        raise
+async def _chat_stream(serving: Serving, entry: Entry, after: int | None) -> StreamingResponse:
+    """The chunks of a chat reply as server-sent events: the role first (id `<request id>:0`),
+    then the content (ids and the first token awaited as `_completion_stream`'s)."""
+    await _started(entry)
 
-    def chunk(delta: dict[str, str], finish: str | None) -> bytes:
-        return _event({"id": rid, "object": "chat.completion.chunk", "created": created, "model": serving.model_name,
-                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+    def chunk(delta: dict[str, str], finish: str | None, end: int) -> bytes:
+        return _event({"id": entry.rid, "object": "chat.completion.chunk", "created": entry.created,
+                       "model": serving.model_name,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]},
+                      f"{entry.rid}:{end}")
 
     async def events() -> AsyncIterator[bytes]:
-        try:
-            yield chunk({"role": "assistant", "content": ""}, None)
-            ev = first
-            while True:
-                if ev.text or ev.finish_reason:
-                    yield chunk({"content": ev.text} if ev.text else {}, ev.finish_reason)
-                if ev.finish_reason:
+        if after is None:  # a resumed stream had its role chunk (every event id is past it)
+            yield chunk({"role": "assistant", "content": ""}, None, 0)
+        async for _, ev, end in _follow(entry, after or 0):
+            if ev.text or ev.finish_reason:
+                yield chunk({"content": ev.text} if ev.text else {}, ev.finish_reason, end)
+
+    return _EventStream(_ended(entry, events()), entry)
+
+
+# -- admission: new, retried and resumed requests -----------------------------------------------
+def _admit(serving: Serving, request: Request, kind: str, body: BaseModel,
+           prompts: list[tuple[Any, SamplingParams]]) -> tuple[Entry, int | None]:
+    """The journal's entry of this request and, for a stream resumed with `Last-Event-ID`, the
+    token index to go on after. A request id (`X-Request-Id`, `Idempotency-Key` or the one in
+    `Last-Event-ID`) that the journal knows gives its entry (the same body required: 409
+    otherwise), admitted again from its committed tokens if it is not running (its client went
+    away); an unknown one in `Last-Event-ID` is 404. Anything else is a new request."""
+    resume = request.headers.get("last-event-id")
+    after: int | None = None
+    named = request.headers.get("x-request-id") or request.headers.get("idempotency-key")
+    if resume is not None:
+        parsed = parse_event_id(resume)
+        if parsed is None:
+            raise ApiError(400, f"Last-Event-ID: expected <request id>:<token index>, got {resume[:80]!r}")
+        named, after = parsed
+    if named is not None and not (0 < len(named) <= 128 and named.isprintable() and named.isascii()):
+        raise ApiError(400, "a request id must be 1 to 128 printable ASCII characters")
+    who = digest(body.model_dump(exclude={"stream"}))
+    journal = serving.journal
+    if named is not None and (entry := journal.get(named)) is not None:
+        if entry.digest != who or entry.kind != kind:
+            raise ApiError(409, f"request id {named!r} names another request (a different body)",
+                           code="request_id_conflict")
+        if entry.error is None:
+            if entry.interrupted:
+                _run(serving, entry, resume=True)
+            entry.clients += 1
+            return entry, after
+        journal.remove(entry)  # it failed here: a retry runs it again
+    if resume is not None:
+        raise ApiError(404, f"request {named!r} is not known here (finished long ago, or never admitted); send it "
+                            "again without Last-Event-ID", code="request_not_found")
+    rid = named or f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
+    choices = [Choice(serving.encode(p), _seeded(params)) for p, params in prompts]
+    entry = journal.add(Entry(rid, kind, who, int(time.time()), choices))
+    if entry.choices is choices:
+        _run(serving, entry, resume=False)
+    entry.clients += 1
+    return entry, after
+
+
+def _seeded(params: SamplingParams) -> SamplingParams:
+    """`params` with a seed (one drawn now if the client gave none): part of the durable state, so
+    that the request goes on identically wherever it is admitted again."""
+    return params if params.seed is not None else replace(params, seed=random.SystemRandom().randrange(2**31))
+
+
+def _run(serving: Serving, entry: Entry, *, resume: bool) -> None:
+    """Submit every choice of `entry` that is not finished (from its committed tokens)."""
+    for i, c in enumerate(entry.choices):
+        if c.finished or c.running:
+            continue
+        done = (c.output_ids, c.text) if resume and c.events else None
+        c.submission += 1
+        entry.ended_at = None
+        c.future = serving.loop.submit(c.prompt_ids, c.params, on_tokens=entry.on_tokens(i), resume=done)
+        c.future.add_done_callback(entry.on_done(i))
+    if resume:
+        logger.info("%s: admitted again from %d committed tokens", entry.rid,
+                    sum(len(c.output_ids) for c in entry.choices))
+
+
+# -- following an entry: streams, waits, disconnects ----------------------------------------------
+async def _started(entry: Entry) -> None:
+    """Until every choice sent its first event (a new request's validation error is raised here,
+    before the 200), or ended."""
+    try:
+        for i in range(len(entry.choices)):
+            stream = entry.follow(i)
+            try:
+                async for _ in stream:
                     break
-                ev = await stream.next()
-        except EepError as e:
-            yield _error_event(e)
+            finally:
+                await stream.aclose()
+    except BaseException:
+        _release(entry)
+        raise
+
+
+async def _follow(entry: Entry, after: int) -> AsyncIterator[tuple[int, StreamEvent, int]]:
+    """Every choice's events in stream order (choice after choice) with the stream's tokens
+    through each, from after token `after`."""
+    base = 0
+    for i, choice in enumerate(entry.choices):
+        async for ev in entry.follow(i):
+            if base + ev.end > after:
+                yield i, ev, base + ev.end
+        if not choice.finished:  # it stopped running unfinished (the server stops): no [DONE]
             return
+        base += len(choice.output_ids)
+
+
+async def _ended(entry: Entry, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`events`, then `[DONE]` once every choice finished, or the error as the last event."""
+    try:
+        async for ev in events:
+            yield ev
+    except EepError as e:  # the 200 went out: the error can only be an event
+        yield _error_event(e)
+        return
+    except Exception as e:  # a failed step's error
+        yield _error_event(_as_eep_error(e))  # type: ignore[arg-type]
+        return
+    if entry.finished:
         yield b"data: [DONE]\n\n"
 
-    return _EventStream(events(), [stream], rid)
 
-
-# -- streams, disconnects -----------------------------------------------------------------------
-class _TokenStream:
-    """One streaming request: its `TokenEvent`s in order. `close()` aborts it unless it ended
-    (synchronous and idempotent, so any way out of a response can call it)."""
-
-    def __init__(self, loop: EngineLoop, prompt: Any, params: SamplingParams) -> None:
-        self._aio = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        self.ended = False
-        self.future = loop.submit(prompt, params, on_tokens=self._post)
-        self.future.add_done_callback(self._done)
-
-    def _post(self, item: TokenEvent | BaseException) -> None:  # any thread
-        try:
-            self._aio.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed (the server stopped): nobody reads any more
-            pass
-
-    def _done(self, f: Future[RequestOutput]) -> None:
-        # Also runs when close() cancels the future: a cancelled future has no error to hand on
-        # (asking it for one would raise CancelledError inside this callback)
-        if not f.cancelled() and (error := f.exception()) is not None:
-            self._post(error)
-
-    async def next(self) -> TokenEvent:
-        """The next event; raises the request's error (the first event: its validation error)."""
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self.ended = True
-            raise _as_eep_error(item)
-        if item.finish_reason:
-            self.ended = True
-        return item
-
-    def close(self) -> bool:
-        """Abort the request unless it ended; True if it was still running."""
-        if self.ended:
-            return False
-        self.ended = True
-        return self.future.cancel()
-
-
-def _close(streams: list[_TokenStream], rid: str) -> None:
-    aborted = sum(s.close() for s in streams)
+def _release(entry: Entry) -> None:
+    """One client of `entry` is gone; with the last one, what still runs of it is aborted (a
+    stream closed early, a client that hung up): it can be resumed from its committed tokens."""
+    entry.clients -= 1
+    if entry.clients > 0:
+        return
+    aborted = sum(c.future.cancel() for c in entry.choices if c.future is not None and c.running)
     if aborted:
-        logger.info("%s: the client went away; aborted %d unfinished request(s)", rid, aborted)
+        logger.info("%s: the client went away; aborted %d unfinished request(s)", entry.rid, aborted)
 
 
 class _EventStream(StreamingResponse):
-    """Server-sent events of `streams`. However the response ends (done, the client went away,
-    the server stops), what still runs of them is aborted then, not when the generator is
-    collected."""
+    """Server-sent events of `entry`. However the response ends (done, the client went away,
+    the server stops), this client is released then, not when the generator is collected."""
 
-    def __init__(self, events: AsyncIterator[bytes], streams: list[_TokenStream], rid: str) -> None:
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self._streams, self._rid = streams, rid
+    def __init__(self, events: AsyncIterator[bytes], entry: Entry) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Request-Id": entry.rid})
+        self._entry = entry
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            _close(self._streams, self._rid)
+            _release(self._entry)
 
 
-async def _results(futures: list[Future[RequestOutput]], request: Request, rid: str) -> list[RequestOutput] | None:
-    """The outputs of `futures`, or None if the client went away first. However this ends, what
-    still runs is aborted (the client hung up, another prompt failed, the server stops)."""
-    wrapped = [asyncio.wrap_future(f) for f in futures]
+async def _finished(entry: Entry, request: Request) -> bool:
+    """Until `entry` finished (True; its error raised), or the client went away first (False)."""
+    waiting = asyncio.ensure_future(entry.wait())
     gone = asyncio.ensure_future(_disconnected(request.receive))
-    for w in (*wrapped, gone):  # an error nobody awaits any more is not "never retrieved" (an ERROR log)
+    for w in (waiting, gone):  # an error nobody awaits any more is not "never retrieved" (an ERROR log)
         w.add_done_callback(_retrieve)
-    waiting = set(wrapped)
     try:
-        while waiting:
-            done, _ = await asyncio.wait({*waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if gone in done:
-                aborted = sum(f.cancel() for f in futures)
-                logger.info("%s: the client went away; aborted %d unfinished request(s)", rid, aborted)
-                return None
-            for w in done:
-                waiting.discard(w)
-                if (error := w.exception()) is not None:
-                    raise _as_eep_error(error)
-        return [w.result() for w in wrapped]
+        done, _ = await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if waiting in done:
+            waiting.result()
+        if (error := entry.error) is not None:
+            raise _as_eep_error(error)
+        return waiting in done and entry.finished
     finally:
         gone.cancel()
-        for f in futures:
-            f.cancel()
+        waiting.cancel()
+        _release(entry)
 
 
 def _retrieve(f: asyncio.Future[Any]) -> None:
@@ -315,8 +357,9 @@ def _as_eep_error(e: BaseException) -> BaseException:
     return EngineUnavailable(f"the engine stopped after a failed step ({e}); restart the instance to serve again")
 
 
-def _event(payload: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(payload)}\n\n".encode()
+def _event(payload: dict[str, Any], event_id: str | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}data: {json.dumps(payload)}\n\n".encode()
 
 
 def _error_event(e: EepError) -> bytes:

@@ -1,0 +1,123 @@
+"""`Leadership`: a head's hold on its instance's leader key (`MembershipStore.campaign`).
+
+Only the holder of the key commits views: the store checks the key in the same transaction as
+the epoch's compare-and-swap, so a head that lost the key can never commit again, whatever it
+believes. This part keeps the hold from a thread of its own (renewed every third of the TTL, as
+the agents' host leases are: an etcd call that stalls never delays a step) and says when it is
+gone for good:
+
+- The key is held by another head (found when renewing, when taking the key again, or by a
+  refused commit): this head is *deposed*, for good. `on_deposed(reason)` is called once (the
+  engine loop stops serving with that reason: HTTP 503).
+- The lease ran out while etcd was out of reach (an outage, or this head cut off from it): when
+  etcd answers again and the key is free, the head takes it again and goes on. Nobody else can
+  have committed meanwhile without the key, and a commit from a stale epoch is refused by the
+  epoch's compare-and-swap anyway, so taking a free key back is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from eep.membership.store import (
+    HostLease,
+    LeaseLost,
+    MembershipStore,
+    NotLeader,
+    StoreError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Leadership:
+    """Campaigns in the constructor (NotLeader: another head leads; StoreError: no store), then
+    renews from a thread of its own until `close`."""
+
+    def __init__(self, store: MembershipStore, head: str, info: dict[str, Any], ttl_s: float,
+                 on_deposed: Callable[[str], None] | None = None) -> None:
+        self.store, self.head, self.info, self.ttl_s = store, head, dict(info), ttl_s
+        self.on_deposed = on_deposed
+        self.terms = 1  # how often this head took the key (a free key taken back after an outage: +1)
+        self._lock = threading.Lock()
+        self._lease: HostLease | None = store.campaign(head, self.info, ttl_s)
+        self._deposed: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"leader-{head}", daemon=True)
+        self._thread.start()
+        logger.info("head %s holds the leader key (lease %.1f s)", head, ttl_s)
+
+    @property
+    def deposed(self) -> str | None:
+        """Why this head no longer leads (another head holds the key), or None."""
+        return self._deposed
+
+    def reclaim(self) -> bool:
+        """After a refused commit (NotLeader): take the key again if it is free (True: commit
+        again), else this head is deposed (False)."""
+        with self._lock:
+            if self._deposed is not None:
+                return False
+            return self._take_again("a commit was refused: the leader key had lapsed")
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop renewing and give the key up at once (where the store answers; else it lapses
+        after its TTL), so a standby leads without waiting for it."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        with self._lock:
+            lease, self._lease = self._lease, None
+        if lease is not None and self._deposed is None and not self._thread.is_alive():
+            try:
+                lease.revoke()
+            except (StoreError, LeaseLost, NotLeader):
+                pass
+
+    # -- the renewing thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        wait = self.ttl_s / 3
+        while not self._stop.wait(wait):
+            wait = self.ttl_s / 3
+            with self._lock:
+                if self._deposed is not None:
+                    return
+                try:
+                    if self._lease is None:
+                        self._take_again("its lease ran out")
+                    else:
+                        self._lease.keep_alive()
+                except NotLeader as e:
+                    self._depose(str(e))
+                except LeaseLost:
+                    self._lease, wait = None, 0.0
+                    logger.warning("head %s: the leader key's lease ran out; taking the key again", self.head)
+                except StoreError as e:
+                    logger.warning("head %s: leader key not renewed: %s", self.head, e)
+                    wait = min(self.ttl_s / 6, 0.5)
+
+    def _take_again(self, why: str) -> bool:
+        """The key is not ours any more (`why`): take it again if free, else be deposed. Holds
+        the lock. StoreError propagates (the renewing thread tries again later)."""
+        try:
+            self._lease = self.store.campaign(self.head, self.info, self.ttl_s)
+        except NotLeader as e:
+            self._depose(str(e))
+            return False
+        self.terms += 1
+        logger.warning("head %s took the leader key again (%s; term %d)", self.head, why, self.terms)
+        return True
+
+    def _depose(self, reason: str) -> None:
+        if self._deposed is not None:
+            return
+        self._deposed, self._lease = f"this head ({self.head}) no longer leads the instance: {reason}", None
+        logger.error("%s", self._deposed)
+        if self.on_deposed is not None:
+            try:
+                self.on_deposed(self._deposed)
+            except Exception:  # the listener's fault: the head is deposed all the same
+                logger.exception("a deposition listener failed")
+
