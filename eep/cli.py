@@ -74,7 +74,33 @@ def default_socket() -> str:
     return default_socket_path(os.environ.get("XDG_RUNTIME_DIR"))
 
 
+def _cmd_standby(args: argparse.Namespace) -> int:
+    """`eep serve --standby`: follow the head's journal, answer as a standby (eep.serving.standby)."""
+    import signal
+    import threading
+
+    from eep.control.config import SECRET_HOW
+    from eep.serving.standby import StandbyConfig, run_standby
+
+    if not args.dist_init_addr or not args.cluster_secret_file or not args.http:
+        raise ConfigError(f"--standby needs --dist-init-addr HOST:PORT (the head's), --http HOST:PORT and "
+                          f"--cluster-secret-file PATH ({SECRET_HOW})")
+    config = StandbyConfig(args.node_rank, args.dist_init_addr, args.cluster_secret_file, args.http,
+                           api_key=args.api_key or os.environ.get("EEP_API_KEY"),
+                           admin_api_key=args.admin_api_key or os.environ.get("EEP_ADMIN_API_KEY"))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def ready(url: str) -> None:
+        print(f"eep serve: standby on {url} (head at {config.head})", flush=True)
+
+    return run_standby(config, stop, on_ready=ready)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.standby:
+        return _cmd_standby(args)
     if args.node_rank > 0:  # a host agent: this host's ranks, for the controller on node 0
         from eep.control.config import SECRET_HOW
         from eep.runtime.agent import main as agent_main
@@ -460,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--nnodes", type=int, default=1, help="hosts of the instance; --ep-size counts the ranks of all")
     srv.add_argument("--node-rank", type=int, default=0,
                      help="0: the head (frontend, controller and its host's ranks); i > 0: a host agent and its ranks")
+    srv.add_argument("--standby", action="store_true",
+                     help="a standby head on node --node-rank: follows the head's journal of requests (needs "
+                          "--dist-init-addr, --http, --cluster-secret-file); /health answers 503 standby")
     srv.add_argument("--dist-init-addr", metavar="HOST:PORT",
                      help="node 0's address for the agents (data-plane ports follow it: PORT+1+rank)")
     srv.add_argument("--etcd-endpoints", metavar="URL[,URL...]",

@@ -1,10 +1,14 @@
 """The request journal (eep.serving.journal) and what it stands on: a request admitted again
 from its committed tokens samples exactly what an uninterrupted run does (greedy and seeded, in
 the engine loop, streaming only what follows); event ids parse strictly; finished requests are
-kept for their retention and up to a bound, unfinished ones always."""
+kept for their retention and up to a bound, unfinished ones always; a standby's replica ends
+equal to the journal whenever it subscribed."""
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 import time
 from concurrent.futures import Future
 
@@ -17,7 +21,10 @@ from eep.engine.request import RequestOutput
 from eep.engine.sampling import SamplingParams
 from eep.errors import RequestError
 from eep.model.default_model import init_model
+from eep.runtime import wire
+from eep.security.channel import Channel
 from eep.serving.journal import Choice, Entry, RequestJournal, parse_event_id
+from eep.serving.replication import JournalFeed, JournalReplica
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +94,42 @@ def test_a_finished_choice_keeps_its_output_whatever_its_future_does() -> None:
     choice = entry.choices[0]
     assert entry.finished and choice.output == RequestOutput("", [1], [7], "length", "x")
     assert not choice.running and not entry.interrupted
+
+
+def test_a_standby_that_subscribes_while_tokens_are_committed_ends_with_the_same_journal() -> None:
+    """The snapshot and the changes after it neither miss nor repeat an event, whenever the
+    standby subscribes (real journal, real feed and replica over a real channel)."""
+    journal = RequestJournal()
+    feed = JournalFeed(journal, lambda: 3, ping_s=0.05)
+    entries = [journal.add(Entry(f"r{i}", "completion", "d", 0, [Choice([1, 2], SamplingParams(max_tokens=400,
+                                                                                               seed=i))]))
+               for i in range(4)]
+    steps = 400
+
+    def commit() -> None:  # as the engine loop does, one event per step and request
+        for step in range(steps):
+            for e in entries:
+                e.on_tokens(0)(TokenEvent((step,), f"{step} ", "length" if step == steps - 1 else None))
+
+    writer = threading.Thread(target=commit)
+    writer.start()
+    time.sleep(0.01)
+    ours, theirs = socket.socketpair()
+    feed.subscribe(Channel(ours), wire.StandbyHello(0, 1, os.getpid()))
+    replica = JournalReplica(RequestJournal())
+    conn = Channel(theirs)
+    try:
+        writer.join(30)
+        deadline = time.monotonic() + 30
+        while not all((c := replica.journal.get(e.rid)) is not None and c.finished for e in entries):
+            assert time.monotonic() < deadline, "the replica never caught up"
+            if conn.poll(1.0):
+                replica.apply(wire.recv(conn, wire.TO_STANDBY))
+        for e in entries:
+            copy = replica.journal.get(e.rid)
+            assert copy is not None and copy.choices[0].output_ids == list(range(steps))
+            assert [ev.end for ev in copy.choices[0].events] == [ev.end for ev in e.choices[0].events]
+        assert replica.running() == [] and feed.status()["standbys"][0]["node"] == 1
+    finally:
+        feed.close()
+        conn.close()

@@ -56,6 +56,7 @@ from eep.placement.routing import (
 from eep.runtime import wire
 from eep.runtime.accounting import Ledger
 from eep.runtime.wire import StepResult
+from eep.security.channel import Channel
 from eep.security.secret import ClusterSecret
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,19 @@ class EPExecutor:
     @property
     def events(self) -> deque[MembershipEvent]:
         return self.ctl.events
+
+    def standby_door(self, subscribe: Callable[[Channel, wire.StandbyHello], None],
+                     attached: Callable[[], bool]) -> bool:
+        """Across hosts: hand every standby head that connects through the controller's door to
+        `subscribe` (the journal's replication feed); `attached()`: one follows now (while it
+        does, a lapsed leader key deposes this head: `Leadership`). False on one host."""
+        hosts = self._cluster.hosts if self._cluster is not None else None
+        if hosts is None:
+            return False
+        hosts.on_standby = subscribe
+        if self.leadership is not None:
+            self.leadership.standby = attached
+        return True
 
     @property
     def deposed(self) -> str | None:

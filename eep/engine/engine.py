@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from eep.config import EngineConfig
 from eep.engine.request import Prompt, Request, RequestOutput, as_batch
@@ -46,7 +46,12 @@ class ElasticExecutor(Protocol):
     @property
     def deposed(self) -> str | None: ...
 
+    @property
+    def view(self) -> Any: ...
+
     on_deposed: list[Callable[[str], None]]
+
+    def standby_door(self, subscribe: Callable[[Any, Any], None], attached: Callable[[], bool]) -> bool: ...
 
     def membership_pending(self) -> bool: ...
 

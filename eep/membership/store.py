@@ -391,9 +391,10 @@ class EtcdStore(MembershipStore):
                  if expected_epoch is None else
                  {"key": epoch_key, "target": "VALUE", "result": "EQUAL", "value": _b64(str(expected_epoch))})
         compare = [guard]
-        if self._leader_revision is not None:  # a head commits only while the leader key is still its own
+        leading = self._leader_revision  # (the renewing thread may take the key again meanwhile)
+        if leading is not None:  # a head commits only while the leader key is still its own
             compare.append({"key": _b64(self._prefix + "leader"), "target": "CREATE", "result": "EQUAL",
-                            "create_revision": str(self._leader_revision)})
+                            "create_revision": str(leading)})
         if committed.epoch == expected_epoch:  # a change within the epoch: only over our own last commit
             if self._last_revision is None:
                 raise EpochConflict(expected_epoch, expected_epoch)
@@ -419,7 +420,7 @@ class EtcdStore(MembershipStore):
             logger.info("etcd: the commit of epoch %d had gone through; its answer was lost", committed.epoch)
             self._last_revision = int(kvs[0]["mod_revision"])
             return
-        if self._leader_revision is not None and self._leader_create_revision() != self._leader_revision:
+        if leading is not None and self._leader_create_revision() != leading:
             raise NotLeader(f"this head's leader key is gone (its lease ran out); {self._leader_name()} leads now")
         raise EpochConflict(expected_epoch, None if found is None else int(found["epoch"]))
 
@@ -480,13 +481,18 @@ class EtcdStore(MembershipStore):
             won = bool(reply.get("succeeded", False))
             revision = int(reply["header"]["revision"]) if won else None  # the put's: the key's create revision
         except StoreError:  # the answer may be what was lost: the key says whether the put went through
-            kv = self._leader_kv()
-            won = kv is not None and json.loads(_unb64(kv.get("value", ""))).get("lease") == lease_id
-            revision = int(kv["create_revision"]) if won and kv is not None else None
+            won, revision = False, None
         if not won:
+            # the key may be this store's own, from an earlier campaign whose answer was lost
+            kv = self._leader_kv()
+            held = json.loads(_unb64(kv.get("value", ""))) if kv is not None else {}
             with contextlib.suppress(StoreError):
-                self._call("/v3/lease/revoke", {"ID": lease_id})
-            raise NotLeader(f"{self._leader_name()} leads this instance")
+                if held.get("lease") != lease_id:
+                    self._call("/v3/lease/revoke", {"ID": lease_id})
+            if kv is None or held.get("writer") != self._writer:
+                raise NotLeader(f"{self._leader_name()} leads this instance")
+            lease_id, revision = str(held["lease"]), int(kv["create_revision"])
+            logger.info("etcd: the leader key was already this head's (an earlier answer was lost)")
         self._leader_revision = revision
         return _EtcdLeaderLease(self, f"head {head}", lease_id, ttl_s)
 

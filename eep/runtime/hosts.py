@@ -8,7 +8,8 @@ What this module promises:
   (`eep.security.rejections`) and nothing else happens. Then it introduces itself by its first
   message: an agent (`AgentHello`) becomes an `AgentLink`; a rank's own control connection
   (`RankConnect`) is handed, by its nonce, to the `spawn` that asked for it (an unknown nonce
-  is refused).
+  is refused); a standby head (`StandbyHello`) to `on_standby` (the journal's replication feed;
+  refused where there is none).
 - `AgentLink` reads its agent in a thread of its own: heartbeat ages (`Beats`), exits
   (`RankExited`, which also wakes the controller through `wake_fd`), and pings the agent with
   the committed epoch every heartbeat interval (`Announce`). `age_s(rank)` is an upper bound
@@ -29,10 +30,16 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 from eep.errors import EepError
 from eep.runtime import wire
-from eep.security.channel import HANDSHAKE_TIMEOUT_S, Channel, ProtocolError, server_handshake
+from eep.security.channel import (
+    HANDSHAKE_TIMEOUT_S,
+    Channel,
+    ProtocolError,
+    server_handshake,
+)
 from eep.security.rejections import Rejections
 from eep.security.secret import ClusterSecret
 
@@ -176,6 +183,8 @@ class HostListener:
         self.rejections = Rejections("controller")
         self._handshakes = threading.BoundedSemaphore(_MAX_HANDSHAKES)
         self.epoch = setup.epoch  # the committed epoch (the controller keeps it current)
+        # a standby head's connection goes here (the journal's replication feed), once there is one
+        self.on_standby: Callable[[Channel, wire.StandbyHello], None] | None = None
         self._thread = threading.Thread(target=self._accept, name="eep-host-listener", daemon=True)
         self._thread.start()
 
@@ -212,6 +221,12 @@ class HostListener:
                 conn.close()
             elif isinstance(first, wire.AgentHello):
                 self._add_agent(first, conn)
+            elif isinstance(first, wire.StandbyHello):
+                if self.on_standby is None:
+                    self.rejections.reject(peer, "a standby head, but this head replicates to none (no --http)")
+                    conn.close()
+                else:
+                    self.on_standby(conn, first)
             else:
                 self._add_rank(first, conn, peer)
         finally:

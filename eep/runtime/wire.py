@@ -23,6 +23,8 @@ Who sends what:
                          authenticated and introduced by RankConnect, and its session state)
     host <-> fork server: Fork (with the rank's control pipe as a file descriptor) / ForkerReady,
                          Forked, ChildExited (local and of no view: these carry no epoch)
+    head -> standby:     after StandbyHello, the journal of requests: a snapshot, then every
+                         change (JournalAdmit, JournalTokens, JournalState; Announce as a ping)
     controller -> rank:  RankSpec (first), then StepOrder, SetRouting, Repair, MoveExperts, QueryPtrs,
                          Stop, Fence
     rank -> controller:  Ready (once), StepDone, PeerSilent, StepAbandoned, RoutingSet, Repaired,
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eep.dataplane.shm import ShmLayout
+from eep.engine.sampling import SamplingParams
 from eep.engine.worker import SeqWork
 from eep.placement.routing import Placement
 from eep.runtime.codec import Protocol, encode
@@ -350,7 +353,59 @@ class Handover:
     received: int
 
 
-INTRODUCTION = Protocol("the first message on the controller's port", (AgentHello, RankConnect))
+# -- head -> standby head: the journal of requests (eep.serving.replication) --------------------
+@dataclass(frozen=True, slots=True)
+class StandbyHello:
+    """The first message of a standby head's connection: it follows the journal from now on."""
+
+    epoch: int
+    node: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class JournalChoice:
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams  # the seed fixed
+
+
+@dataclass(frozen=True, slots=True)
+class JournalAdmit:
+    """A request admitted (or, in the snapshot a standby starts from, one the journal holds)."""
+
+    epoch: int
+    rid: str
+    kind: str  # "completion" | "chat"
+    digest: str
+    created: int
+    choices: tuple[JournalChoice, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JournalTokens:
+    """One stream event of one choice: the tokens a step committed and the text they added."""
+
+    epoch: int
+    rid: str
+    choice: int
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class JournalState:
+    """A choice stopped running on the head without finishing, or runs again there."""
+
+    epoch: int
+    rid: str
+    choice: int
+    state: str  # "running" | "interrupted" | "failed"
+    detail: str = ""
+
+
+INTRODUCTION = Protocol("the first message on the controller's port", (AgentHello, RankConnect, StandbyHello))
+TO_STANDBY = Protocol("head to standby head", (JournalAdmit, JournalTokens, JournalState, Announce))
 FROM_AGENT = Protocol("agent to controller", (Beats, RankExited))
 TO_AGENT = Protocol("controller to agent", (HostSetup, Announce, SpawnRank, KillRank, Shutdown))
 RANK_SPEC = Protocol("the controller's first message to a rank", (RankSpec,))

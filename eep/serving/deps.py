@@ -159,13 +159,15 @@ class Serving:
     """The engine the routers serve, as `model_name`, and its fixed limits. Everything that
     touches the engine goes through `on_loop` (the `EngineLoop`'s thread)."""
 
-    def __init__(self, loop: EngineLoop, model_name: str) -> None:
+    def __init__(self, loop: EngineLoop, model_name: str, journal: RequestJournal | None = None,
+                 feed: Any = None) -> None:
         self.loop, self.model_name = loop, model_name
+        self.feed = feed  # the journal's replication to standby heads (eep.serving.replication), if any
         self.tokenizer = loop.engine.tokenizer  # immutable; encoding is thread-safe
         self.max_len = loop.engine.config.max_model_len
         self.vocab = loop.engine.model_config.vocab_size
         self.num_ranks = loop.engine.executor.num_ranks  # fixed for the instance's life
-        self.journal = RequestJournal()  # the requests admitted, by id (retries, resumed streams)
+        self.journal = journal if journal is not None else RequestJournal()  # the requests admitted, by id (retries, resumed streams)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """A prompt's token ids (text through the model's tokenizer)."""

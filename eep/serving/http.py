@@ -49,6 +49,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from eep.engine.loop import EngineLoop
 from eep.serving import routes_admin, routes_health, routes_openai
 from eep.serving.deps import Auth, ErrorMapper, Serving
+from eep.serving.journal import RequestJournal
+from eep.serving.replication import JournalFeed
 from eep.serving.schemas import document
 
 logger = logging.getLogger(__name__)
@@ -57,9 +59,11 @@ DEFAULT_MAX_BODY_BYTES = 16 * 2**20
 
 
 def create_app(loop: EngineLoop, *, model_name: str, api_key: str | None = None, admin_api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Any:
-    """The ASGI app serving `loop`'s engine as `model_name`."""
-    serving = Serving(loop, model_name)
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, journal: RequestJournal | None = None,
+               feed: JournalFeed | None = None) -> Any:
+    """The ASGI app serving `loop`'s engine as `model_name`; `journal`: the requests it admits (one
+    of its own by default), replicated by `feed` to standby heads."""
+    serving = Serving(loop, model_name, journal if journal is not None else RequestJournal(), feed)
     auth = Auth.of(api_key, admin_api_key)
     app = FastAPI(title="eep", version="1", description="OpenAI-compatible API of an elastic expert-parallel "
                   "MoE instance")

@@ -23,19 +23,23 @@ loop: appends are single list operations, and readers are woken through their ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from eep.engine.loop import TokenEvent
+from eep.engine.loop import EngineLoop, TokenEvent
 from eep.engine.request import RequestOutput
 from eep.engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 RETENTION_S = 600.0
 MAX_FINISHED = 4096
@@ -62,6 +66,7 @@ class Choice:
     error: BaseException | None = None
     future: Future[RequestOutput] | None = None
     submission: int = 0  # how often it was submitted here: what an older submission still reports is dropped
+    remote_running: bool = True  # a standby's copy: whether the head was running it, as its feed said
 
     @property
     def output_ids(self) -> list[int]:
@@ -89,6 +94,7 @@ class Entry:
         self.rid, self.kind, self.digest, self.created, self.choices = rid, kind, digest, created, choices
         self.ended_at: float | None = None  # when it last stopped running here (finished, failed, interrupted)
         self.clients = 0  # responses following it (the HTTP event loop only); the last one gone aborts it
+        self.journal: RequestJournal | None = None  # set when added: its listener hears of every change
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
         self._lock = threading.Lock()
 
@@ -105,6 +111,23 @@ class Entry:
         """Not finished and not running here (its client went away, or it came from another head)."""
         return not self.finished and self.error is None and not any(c.running for c in self.choices)
 
+    def submit(self, loop: EngineLoop, *, resume: bool) -> None:
+        """Submit every choice that is neither finished nor running here; with `resume`, from its
+        committed tokens (a client that came back, a head that took over)."""
+        for i, c in enumerate(self.choices):
+            if c.finished or c.running:
+                continue
+            done = (c.output_ids, c.text) if resume and c.events else None
+            c.submission += 1
+            self.ended_at = None
+            if resume:
+                self.told(i, "running")
+            c.future = loop.submit(c.prompt_ids, c.params, on_tokens=self.on_tokens(i), resume=done)
+            c.future.add_done_callback(self.on_done(i))
+        if resume:
+            logger.info("%s: admitted again from %d committed tokens", self.rid,
+                        sum(len(c.output_ids) for c in self.choices))
+
     # -- the engine loop's thread ------------------------------------------------------------
     def on_tokens(self, i: int) -> Callable[[TokenEvent], None]:
         """The streaming callback of choice `i`'s current submission. A submission cancelled in
@@ -116,13 +139,31 @@ class Entry:
             choice = self.choices[i]
             if choice.submission != submission:
                 return
-            end = (choice.events[-1].end if choice.events else 0) + len(ev.token_ids)
-            choice.events.append(StreamEvent(ev.token_ids, ev.text, ev.finish_reason, end))
-            if ev.finish_reason is not None:  # finished, whatever becomes of the future (a cancel that came late)
-                self._finish(choice, RequestOutput("", choice.prompt_ids, choice.output_ids, ev.finish_reason,
-                                                   choice.text))
+            with self._changing() as listener:
+                end = (choice.events[-1].end if choice.events else 0) + len(ev.token_ids)
+                event = StreamEvent(ev.token_ids, ev.text, ev.finish_reason, end)
+                choice.events.append(event)
+                if ev.finish_reason is not None:  # finished, whatever becomes of the future (a cancel that came late)
+                    self._finish(choice, RequestOutput("", choice.prompt_ids, choice.output_ids, ev.finish_reason,
+                                                       choice.text))
+                if listener is not None:
+                    listener.tokens(self, i, event)
             self._wake()
         return record
+
+    def _changing(self) -> contextlib.AbstractContextManager[JournalListener | None]:
+        """Held while this entry changes and its change is told: the journal's lock, so that a
+        standby's snapshot falls between two changes, never inside one."""
+        journal = self.journal
+        if journal is None:
+            return contextlib.nullcontext(None)
+        return _Held(journal.changes, journal.listener)
+
+    def told(self, i: int, state: str, detail: str = "") -> None:
+        """Tell the listener that choice `i` runs again, or stopped running unfinished."""
+        with self._changing() as listener:
+            if listener is not None:
+                listener.state(self, i, state, detail)
 
     def on_done(self, i: int) -> Callable[[Future[RequestOutput]], None]:
         submission = self.choices[i].submission
@@ -133,8 +174,11 @@ class Entry:
                 return
             if f.cancelled():  # its client went away: it can be admitted again from its events
                 choice.future = None
+                if not choice.finished:
+                    self.told(i, "interrupted")
             elif (error := f.exception()) is not None:
                 choice.error = error
+                self.told(i, "failed", str(error))
             else:
                 choice.output = f.result()
             self._ended()
@@ -205,13 +249,54 @@ def parse_event_id(value: str) -> tuple[str, int] | None:
     return rid, int(index)
 
 
+class JournalListener(Protocol):
+    """Told of every change, with the journal's `changes` lock held (it must only queue)."""
+
+    def admitted(self, entry: Entry) -> None: ...
+
+    def tokens(self, entry: Entry, i: int, ev: StreamEvent) -> None: ...
+
+    def state(self, entry: Entry, i: int, state: str, detail: str = "") -> None: ...
+
+
+class _Held:
+    def __init__(self, lock: threading.Lock, listener: JournalListener | None) -> None:
+        self.lock, self.listener = lock, listener
+
+    def __enter__(self) -> JournalListener | None:
+        self.lock.acquire()
+        return self.listener
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
 class RequestJournal:
-    """The table of requests by id (thread-safe)."""
+    """The table of requests by id (thread-safe). `listener` (a head's replication feed) is told
+    of every change."""
 
     def __init__(self, retention_s: float = RETENTION_S, max_finished: int = MAX_FINISHED) -> None:
         self.retention_s, self.max_finished = retention_s, max_finished
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self.changes = threading.Lock()  # held while an entry changes and the listener is told
+        self.listener: JournalListener | None = None
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def put(self, entry: Entry) -> None:
+        """`entry` under its id, replacing what was there (a standby's copy of the head's)."""
+        with self._lock:
+            self._expire()
+            self._entries.pop(entry.rid, None)
+            self._entries[entry.rid] = entry
+            entry.journal = self
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
     def __len__(self) -> int:
         with self._lock:
@@ -224,9 +309,14 @@ class RequestJournal:
 
     def add(self, entry: Entry) -> Entry:
         """`entry`, or the one already there under its id (the same request sent twice at once)."""
-        with self._lock:
+        with self.changes, self._lock:
             self._expire()
-            return self._entries.setdefault(entry.rid, entry)
+            found = self._entries.setdefault(entry.rid, entry)
+            if found is entry:
+                entry.journal = self
+                if self.listener is not None:
+                    self.listener.admitted(entry)
+            return found
 
     def remove(self, entry: Entry) -> None:
         with self._lock:

@@ -50,6 +50,8 @@ def router(serving: Serving, auth: Auth) -> APIRouter:
         status = await serving.on_loop(_status)
         if status is None:
             return {"view": {"epoch": 0, "active": [0]}, "coverage": None, "events": []}
+        if serving.feed is not None:  # across hosts: the standby heads that follow the journal
+            status = {**status, "replication": serving.feed.status()}
         return status  # type: ignore[no-any-return]
 
     @r.get("/metrics", response_class=PlainTextResponse, responses={

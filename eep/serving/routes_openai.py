@@ -205,7 +205,7 @@ def _admit(serving: Serving, request: Request, kind: str, body: BaseModel,
                            code="request_id_conflict")
         if entry.error is None:
             if entry.interrupted:
-                _run(serving, entry, resume=True)
+                entry.submit(serving.loop, resume=True)
             entry.clients += 1
             return entry, after
         journal.remove(entry)  # it failed here: a retry runs it again
@@ -216,7 +216,7 @@ def _admit(serving: Serving, request: Request, kind: str, body: BaseModel,
     choices = [Choice(serving.encode(p), _seeded(params)) for p, params in prompts]
     entry = journal.add(Entry(rid, kind, who, int(time.time()), choices))
     if entry.choices is choices:
-        _run(serving, entry, resume=False)
+        entry.submit(serving.loop, resume=False)
     entry.clients += 1
     return entry, after
 
@@ -225,21 +225,6 @@ def _seeded(params: SamplingParams) -> SamplingParams:
     """`params` with a seed (one drawn now if the client gave none): part of the durable state, so
     that the request goes on identically wherever it is admitted again."""
     return params if params.seed is not None else replace(params, seed=random.SystemRandom().randrange(2**31))
-
-
-def _run(serving: Serving, entry: Entry, *, resume: bool) -> None:
-    """Submit every choice of `entry` that is not finished (from its committed tokens)."""
-    for i, c in enumerate(entry.choices):
-        if c.finished or c.running:
-            continue
-        done = (c.output_ids, c.text) if resume and c.events else None
-        c.submission += 1
-        entry.ended_at = None
-        c.future = serving.loop.submit(c.prompt_ids, c.params, on_tokens=entry.on_tokens(i), resume=done)
-        c.future.add_done_callback(entry.on_done(i))
-    if resume:
-        logger.info("%s: admitted again from %d committed tokens", entry.rid,
-                    sum(len(c.output_ids) for c in entry.choices))
 
 
 # -- following an entry: streams, waits, disconnects ----------------------------------------------

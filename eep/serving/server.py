@@ -50,6 +50,8 @@ from eep.errors import (
     ServerError,
 )
 from eep.serving import protocol
+from eep.serving.journal import RequestJournal
+from eep.serving.replication import JournalFeed
 
 logger = logging.getLogger(__name__)
 
@@ -494,7 +496,9 @@ def serve(config: ServeConfig, on_ready: Callable[[dict[str, Any]], None] | None
             server.start(loop, lambda: describe(ready_engine, ready_loop, config.ep))
             http_url = None
             if config.http is not None:
-                http = _HttpServer(config, loop)
+                journal = RequestJournal()
+                feed = _feed(engine, journal)
+                http = _HttpServer(config, loop, journal, feed)
                 http_url = http.start()
             # Everything built so far (torch, the model's modules, the web stack) lives as long
             # as the server: out of the collector's sight, a full collection scans only what
@@ -521,11 +525,26 @@ def serve(config: ServeConfig, on_ready: Callable[[dict[str, Any]], None] | None
     return 0
 
 
+def _feed(engine: LLMEngine, journal: RequestJournal) -> JournalFeed | None:
+    """Across hosts, the journal's replication to standby heads (through the controller's door)."""
+    elastic = engine.executor.elastic
+    if elastic is None:
+        return None
+    feed = JournalFeed(journal, lambda: elastic.view.epoch)
+    if elastic.standby_door(feed.subscribe, feed.attached):
+        # deposed: stop replicating before the engine fails what is in flight (the standby goes on with it)
+        elastic.on_deposed.insert(0, lambda _: feed.close())
+        return feed
+    feed.close()
+    return None
+
+
 class _HttpServer:
     """uvicorn serving the OpenAI-compatible app (`eep.serving.http`) on a thread of its own;
     the main thread keeps the signal handling of `serve`."""
 
-    def __init__(self, config: ServeConfig, loop: EngineLoop) -> None:
+    def __init__(self, config: ServeConfig, loop: EngineLoop, journal: RequestJournal,
+                 feed: JournalFeed | None) -> None:
         import uvicorn
 
         from eep.serving.http import create_app
@@ -534,7 +553,8 @@ class _HttpServer:
         host, _, port = config.http.rpartition(":")
         name = config.served_model_name or Path(config.engine.model_path).name
         app = create_app(loop, model_name=name, api_key=config.api_key, admin_api_key=config.admin_api_key,
-                         max_body_bytes=config.max_message_bytes)
+                         max_body_bytes=config.max_message_bytes, journal=journal, feed=feed)
+        self.feed = feed
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning",
                                                      lifespan="off", timeout_graceful_shutdown=5))
         self._thread = threading.Thread(target=self._server.run, name="eep-http", daemon=True)
@@ -554,3 +574,5 @@ class _HttpServer:
     def stop(self, timeout_s: float) -> None:
         self._server.should_exit = True
         self._thread.join(timeout_s)
+        if self.feed is not None:
+            self.feed.close()
