@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 from pathlib import Path
 
 from eep.errors import ConfigError, EepError
@@ -74,48 +75,13 @@ def default_socket() -> str:
     return default_socket_path(os.environ.get("XDG_RUNTIME_DIR"))
 
 
-def _cmd_standby(args: argparse.Namespace) -> int:
-    """`eep serve --standby`: follow the head's journal, answer as a standby (eep.serving.standby)."""
-    import signal
-    import threading
-
-    from eep.control.config import SECRET_HOW
-    from eep.serving.standby import StandbyConfig, run_standby
-
-    if not args.dist_init_addr or not args.cluster_secret_file or not args.http:
-        raise ConfigError(f"--standby needs --dist-init-addr HOST:PORT (the head's), --http HOST:PORT and "
-                          f"--cluster-secret-file PATH ({SECRET_HOW})")
-    config = StandbyConfig(args.node_rank, args.dist_init_addr, args.cluster_secret_file, args.http,
-                           api_key=args.api_key or os.environ.get("EEP_API_KEY"),
-                           admin_api_key=args.admin_api_key or os.environ.get("EEP_ADMIN_API_KEY"))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-
-    def ready(url: str) -> None:
-        print(f"eep serve: standby on {url} (head at {config.head})", flush=True)
-
-    return run_standby(config, stop, on_ready=ready)
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    if args.standby:
-        return _cmd_standby(args)
-    if args.node_rank > 0:  # a host agent: this host's ranks, for the controller on node 0
-        from eep.control.config import SECRET_HOW
-        from eep.runtime.agent import main as agent_main
-        from eep.security.secret import ClusterSecret
-
-        if not args.dist_init_addr:
-            raise ConfigError("--node-rank > 0 needs --dist-init-addr HOST:PORT (node 0's)")
-        if not args.cluster_secret_file:
-            raise ConfigError(f"a host agent (--node-rank > 0) needs --cluster-secret-file PATH: {SECRET_HOW}")
-        return agent_main(args.node_rank, args.dist_init_addr, ClusterSecret.load(args.cluster_secret_file))
+def _serve_config(args: argparse.Namespace) -> Any:
+    """`eep serve`'s ServeConfig from its flags (the head's; a standby is started with the same)."""
     from eep.config import EngineConfig
     from eep.control.config import EPConfig
-    from eep.serving.server import ServeConfig, serve
+    from eep.serving.server import ServeConfig
 
-    config = ServeConfig(
+    return ServeConfig(
         EngineConfig(
             _model_path(args), dtype=args.dtype, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_prefill_tokens=args.max_prefill_tokens,
@@ -139,6 +105,49 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         admin_api_key=args.admin_api_key or os.environ.get("EEP_ADMIN_API_KEY"),
         served_model_name=args.served_model_name,
     )
+
+
+def _cmd_standby(args: argparse.Namespace) -> int:
+    """`eep serve --standby`: follow the head's journal, answer as a standby (eep.serving.standby)."""
+    import signal
+    import threading
+
+    from eep.control.config import SECRET_HOW
+    from eep.serving.standby import StandbyConfig, run_standby
+
+    if not args.dist_init_addr or not args.cluster_secret_file or not args.http:
+        raise ConfigError(f"--standby needs --dist-init-addr HOST:PORT (the head's), --http HOST:PORT and "
+                          f"--cluster-secret-file PATH ({SECRET_HOW})")
+    config = StandbyConfig(args.node_rank, args.dist_init_addr, args.cluster_secret_file, args.http,
+                           api_key=args.api_key or os.environ.get("EEP_API_KEY"),
+                           admin_api_key=args.admin_api_key or os.environ.get("EEP_ADMIN_API_KEY"),
+                           serve=_serve_config(args))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def ready(url: str) -> None:
+        print(f"eep serve: standby on {url} (head at {config.head})", flush=True)
+
+    return run_standby(config, stop, on_ready=ready)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.standby:
+        return _cmd_standby(args)
+    if args.node_rank > 0:  # a host agent: this host's ranks, for the controller on node 0
+        from eep.control.config import SECRET_HOW
+        from eep.runtime.agent import main as agent_main
+        from eep.security.secret import ClusterSecret
+
+        if not args.dist_init_addr:
+            raise ConfigError("--node-rank > 0 needs --dist-init-addr HOST:PORT (node 0's)")
+        if not args.cluster_secret_file:
+            raise ConfigError(f"a host agent (--node-rank > 0) needs --cluster-secret-file PATH: {SECRET_HOW}")
+        return agent_main(args.node_rank, args.dist_init_addr, ClusterSecret.load(args.cluster_secret_file))
+    from eep.serving.server import serve
+
+    config = _serve_config(args)
 
     def ready(status: dict[str, object]) -> None:
         # The command's contract with whoever started it (scripts, tests): exactly this one
@@ -258,12 +267,7 @@ def _cmd_bench_eplb(args: argparse.Namespace) -> int:
         fault_at_s=args.fault_at, rejoin_after_s=args.rejoin_after, tail_s=args.tail, seed=args.seed,
     )
     result["config"]["router_skew"] = None if args.model_path else args.router_skew
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    if args.plot:
-        plot(result, args.plot)
-    print(summary_table(result))
-    return 0
+    return _bench_out(args, result, summary_table, plot)
 
 
 def _cmd_bench_scale(args: argparse.Namespace) -> int:
@@ -276,9 +280,26 @@ def _cmd_bench_scale(args: argparse.Namespace) -> int:
         redundant=args.ep_num_redundant_experts, concurrency=args.concurrency, steady_s=args.steady,
         settle_s=args.settle, seed=args.seed,
     )
+    return _bench_out(args, result, summary_table)
+
+
+def _cmd_bench_head(args: argparse.Namespace) -> int:
+    from eep.bench.head import plot, run_head_bench, summary_table
+    from eep.model.default_model import ensure_default_model
+
+    model = args.model_path or str(ensure_default_model(Path(args.cache_dir), "qwen3_moe"))
+    result = run_head_bench(model, schedules=tuple(args.schedules.split(",")), concurrency=args.concurrency,
+                            max_tokens=args.max_tokens, head_lease_ttl_s=args.head_lease_ttl)
+    return _bench_out(args, result, summary_table, plot)
+
+
+def _bench_out(args: argparse.Namespace, result: dict[str, Any], table: Any, plot: Any = None) -> int:
+    """A bench's record to `--json`, its picture to `--plot` (where it draws one), its table to stdout."""
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    print(summary_table(result))
+    if plot is not None and args.plot:
+        plot(result, args.plot)
+    print(table(result))
     return 0
 
 
@@ -695,6 +716,19 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--json", default="out/scale.json", help="the whole record (default: %(default)s)")
     sc.set_defaults(func=_cmd_bench_scale)
+
+    hb = bench_sub.add_parser("head", help="node 0 lost under streaming clients, a standby head takes over "
+                                           "(root: namespace hosts, etcd): takeover time, lost and differing "
+                                           "requests, ranks restarted (JSON, PNG)")
+    hb.add_argument("--model-path", help="a checkpoint (default: the default Qwen3-MoE, built on first use)")
+    hb.add_argument("--schedules", default="killed,partitioned", help="node 0 killed and/or partitioned "
+                                                                    "(default: %(default)s)")
+    hb.add_argument("--concurrency", type=int, default=16)
+    hb.add_argument("--max-tokens", type=int, default=40)
+    hb.add_argument("--head-lease-ttl", type=float, default=2.0)
+    hb.add_argument("--json", default="out/head.json", help="the whole record (default: %(default)s)")
+    hb.add_argument("--plot", default="out/head.png", help="the picture (default: %(default)s)")
+    hb.set_defaults(func=_cmd_bench_head)
 
     sim = sub.add_parser("sim", help="simulate one wide-EP instance on a GPU cluster through a failure (JSON, PNG)")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True, metavar="REPORT")

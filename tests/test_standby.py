@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -44,33 +41,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def hosts() -> Iterator[NamespaceHosts]:
     with NamespaceHosts(2, prefix=f"eeps{uuid.uuid4().hex[:6]}") as h:
         yield h
-
-
-class StandbyProcess:
-    def __init__(self, hosts: NamespaceHosts, secret_file: Path, head: str, log: Path) -> None:
-        cmd = [sys.executable, "-m", "eep", "serve", "--standby", "--nnodes", "2", "--node-rank", "1",
-               "--dist-init-addr", head, "--cluster-secret-file", str(secret_file),
-               "--http", f"{hosts.addresses[1]}:{STANDBY_PORT}"]
-        with log.open("a") as err:
-            self.proc = hosts.popen(1, cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-        try:
-            line = lines.get(timeout=60)
-        except queue.Empty:
-            self.stop()
-            pytest.fail(f"no standby ready line:\n{log.read_text()[-3000:]}")
-        assert "standby on http://" in line, line
-        self.url = line.split(" on ", 1)[1].split(" ", 1)[0]
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
 
 def _get(hosts: NamespaceHosts, url: str) -> httpx.Response:
@@ -125,14 +95,13 @@ def test_a_standby_follows_the_journal_answers_as_a_standby_and_its_loss_leaves_
         hosts: NamespaceHosts, model_dir: Path) -> None:
     server = start_namespace_server(hosts, str(model_dir), nnodes=2, ep_size=4, port=PORT, http_port=HTTP_PORT,
                                     args=ARGS)
-    standby = None
+    inst = server.inst
     try:
-        log = server.inst.dir / "standby.log"
-        standby = StandbyProcess(hosts, server.inst.secret_file, server.inst.dist_init_addr, log)
-        health = _get(hosts, f"{standby.url}/health")
+        url = inst.start_standby(1, f"{hosts.addresses[1]}:{STANDBY_PORT}")
+        health = _get(hosts, f"{url}/health")
         assert health.status_code == 503 and health.json()["status"] == "standby", health.text
-        refused = _get(hosts, f"{standby.url}/v1/models")
-        assert refused.status_code == 503 and server.inst.dist_init_addr in refused.json()["error"]["message"]
+        refused = _get(hosts, f"{url}/v1/models")
+        assert refused.status_code == 503 and inst.dist_init_addr in refused.json()["error"]["message"]
 
         def follows() -> list[dict]:  # type: ignore[type-arg]
             return _get(hosts, f"{server.url}/membership").json()["replication"]["standbys"]
@@ -141,7 +110,7 @@ def test_a_standby_follows_the_journal_answers_as_a_standby_and_its_loss_leaves_
         assert follows()[0]["node"] == 1
 
         def journal() -> dict:  # type: ignore[type-arg]
-            return _get(hosts, f"{standby.url}/membership").json()["journal"]  # type: ignore[union-attr]
+            return _get(hosts, f"{url}/membership").json()["journal"]
 
         done = _streams(hosts, server.url, server.model_name, 6)
         tokens = sum(len(v) for v in done.values())
@@ -155,16 +124,15 @@ def test_a_standby_follows_the_journal_answers_as_a_standby_and_its_loss_leaves_
         _wait(lambda: journal()["requests"] == 9 and journal()["running"] == 0, 20,
               f"the standby still believes the head runs them: {journal()}")
         # the standby lost: the head serves on and says so
-        standby.stop(signal.SIGKILL)
+        inst.standbys[1].kill()
+        inst.standbys[1].wait(timeout=10)
         _wait(lambda: follows() == [], 10, "the head still reports its lost standby")
         assert len(_streams(hosts, server.url, server.model_name, 2)) == 2
         assert _get(hosts, f"{server.url}/health").status_code == 200
         # started again: from a snapshot of the head's journal
-        standby = StandbyProcess(hosts, server.inst.secret_file, server.inst.dist_init_addr, log)
+        url = inst.start_standby(1, f"{hosts.addresses[1]}:{STANDBY_PORT}")
         _wait(lambda: journal()["requests"] == 11, 20, f"no snapshot: {journal()}")
     finally:
-        if standby is not None:
-            standby.stop()
         server.stop()
 
 
@@ -180,12 +148,12 @@ def test_a_head_followed_by_a_standby_stops_serving_once_its_leader_key_can_have
             *ARGS, "--etcd-endpoints", cluster.endpoints[0], "--instance", instance, "--head-lease-ttl", "2",
             "--http", f"{hosts.addresses[0]}:{HTTP_PORT}"])
         cluster.grant(instance, inst.secret)
-        standby = None
         etcd_pid = cluster.servers[0].proc.pid  # type: ignore[union-attr]
         try:
             inst.start()
             url = inst.ready_line.rsplit(" http ", 1)[1].strip()
-            standby = StandbyProcess(hosts, inst.secret_file, inst.dist_init_addr, inst.dir / "standby.log")
+            # without etcd of its own: it must not take over when the head's key lapses at the end
+            inst.start_standby(1, f"{hosts.addresses[1]}:{STANDBY_PORT}", ["--etcd-endpoints", ""])
             _wait(lambda: len(_get(hosts, f"{url}/membership").json()["replication"]["standbys"]) == 1, 20,
                   "the head reports no standby")
             time.sleep(1.0)  # a renewal with the standby following
@@ -201,8 +169,6 @@ def test_a_head_followed_by_a_standby_stops_serving_once_its_leader_key_can_have
             assert refused == 503
         finally:
             os.kill(etcd_pid, signal.SIGCONT)
-            if standby is not None:
-                standby.stop()
             inst.stop()
             inst.remove()
 

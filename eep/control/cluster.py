@@ -14,7 +14,7 @@ import tempfile
 import torch
 
 from eep.config import EngineConfig
-from eep.control.config import EPConfig, Timeouts
+from eep.control.config import EPConfig, Takeover, Timeouts
 from eep.dataplane.shm import ShmLayout
 from eep.model.config import ModelConfig
 from eep.runtime import wire
@@ -41,9 +41,13 @@ def data_layout(cfg: ModelConfig, dtype: torch.dtype, ep: EPConfig, max_num_batc
 
 class Cluster:
     def __init__(self, config: EngineConfig, ep: EPConfig, timeouts: Timeouts, layout: ShmLayout,
-                 backup_masks: dict[int, torch.Tensor] | None, secret: ClusterSecret | None) -> None:
+                 backup_masks: dict[int, torch.Tensor] | None, secret: ClusterSecret | None,
+                 takeover: Takeover | None = None) -> None:
         self.config, self.ep, self.timeouts, self.layout = config, ep, timeouts, layout
         self.backup_masks = backup_masks
+        # a standby that takes over: node 0 is gone; this process (on node takeover.node, beside
+        # that node's agent) listens at takeover.control and runs no rank of its own
+        self.takeover = takeover
         self.secret = secret
         # the ranks' expert row servers (a rebalance's peer source) are CURVE doors like every other:
         # one host without a cluster secret makes one of its own, handed only to its ranks
@@ -56,9 +60,9 @@ class Cluster:
         self._tmpdir: str | None = None  # gloo's file store on one host; made only for it
         self.local = LocalHost(
             ep.num_ranks, layout=layout if ep.backend == "shm" else None, heartbeats=ep.elastic,
-            backup_mask=backup_masks[0] if backup_masks is not None else None,
+            backup_mask=backup_masks[0] if backup_masks is not None and takeover is None else None,
             model_path=config.model_path, dtype=config.dtype, cpu_affinity=ep.cpu_affinity,
-            fork_server=ep.fork_server, secret=self.rank_secret,
+            fork_server=ep.fork_server and takeover is None, secret=self.rank_secret,
         )
         try:
             segment = self.local.segment
@@ -92,9 +96,15 @@ class Cluster:
             t.heartbeat_interval_s, ep.failure_timeout_s, ep.etcd_endpoints, ep.instance, ep.cpu_affinity,
             ep.fork_server,
         )
-        self.hosts = HostListener(ep.dist_init_addr, t.heartbeat_interval_s, setup, self.secret)  # also takes hosts back later
-        agents = self.hosts.wait_agents(range(1, ep.nnodes), ep.start_timeout_s)
+        listen = self.takeover.control if self.takeover is not None else ep.dist_init_addr
+        self.hosts = HostListener(listen, t.heartbeat_interval_s, setup, self.secret)  # also takes hosts back later
+        if self.takeover is None:
+            agents = self.hosts.wait_agents(range(1, ep.nnodes), ep.start_timeout_s)
+        else:  # the agents that follow: those that come within the wait (a host lost with node 0 does not)
+            agents = self.hosts.wait_agents(range(1, ep.nnodes), max(10.0, 6 * ep.failure_timeout_s), some=True)
         address = {0: host0, **{n: link.address for n, link in agents.items()}}
+        # (a node that did not follow a new head keeps its old address: its ranks are lost anyway)
+        address = {**{n: self._known_address(n) for n in range(ep.nnodes)}, **address}
         self.data_addresses = tuple(data_address(address[ep.node_of(r)], port + 1, r) for r in range(ep.num_ranks))
         if ep.backend == "shm":
             from eep.security.curve import CurveKeys
@@ -112,9 +122,17 @@ class Cluster:
         if self.backup_masks is not None:
             from eep.runtime.backup_server import backup_address
 
-            self.backup_addresses = tuple(backup_address(address[n], port, ep.num_ranks, n) for n in range(ep.nnodes))
-            self.local.serve_backup(self.backup_addresses[0])
+            self.backup_addresses = tuple(backup_address(address.get(n, host0), port, ep.num_ranks, n)
+                                          for n in range(ep.nnodes))
+            if self.takeover is None:
+                self.local.serve_backup(self.backup_addresses[0])
         logger.info("nodes up: %s", ", ".join(f"{n}={a}" for n, a in sorted(address.items())))
+
+    def _known_address(self, node: int) -> str:
+        """Where `node` was (its agent is not connected): node 0 at the head's address, any other
+        unknown (its ranks fail; nothing is sent there)."""
+        host0, _ = wire.split_addr(self.ep.dist_init_addr)  # type: ignore[arg-type]
+        return host0 if node == 0 else "0.0.0.0"
 
     # -- ranks -----------------------------------------------------------------------------
     def spec(self, rank: int, placement: object, held: torch.Tensor | None, epoch: int) -> RankSpec:
@@ -154,10 +172,21 @@ class Cluster:
             raise HostError(f"rank {spec.rank}'s connection closed before its spec was sent ({e})") from None
         return conn, hello, link
 
+    def adopt_remote(self, rank: int, pid: int, epoch: int) -> tuple[Channel, wire.RankConnect, AgentLink]:
+        """A head that took over: `rank`'s running process `pid`, with a new control connection
+        its agent opened for it (HostError if it cannot)."""
+        assert self.hosts is not None
+        node = self.ep.node_of(rank)
+        conn, hello = self.hosts.adopt(node, rank, pid, epoch, timeout_s=self.timeouts.start_s)
+        return conn, hello, self.hosts.agents[node]
+
     # -- hosts -----------------------------------------------------------------------------
     def node_up(self, node: int) -> bool:
-        """Node 0 (this process) always; another node while its agent is connected."""
-        return node == 0 or (self.hosts is not None and self.hosts.agent(node) is not None)
+        """Node 0 (this process) always, unless this head took over from it (then never);
+        another node while its agent is connected."""
+        if node == 0:
+            return self.takeover is None
+        return self.hosts is not None and self.hosts.agent(node) is not None
 
     @property
     def heartbeats(self) -> bool:

@@ -156,3 +156,12 @@ class Timeouts:
     def host_silent_s(self) -> float:
         """An agent silent this long, with a silent rank of its host: the whole host is gone."""
         return 2 * self.heartbeat_interval_s
+
+
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """A standby head that takes a running instance over (eep.control.takeover): its node, and
+    the address it listens on for the agents (the one it puts in the leader key)."""
+
+    node: int
+    control: str

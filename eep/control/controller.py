@@ -122,6 +122,8 @@ class Controller:
                 raise MembershipError(f"the membership store refused epoch {view.epoch}: {e}; another controller "
                                       f"commits this instance's views") from None
             except StoreError as e:
+                if self.leadership is not None and self.leadership.deposed is not None:  # no use waiting
+                    raise MembershipError(f"epoch {view.epoch} not committed: {self.leadership.deposed}") from None
                 if time.monotonic() > deadline:
                     raise MembershipError(f"the membership store is unreachable: {e}") from None
                 logger.warning("membership store: %s; retrying epoch %d for %.0f s more", e, view.epoch,

@@ -27,7 +27,7 @@ import torch
 
 from eep.config import EngineConfig, resolve_dtype
 from eep.control.cluster import Cluster, data_layout
-from eep.control.config import EPConfig
+from eep.control.config import EPConfig, Takeover
 from eep.control.controller import Controller
 from eep.control.coverage import CoverageKeeper
 from eep.control.detector import FailureDetector
@@ -39,6 +39,7 @@ from eep.control.reintegration import Reintegration
 from eep.control.replies import ReplyCollector
 from eep.control.scaling import Scaler
 from eep.control.steps import StepRunner
+from eep.control.takeover import TakeOver
 from eep.engine.worker import SeqWork
 from eep.errors import ConfigError, DataPlaneError, RankFailed, RanksFailed, StepRetry
 from eep.membership.store import EtcdStore, MembershipStore, MemoryStore
@@ -86,8 +87,11 @@ def target_placement(cfg: ModelConfig, ep: EPConfig) -> Placement:
 
 
 class EPExecutor:
-    def __init__(self, config: EngineConfig, ep: EPConfig) -> None:
+    def __init__(self, config: EngineConfig, ep: EPConfig, takeover: Takeover | None = None) -> None:
+        """`takeover`: a standby head taking a running instance over (eep.control.takeover):
+        adopt its running ranks instead of starting any."""
         self.config, self.ep, self.num_ranks = config, ep, ep.num_ranks
+        self.takeover = takeover
         self.timeouts = ep.timeouts
         with CheckpointReader(config.model_path) as reader:
             cfg = ModelConfig.from_hf(reader.config)
@@ -106,7 +110,8 @@ class EPExecutor:
                                        if ep.etcd_endpoints else MemoryStore())
         self.on_deposed: list[Callable[[str], None]] = []  # told once if another head takes the leader key
         try:  # across hosts with etcd: the leader key first, so that a second head stops before it starts ranks
-            self.leadership = (Leadership(self.store, "node0", {"control": ep.dist_init_addr, "pid": os.getpid()},
+            head, control = (f"node{takeover.node}", takeover.control) if takeover else ("node0", ep.dist_init_addr)
+            self.leadership = (Leadership(self.store, head, {"control": control, "pid": os.getpid()},
                                           ep.head_lease_ttl_s, self._deposed) if ep.etcd_endpoints else None)
         except BaseException:
             self.store.close()
@@ -121,7 +126,8 @@ class EPExecutor:
         self._retries = 0  # consecutive steps abandoned without a failure
         try:
             self._cluster: Cluster | None = Cluster(
-                config, ep, self.timeouts, data_layout(cfg, dtype, ep, config.max_num_batched_tokens), masks, secret)
+                config, ep, self.timeouts, data_layout(cfg, dtype, ep, config.max_num_batched_tokens), masks, secret,
+                takeover)
         except BaseException:
             if self.leadership is not None:
                 self.leadership.close()
@@ -138,7 +144,10 @@ class EPExecutor:
                                      self.hooks)
         self.scaler = Scaler(ep, self.ctl, self.reintegration, self.rebalancer)
         try:
-            self._start()
+            if takeover is None:
+                self._start()
+            else:
+                TakeOver(self.ctl, self.pool, self.replies, self.coverage_keeper, ep.start_timeout_s).run()
         except BaseException:
             self.close()
             raise

@@ -58,6 +58,8 @@ class RankPool:
         the same way at any time by its host's agent (this host's: `LocalHost`). A death is seen
         through its death notice (< 1 ms), its pidfd once the exit is complete; on another host
         through its agent and its connection. RankFailed if another host's agent cannot start it."""
+        if self.cluster.ep.node_of(rank) == 0 and self.cluster.takeover is not None:
+            raise RankFailed(rank, "node 0 is gone: this head took over from it, and no rank of it starts again")
         spec = self.cluster.spec(rank, placement, held, epoch)
         incarnation = next(self._incarnations)
         if self.cluster.ep.node_of(rank) != 0:
@@ -72,6 +74,22 @@ class RankPool:
             p = RankProcess(rank, incarnation, epoch, s.proc, s.pidfd, s.conn, s.notice)
         self._procs[rank] = p
         return p
+
+    def adopt(self, rank: int, pid: int, incarnation: int, epoch: int) -> RankProcess:
+        """A head that took over: `rank`'s running process `pid` (incarnation `incarnation`, as the
+        committed view names it), reached over a new control connection its agent made."""
+        try:
+            conn, hello, link = self.cluster.adopt_remote(rank, pid, epoch)
+        except HostError as e:
+            raise RankFailed(rank, str(e)) from None
+        p = RankProcess(rank, incarnation, epoch, RemoteProcess(link, rank, hello.pid), None, conn, None,
+                        wake=self.cluster.wake_handle)
+        self._procs[rank] = p
+        return p
+
+    def continue_incarnations(self, after: int) -> None:
+        """New processes get incarnations above `after` (a head that took over goes on from the view's)."""
+        self._incarnations = itertools.count(after + 1)
 
     def mark_ready(self, rank: int, warmup_s: float | None) -> None:
         p = self[rank]

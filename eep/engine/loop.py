@@ -110,8 +110,8 @@ class EngineLoop:
 
     @property
     def error(self) -> BaseException | None:
-        """The error of the step that stopped the loop, or why it stopped serving, if either did."""
-        return self._error or self._stopped
+        """Why the loop stopped serving (a deposed head), else the error of the step that stopped it."""
+        return self._stopped or self._error
 
     def stop_serving(self, reason: str) -> None:
         """Serve no more (any thread): the step in progress ends, every request in flight and
@@ -193,12 +193,12 @@ class EngineLoop:
         self.close()
 
     def _unavailable(self) -> EngineUnavailable | None:
+        if self._stopped is not None:
+            return self._stopped
         if self._error is not None:
             return EngineUnavailable(
                 f"the engine stopped after a failed step ({self._error}); restart the instance to serve again"
             )
-        if self._stopped is not None:
-            return self._stopped
         if self._closing:
             return EngineUnavailable("the engine loop is closed (the server is shutting down)")
         return None

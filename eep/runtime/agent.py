@@ -61,6 +61,7 @@ class _Rank:
     rank: int
     proc: subprocess.Popen[bytes] | ForkedProcess
     pidfd: int
+    pipe: socket.socket | None = None  # our end of its socketpair: a new head's connection is handed on it
 
 
 class HostAgent:
@@ -80,12 +81,73 @@ class HostAgent:
 
     # -- life ----------------------------------------------------------------------------------
     def run(self) -> int:
-        """Serve the controller until it shuts the instance down (0) or is lost (1)."""
+        """Serve the controller until it shuts the instance down (0) or is lost (1): with etcd,
+        lost only once no new head leads within `follow_s` (`_follow`)."""
         try:
             setup = self._join()
-            return self._serve(setup)
+            while True:
+                code = self._serve(setup)
+                if code == 0 or not self._follow(setup):
+                    return code
         finally:
             self.close()
+
+    def _follow(self, setup: wire.HostSetup) -> bool:
+        """The controller is gone: wait for a new head in etcd's leader key (a standby that took
+        over), for up to max(10 s, 6 x the failure timeout); connect to it and offer it this
+        host's running ranks (`AgentHello.ranks`). False: none came, or it did not set us up."""
+        if self._store is None:
+            return False
+        deadline = time.monotonic() + max(10.0, 6 * setup.failure_timeout_s)
+        gone = self.controller
+        logger.warning("node %d: the head at %s is gone; looking for a new one in etcd (ranks %s kept)", self.node,
+                       gone, sorted(self._ranks))
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        while time.monotonic() < deadline:
+            try:
+                leader = self._store.leader()
+            except EepError as e:
+                logger.warning("node %d: etcd: %s", self.node, e)
+                leader = None
+            control = (leader or {}).get("info", {}).get("control")
+            if isinstance(control, str) and control != gone:
+                try:
+                    self._connect(control, {r.rank: r.proc.pid for r in self._ranks.values()})
+                    logger.info("node %d: following the new head %s at %s", self.node, leader["head"], control)
+                    return True
+                except (AgentError, OSError) as e:
+                    logger.warning("node %d: the new head at %s: %s", self.node, control, e)
+            time.sleep(0.2)
+        logger.error("node %d: no new head within the wait; stopping this host's ranks", self.node)
+        return False
+
+    def _connect(self, controller: str, ranks: dict[int, int]) -> None:
+        """Connect to the head at `controller` as this host's agent and take its HostSetup (a new
+        head's: this host keeps what it has)."""
+        sock = wire.connect(controller, timeout_s=2.0)
+        try:
+            conn = client_handshake(wire.tune(sock), self.secret.key("control handshake"), peer=controller)
+        except OSError:
+            sock.close()
+            raise
+        address = sock.getsockname()[0]
+        wire.send(conn, wire.AgentHello(self.epoch, self.node, address, os.getpid(), ranks))
+        deadline = time.monotonic() + self.start_timeout_s
+        setup = None
+        while not isinstance(setup, wire.HostSetup):
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                conn.close()
+                raise AgentError(f"node {self.node}: no host set-up from {controller}")
+            try:
+                setup = wire.recv(conn, wire.TO_AGENT)
+            except (EOFError, OSError) as e:
+                conn.close()
+                raise AgentError(f"node {self.node}: {controller} closed before the host set-up ({e})") from None
+        self.epoch = max(self.epoch, setup.epoch)
+        wire.bound_sends(conn, setup.failure_timeout_s)
+        self.controller, self._conn = controller, conn
 
     def _join(self) -> wire.HostSetup:
         deadline = time.monotonic() + self.start_timeout_s
@@ -158,8 +220,7 @@ class HostAgent:
         while True:
             now = time.monotonic()
             if now - last_heard > self.controller_timeout_s:  # type: ignore[operator]
-                logger.error("node %d: nothing from the controller for %.2f s: it is gone; stopping this host's ranks",
-                             self.node, now - last_heard)
+                logger.error("node %d: nothing from the controller for %.2f s: it is gone", self.node, now - last_heard)
                 return 1
             if now >= next_beat:
                 ages = {r: board.age_s(r) for r in self._ranks}
@@ -194,6 +255,8 @@ class HostAgent:
                 self._host.announce_epoch(msg.epoch)
         elif isinstance(msg, wire.SpawnRank):
             self._spawn(msg)
+        elif isinstance(msg, wire.AdoptRank):
+            self._adopt(msg)
         elif isinstance(msg, wire.KillRank):
             r = self._ranks.get(msg.rank)
             if r is not None and r.proc.pid == msg.pid and r.proc.poll() is None:
@@ -227,23 +290,52 @@ class HostAgent:
                 logger.warning("node %d: rank %d's connection was refused: %s", self.node, msg.rank, e)
                 return
             ours, theirs = socket.socketpair()
-            with ours, theirs:
+            with theirs:
                 # never waits for a fork server's imports: this loop must keep beating
                 proc = self._host.start_process(theirs.fileno())
                 try:
                     wire.send(conn, wire.RankConnect(self.epoch, msg.rank, msg.nonce, proc.pid, host_local))
-                    session, sent, received = conn.state()
-                    handover = wire.Handover(self.epoch, msg.rank, self.controller, self.secret.raw, session, sent,
-                                             received)
-                    send_with_fd(ours, encode(handover), sock.fileno())
+                    self._hand_over(ours, msg.rank, conn, sock)
                 except OSError as e:
                     logger.warning("node %d: rank %d (pid %d) could not be handed its connection: %s", self.node,
                                    msg.rank, proc.pid, e)
         # on the least-loaded core beside this host's running ranks, as node 0 spreads its own;
         # set as early as can be, so the threads it makes next (torch, ZeroMQ) inherit it
         self._host.cores.place(msg.rank, proc.pid, [r for r in self._ranks if r != msg.rank])
-        self._ranks[msg.rank] = _Rank(msg.rank, proc, os.pidfd_open(proc.pid))
+        self._ranks[msg.rank] = _Rank(msg.rank, proc, os.pidfd_open(proc.pid), ours)
         logger.info("node %d: started rank %d (pid %d)", self.node, msg.rank, proc.pid)
+
+    def _hand_over(self, pipe: socket.socket, rank: int, conn: Channel, sock: socket.socket) -> None:
+        """Give `rank` its control connection `conn` (over `sock`) with its session state."""
+        session, sent, received = conn.state()
+        handover = wire.Handover(self.epoch, rank, self.controller, self.secret.raw, session, sent, received)
+        send_with_fd(pipe, encode(handover), sock.fileno())
+
+    def _adopt(self, msg: wire.AdoptRank) -> None:
+        """A new head takes a running rank over: its new control connection, opened and
+        introduced here, handed to it on its socketpair (its weights, KV cache and data plane
+        stay as they are)."""
+        r = self._ranks.get(msg.rank)
+        if r is None or r.proc.pid != msg.pid or r.proc.poll() is not None or r.pipe is None:
+            logger.warning("node %d: asked to hand rank %d (pid %d) over, which does not run here", self.node,
+                           msg.rank, msg.pid)
+            return
+        assert self._host is not None and self._setup is not None
+        host_local: dict[str, str | None] = {**self._host.names(), "death_notice": None}
+        try:
+            sock = wire.tune(wire.connect(self.controller, timeout_s=5.0), send_timeout_s=self._setup.failure_timeout_s)
+        except OSError as e:
+            logger.warning("node %d: cannot reach the new head for rank %d: %s", self.node, msg.rank, e)
+            return
+        with sock:
+            try:
+                conn = client_handshake(sock, self.secret.key("control handshake"), peer=self.controller)
+                wire.send(conn, wire.RankConnect(self.epoch, msg.rank, msg.nonce, msg.pid, host_local))
+                self._hand_over(r.pipe, msg.rank, conn, sock)
+            except OSError as e:
+                logger.warning("node %d: rank %d could not be handed over: %s", self.node, msg.rank, e)
+                return
+        logger.info("node %d: rank %d (pid %d) handed to the head at %s", self.node, msg.rank, msg.pid, self.controller)
 
     def _reap(self, r: _Rank) -> None:
         try:
@@ -252,6 +344,8 @@ class HostAgent:
             r.proc.kill()
             code = r.proc.wait(timeout=5)
         os.close(r.pidfd)
+        if r.pipe is not None:
+            r.pipe.close()
         if self._ranks.get(r.rank) is r:
             del self._ranks[r.rank]
         logger.info("node %d: rank %d (pid %d) exited with code %s", self.node, r.rank, r.proc.pid, code)
@@ -274,6 +368,8 @@ class HostAgent:
                 os.kill(r.proc.pid, signal.SIGKILL)  # also ends a stopped one
                 r.proc.wait(timeout=5)
             os.close(r.pidfd)
+            if r.pipe is not None:
+                r.pipe.close()
         self._ranks = {}
         if self._conn is not None:
             self._conn.close()

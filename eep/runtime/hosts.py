@@ -55,6 +55,7 @@ class HostError(EepError):
 class AgentLink:
     def __init__(self, hello: wire.AgentHello, conn: Channel, interval_s: float, wake_w: int) -> None:
         self.node, self.address, self.pid = hello.node, hello.address, hello.pid
+        self.ranks = dict(hello.ranks)  # rank -> pid: the running ranks it offered a head that took over
         self.conn, self.interval_s = conn, interval_s
         self.epoch = 0  # the controller's committed epoch, sent as the ping
         self.last_heard = time.monotonic()
@@ -258,15 +259,18 @@ class HostListener:
         self.rejections.reject(peer, f"a connection for rank {hello.rank} that no start asked for")
         conn.close()
 
-    def wait_agents(self, nodes: range | list[int], timeout_s: float) -> dict[int, AgentLink]:
-        """Every node's agent, connected and its host set up (segment, board, backup made)."""
+    def wait_agents(self, nodes: range | list[int], timeout_s: float, *, some: bool = False) -> dict[int, AgentLink]:
+        """Every node's agent, connected and its host set up (segment, board, backup made).
+        `some`: those that came within `timeout_s` (at least one; a head that took over)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             if not self._cond.wait_for(lambda: all(n in self.agents for n in nodes), timeout_s):
                 missing = [n for n in nodes if n not in self.agents]
-                raise HostError(f"no agent of node(s) {missing} connected to {self.addr} within {timeout_s:g} s: "
-                                f"start `eep serve --node-rank N --dist-init-addr {self.addr}` on each")
-            agents = {n: self.agents[n] for n in nodes}
+                if not some or len(missing) == len(nodes):
+                    raise HostError(f"no agent of node(s) {missing} connected to {self.addr} within {timeout_s:g} s: "
+                                    f"start `eep serve --node-rank N --dist-init-addr {self.addr}` on each")
+                logger.warning("node(s) %s did not follow within %.0f s: their ranks are lost", missing, timeout_s)
+            agents = {n: self.agents[n] for n in nodes if n in self.agents}
         for n, link in agents.items():
             if not link.ready.wait(max(0.0, deadline - time.monotonic())):
                 raise HostError(f"node {n}'s agent did not set its host up within {timeout_s:g} s")
@@ -282,14 +286,29 @@ class HostListener:
 
     def spawn(self, node: int, rank: int, epoch: int, timeout_s: float = 5.0) -> tuple[Channel, wire.RankConnect]:
         """Ask node's agent to start `rank`; returns the rank's control connection to us."""
+        return self._ask(node, rank, "start", lambda nonce: wire.SpawnRank(epoch, rank, nonce), timeout_s)
+
+    def adopt(self, node: int, rank: int, pid: int, epoch: int,
+              timeout_s: float = 5.0) -> tuple[Channel, wire.RankConnect]:
+        """A head that took over: ask node's agent for a new control connection of its running
+        `rank` (process `pid`); returns it (the rank's first message on it: `Adopted`)."""
+        conn, hello = self._ask(node, rank, "hand over",
+                                lambda nonce: wire.AdoptRank(epoch, rank, pid, nonce), timeout_s)
+        if hello.pid != pid:
+            conn.close()
+            raise HostError(f"node {node} handed over pid {hello.pid} for rank {rank}, not {pid}")
+        return conn, hello
+
+    def _ask(self, node: int, rank: int, what: str, message: Callable[[str], object],
+             timeout_s: float) -> tuple[Channel, wire.RankConnect]:
         link = self.agent(node)
         if link is None:
-            raise HostError(f"node {node} has no agent: rank {rank} cannot be started")
+            raise HostError(f"node {node} has no agent: rank {rank} cannot {what}")
         nonce = secrets.token_hex(16)
         with self._cond:
             self._expected.add(nonce)
         try:
-            link.send(wire.SpawnRank(epoch, rank, nonce))
+            link.send(message(nonce))
         except OSError as e:
             with self._cond:
                 self._expected.discard(nonce)
@@ -297,7 +316,7 @@ class HostListener:
         with self._cond:
             if not self._cond.wait_for(lambda: nonce in self._ranks, timeout_s):
                 self._expected.discard(nonce)  # a connection that comes later is refused
-                raise HostError(f"node {node} did not start rank {rank} within {timeout_s:g} s")
+                raise HostError(f"node {node} did not {what} rank {rank} within {timeout_s:g} s")
             conn, hello = self._ranks.pop(nonce)
         link.expect(rank)
         return conn, hello

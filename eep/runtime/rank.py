@@ -181,6 +181,17 @@ class RankWorker:
             self.exchange_timings.clear()
             self.load.enabled = counting
 
+    def routing_state(self) -> tuple[torch.Tensor, Placement]:
+        """What this rank's slots hold ([L, P], -1 outside its slots) and the tables it routes by
+        (a head that adopts it rebuilds its own from these)."""
+        with self.slots.lock:
+            held = torch.full_like(self.slots.held, -1)
+            own = slice(self.spec.slots.offset, self.spec.slots.offset + self.spec.slots.count)
+            held[:, own] = self.slots.held[:, own]
+        t = self.worker.model.tables
+        return held, Placement(t.physical_to_logical_map.clone(), t.logical_to_physical_map.clone(),
+                               t.logical_replica_count.clone())
+
     def update_routing(self, placement: Placement) -> None:
         """Switch the routing tables in place. A slot of this rank may keep its expert or be
         emptied (-1), never be given an expert it does not hold: moving weights is not a table
@@ -233,7 +244,7 @@ class RankWorker:
 
 
 def rank_main(spec: RankSpec, conn: Channel, supervisor: int | None = None,
-              secret: ClusterSecret | None = None) -> None:
+              secret: ClusterSecret | None = None, pipe: socket.socket | None = None) -> None:
     """Entry point of a rank process: serve steps from `conn` until told to stop, or until
     `supervisor` (the process that started it: the executor or the host's agent; default the
     parent, which a rank forked by a fork server is not) is gone. `secret`: the cluster's
@@ -248,7 +259,7 @@ def rank_main(spec: RankSpec, conn: Channel, supervisor: int | None = None,
     state = None
     try:
         state = RankWorker(spec, heartbeat, secret)
-        _serve(spec, conn, state, gone)
+        _serve(spec, conn, state, gone, pipe)
     except ProtocolError as e:  # the control connection cannot be trusted any more: leave it
         logger.warning("rank %d: %s; exiting as fenced", spec.rank, e)
         raise SystemExit(EXIT_FENCED) from None
@@ -275,7 +286,12 @@ def _watch(pid: int) -> Callable[[], bool]:
     return lambda: bool(select.select([pidfd], [], [], 0)[0])
 
 
-def _serve(spec: RankSpec, conn: Channel, state: RankWorker, gone: Callable[[], bool]) -> None:
+def _serve(spec: RankSpec, conn: Channel, state: RankWorker, gone: Callable[[], bool],
+           pipe: socket.socket | None = None) -> None:
+    """Answer the controller on `conn` until told to stop. `pipe` (a rank on another host): the
+    socketpair its agent started it with, on which a head that took over hands this running
+    rank a new control connection (`Handover`); while it has none (the old head's connection
+    broke), the rank waits there for one, its weights, KV cache and data plane kept."""
     warmup_s = None
     if spec.held is not None:  # a replacement: warm up before the controller switches it in
         start = time.perf_counter()
@@ -284,51 +300,104 @@ def _serve(spec: RankSpec, conn: Channel, state: RankWorker, gone: Callable[[], 
     gc.collect()
     gc.freeze()  # torch and the model live as long as the process: a full collection skips them
     wire.send(conn, wire.Ready(spec.epoch, os.getpid(), warmup_s))
+    control: Channel | None = conn
     while True:
-        if not conn.poll(spec.poll_s):
+        waiting = [s for s in (control, pipe) if s is not None]
+        ready = select.select(waiting, [], [], spec.poll_s)[0]
+        if not ready:
             if gone():  # the executor (or agent) is gone: nobody will ever send a step
                 return
             continue
+        if pipe is not None and pipe in ready:
+            taken = _adopted(spec, pipe, state)
+            if taken is None:  # the agent is gone (or sent no connection): nobody can adopt this rank
+                return
+            if control is not None:
+                control.close()
+            control = taken
+            continue
+        assert control is not None
         try:
-            msg = wire.recv(conn, wire.TO_RANK)
-        except EOFError:  # the executor closed our pipe: it is gone or has replaced us
-            return
-        if isinstance(msg, StepOrder):
-            try:
-                wire.send(conn, wire.StepDone(msg.epoch, state.step(msg)))
-            except PeerTimeout as e:  # a silent peer: report it; the executor decides what follows
-                logger.warning("step aborted: %s", e)
-                wire.send(conn, wire.PeerSilent(msg.epoch, e.peer))
-            except RankFenced as e:  # a newer view or process excludes this one: it must go
-                logger.warning("fenced: %s", e)
-                raise SystemExit(EXIT_FENCED) from None
-            except DataPlaneError as e:  # aborted by the controller, or out of step: nothing committed
-                logger.warning("step aborted: %s", e)
-                wire.send(conn, wire.StepAbandoned(msg.epoch, str(e)))
-        elif isinstance(msg, wire.SetRouting):
-            try:
-                state.update_routing(msg.placement)
-                wire.send(conn, wire.RoutingSet(msg.epoch))
-            except ConfigError as e:
-                wire.send(conn, wire.Refused(msg.epoch, str(e)))
-        elif isinstance(msg, wire.Repair):
-            try:
-                wire.send(conn, wire.Repaired(msg.epoch, state.repair(msg.interim, msg.copies, msg.placement)))
-            except ConfigError as e:
-                wire.send(conn, wire.Refused(msg.epoch, str(e)))
-        elif isinstance(msg, wire.MoveExperts):
-            try:
-                state.move(msg.batch, msg.copies)
-                wire.send(conn, wire.MovesAccepted(msg.epoch, msg.batch))
-            except ConfigError as e:
-                wire.send(conn, wire.Refused(msg.epoch, str(e)))
-        elif isinstance(msg, wire.QueryPtrs):
-            wire.send(conn, wire.Ptrs(msg.epoch, state.storage_ptrs()))
-        elif isinstance(msg, wire.Stop):
-            return
-        elif isinstance(msg, wire.Fence):  # the view moved on without this process
-            logger.warning("rank %d fenced by the controller in epoch %d: %s", spec.rank, msg.epoch, msg.reason)
-            raise SystemExit(EXIT_FENCED)
+            msg = wire.recv(control, wire.TO_RANK)
+            if not _answer(control, msg, state, spec):
+                return
+        except ProtocolError:  # the control connection cannot be trusted any more: leave it
+            raise
+        except (EOFError, OSError) as e:  # the head closed it or is gone
+            if pipe is None:
+                if isinstance(e, EOFError):  # the executor closed our pipe: it is gone or has replaced us
+                    return
+                raise
+            logger.warning("rank %d: the control connection ended (%s); waiting for a head to adopt this rank",
+                           spec.rank, e or "closed")
+            control.close()
+            control = None
+
+
+def _answer(conn: Channel, msg: object, state: RankWorker, spec: RankSpec) -> bool:
+    """Carry one controller message out and answer it; False: stop serving."""
+    if isinstance(msg, StepOrder):
+        try:
+            wire.send(conn, wire.StepDone(msg.epoch, state.step(msg)))
+        except PeerTimeout as e:  # a silent peer: report it; the executor decides what follows
+            logger.warning("step aborted: %s", e)
+            wire.send(conn, wire.PeerSilent(msg.epoch, e.peer))
+        except RankFenced as e:  # a newer view or process excludes this one: it must go
+            logger.warning("fenced: %s", e)
+            raise SystemExit(EXIT_FENCED) from None
+        except DataPlaneError as e:  # aborted by the controller, or out of step: nothing committed
+            logger.warning("step aborted: %s", e)
+            wire.send(conn, wire.StepAbandoned(msg.epoch, str(e)))
+    elif isinstance(msg, wire.SetRouting):
+        try:
+            state.update_routing(msg.placement)
+            wire.send(conn, wire.RoutingSet(msg.epoch))
+        except ConfigError as e:
+            wire.send(conn, wire.Refused(msg.epoch, str(e)))
+    elif isinstance(msg, wire.Repair):
+        try:
+            wire.send(conn, wire.Repaired(msg.epoch, state.repair(msg.interim, msg.copies, msg.placement)))
+        except ConfigError as e:
+            wire.send(conn, wire.Refused(msg.epoch, str(e)))
+    elif isinstance(msg, wire.MoveExperts):
+        try:
+            state.move(msg.batch, msg.copies)
+            wire.send(conn, wire.MovesAccepted(msg.epoch, msg.batch))
+        except ConfigError as e:
+            wire.send(conn, wire.Refused(msg.epoch, str(e)))
+    elif isinstance(msg, wire.QueryPtrs):
+        wire.send(conn, wire.Ptrs(msg.epoch, state.storage_ptrs()))
+    elif isinstance(msg, wire.Stop):
+        return False
+    elif isinstance(msg, wire.Fence):  # the view moved on without this process
+        logger.warning("rank %d fenced by the controller in epoch %d: %s", spec.rank, msg.epoch, msg.reason)
+        raise SystemExit(EXIT_FENCED)
+    return True
+
+
+def _adopted(spec: RankSpec, pipe: socket.socket, state: RankWorker) -> Channel | None:
+    """The control connection a new head's agent hands over on `pipe`, told what this rank holds
+    and routes by (`Adopted`); None if the agent closed the pipe or sent no connection."""
+    try:
+        payload, fds = recv_launch(pipe, timeout_s=10.0)
+        handover = wire.LAUNCH.decode(payload)
+    except (EOFError, OSError):
+        return None
+    if not isinstance(handover, wire.Handover) or len(fds) != 1 or handover.rank != spec.rank:
+        for fd in fds:
+            os.close(fd)
+        logger.error("rank %d: its agent handed over something that is not its connection", spec.rank)
+        return None
+    conn = Channel.resume(socket.socket(fileno=fds[0]), handover.session, handover.sent, handover.received,
+                          client=True, peer=handover.peer)
+    try:
+        wire.send(conn, wire.Adopted(handover.epoch, os.getpid(), *state.routing_state()))
+    except OSError as e:
+        logger.warning("rank %d: the new head's connection broke at once (%s)", spec.rank, e)
+        conn.close()
+        return None
+    logger.info("rank %d: adopted by the head at %s (epoch %d)", spec.rank, handover.peer, handover.epoch)
+    return conn
 
 
 def main(argv: list[str], supervisor: int | None = None) -> None:
@@ -346,8 +415,7 @@ def main(argv: list[str], supervisor: int | None = None) -> None:
         secret = ClusterSecret(launch.secret) if launch.secret is not None else None
         rank_main(launch.spec, Channel(local), supervisor, secret)
         return
-    local.close()
-    _log_as(launch.rank)
+    _log_as(launch.rank)  # `local` stays open: a head that takes over hands a new connection on it
     if len(fds) != 1:
         logger.error("rank %d: the agent's handover came without its connection", launch.rank)
         raise SystemExit(1)
@@ -358,4 +426,4 @@ def main(argv: list[str], supervisor: int | None = None) -> None:
     except (EOFError, OSError) as e:
         logger.error("rank %d: no spec from the controller at %s: %s", launch.rank, launch.peer, e or "closed")
         raise SystemExit(1) from None
-    rank_main(spec, conn, supervisor, ClusterSecret(launch.secret))
+    rank_main(spec, conn, supervisor, ClusterSecret(launch.secret), pipe=local)

@@ -15,7 +15,8 @@ What this module promises:
 Who sends what:
     agent -> controller: AgentHello (the first message of an agent's connection), Beats (every
                          heartbeat interval: the ages of its ranks' heartbeats), RankExited
-    controller -> agent: HostSetup (once, after AgentHello), SpawnRank, KillRank, Announce
+    controller -> agent: HostSetup (once, after AgentHello), SpawnRank, AdoptRank (a new head
+                         takes a running rank over), KillRank, Announce
                          (every committed epoch, and every heartbeat interval as a ping), Shutdown
     host -> rank, on the socketpair it starts the rank with: Launch (node 0: this socketpair is
                          the rank's control pipe) or Handover (another host: with it, the TCP
@@ -27,7 +28,7 @@ Who sends what:
                          change (JournalAdmit, JournalTokens, JournalState; Announce as a ping)
     controller -> rank:  RankSpec (first), then StepOrder, SetRouting, Repair, MoveExperts, QueryPtrs,
                          Stop, Fence
-    rank -> controller:  Ready (once), StepDone, PeerSilent, StepAbandoned, RoutingSet, Repaired,
+    rank -> controller:  Ready (once; Adopted to a head that took it over), StepDone, PeerSilent, StepAbandoned, RoutingSet, Repaired,
                          MovesAccepted, Ptrs or Refused, each with the epoch of the request it answers: the
                          controller's reply loop drops an answer of an older epoch than the
                          request it waits on (`eep.control.replies`)
@@ -38,7 +39,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,6 +62,8 @@ class AgentHello:
     node: int
     address: str  # the host's address as the controller reaches it (data-plane sockets bind there)
     pid: int
+    # rank -> pid of the ranks it runs: an agent that follows a new head (its ranks, adoptable)
+    ranks: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,17 @@ class SpawnRank:
     epoch: int
     rank: int
     nonce: str  # names the rank's own connection back to the controller (RankConnect)
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptRank:
+    """A new head takes the running `rank` (process `pid`) over: the agent opens and introduces
+    the rank's new control connection (`RankConnect` with `nonce`) and hands it to the rank."""
+
+    epoch: int
+    rank: int
+    pid: int
+    nonce: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +279,16 @@ class Ready:
 
 
 @dataclass(frozen=True, slots=True)
+class Adopted:
+    """A running rank's first message to the head that adopted it: what it holds and routes by."""
+
+    epoch: int
+    pid: int
+    held: torch.Tensor  # [L, P] the expert each of its slots holds (-1 elsewhere)
+    placement: Placement  # the routing tables it serves with
+
+
+@dataclass(frozen=True, slots=True)
 class StepDone:
     epoch: int
     result: StepResult
@@ -407,10 +431,10 @@ class JournalState:
 INTRODUCTION = Protocol("the first message on the controller's port", (AgentHello, RankConnect, StandbyHello))
 TO_STANDBY = Protocol("head to standby head", (JournalAdmit, JournalTokens, JournalState, Announce))
 FROM_AGENT = Protocol("agent to controller", (Beats, RankExited))
-TO_AGENT = Protocol("controller to agent", (HostSetup, Announce, SpawnRank, KillRank, Shutdown))
+TO_AGENT = Protocol("controller to agent", (HostSetup, Announce, SpawnRank, AdoptRank, KillRank, Shutdown))
 RANK_SPEC = Protocol("the controller's first message to a rank", (RankSpec,))
 TO_RANK = Protocol("controller to rank", (StepOrder, SetRouting, Repair, MoveExperts, QueryPtrs, Stop, Fence))
-FROM_RANK = Protocol("rank to controller", (Ready, StepDone, PeerSilent, StepAbandoned, RoutingSet, Repaired,
+FROM_RANK = Protocol("rank to controller", (Ready, Adopted, StepDone, PeerSilent, StepAbandoned, RoutingSet, Repaired,
                                             MovesAccepted, Ptrs, Refused))
 LAUNCH = Protocol("a host to the rank it starts", (Launch, Handover))
 TO_FORK_SERVER = Protocol("a host to its fork server", (Fork,))

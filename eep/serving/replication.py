@@ -240,6 +240,7 @@ class StandbyLink:
         self.retry_s, self.silent_s = retry_s, silent_s
         self.connected = threading.Event()
         self.connections = 0
+        self.address: str | None = None  # this host's address as the head saw it (where a new head listens)
         self.last_heard = 0.0  # monotonic
         self._stop = threading.Event()
         self._conn: Channel | None = None
@@ -262,6 +263,7 @@ class StandbyLink:
 
     def _follow(self) -> None:
         sock = wire.connect(self.head, timeout_s=2.0)
+        self.address = sock.getsockname()[0]
         try:
             conn = client_handshake(wire.tune(sock), self.secret.key("control handshake"), peer=self.head)
         except OSError:

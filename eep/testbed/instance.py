@@ -53,6 +53,7 @@ class HostsInstance:
         self.secret = ClusterSecret.load(self.secret_file)
         self.head: subprocess.Popen[str] | None = None
         self.agents: dict[int, subprocess.Popen[str]] = {}
+        self.standbys: dict[int, subprocess.Popen[str]] = {}
 
     @property
     def dist_init_addr(self) -> str:
@@ -103,6 +104,29 @@ class HostsInstance:
         self.agents[node] = proc
         return proc
 
+    def start_standby(self, node: int, http: str, args: Sequence[str] = ()) -> str:
+        """`eep serve --standby` on host `node` with the head's flags (and `args`, which override
+        them), its HTTP on `http`; returns its URL once it stands by."""
+        with (self.dir / f"standby{node}.log").open("a") as err:
+            proc = self.hosts.popen(node, [*self._cmd(node), "--standby", "--http", http, *args],
+                                    stdout=subprocess.PIPE, stderr=err, text=True, env=self.env)
+        self.standbys[node] = proc
+        lines: queue.Queue[str] = queue.Queue()
+        out = proc.stdout
+        assert out is not None
+        threading.Thread(target=lambda: lines.put(out.readline()), daemon=True).start()
+        try:
+            line = lines.get(timeout=self.start_timeout_s)
+        except queue.Empty:
+            raise InstanceError(f"the standby on node {node} did not start; log:\n{self.standby_log(node)}") from None
+        if "standby on http://" not in line:
+            raise InstanceError(f"the standby on node {node} printed {line!r}; log:\n{self.standby_log(node)}")
+        return line.split(" on ", 1)[1].split(" ", 1)[0]
+
+    def standby_log(self, node: int, chars: int = 4000) -> str:
+        path = self.dir / f"standby{node}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
     def __enter__(self) -> HostsInstance:
         return self.start()
 
@@ -112,12 +136,13 @@ class HostsInstance:
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM the head (it stops every rank and tells the agents to go), wait for the agents;
         whatever is left is killed with its namespace by the hosts' `down`."""
-        procs = ([self.head] if self.head is not None else []) + list(self.agents.values())
-        if self.head is not None and self.head.poll() is None:
-            self.head.send_signal(signal.SIGTERM)
+        procs = ([self.head] if self.head is not None else []) + list(self.standbys.values()) + list(self.agents.values())
+        for p in ([self.head] if self.head is not None else []) + list(self.standbys.values()):
+            if p.poll() is None:  # a standby that took over is the head now: it stops the instance
+                p.send_signal(signal.SIGTERM)
         for p in procs:
             try:
-                p.wait(timeout=timeout_s if p is self.head else 10.0)
+                p.wait(timeout=timeout_s if p is self.head or p in self.standbys.values() else 10.0)
             except subprocess.TimeoutExpired:  # an agent still waiting for a head that never came
                 p.send_signal(signal.SIGTERM)
                 try:
@@ -128,7 +153,7 @@ class HostsInstance:
                     p.wait(timeout=10)
             if p.stdout is not None:
                 p.stdout.close()
-        self.head, self.agents = None, {}
+        self.head, self.agents, self.standbys = None, {}, {}
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
