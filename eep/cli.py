@@ -766,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # a line per etcd call (leases are renewed every third of their TTL) is noise
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except EepError as e:

@@ -4,7 +4,8 @@ namespace hosts x two ranks, the head on node 0 and a standby head on node 1 (`e
 the same request to the other head's address with the standard `Last-Event-ID`. The standby
 takes the leader key once the head's lease lapsed, the agents follow it, it adopts the running
 ranks (none restarted), repairs coverage and admits the streams again from their committed
-tokens: every client gets exactly the tokens of an unbroken run (greedy and seeded).
+tokens: every client gets exactly the tokens of an unbroken run (greedy and seeded); two
+non-streaming completions retried with the same `X-Request-Id` get theirs too.
 - `killed`: node 0's link cut and everything on it SIGKILLed;
 - `partitioned`: its link cut only: the old head, alive, is deposed by its own clock (its lease
   cannot be renewed while a standby follows it), serves and commits nothing more, also after

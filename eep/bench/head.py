@@ -9,7 +9,8 @@ the head and, once each has a token, node 0 is lost:
 - `killed`: its link cut and every process on it SIGKILLed;
 - `partitioned`: its link cut only; the old head lives on, cut off, and is healed at the end.
 A client whose stream breaks sends the same request to the other head's address with the
-standard `Last-Event-ID` (and the same `X-Request-Id`) until it has `[DONE]`.
+standard `Last-Event-ID` (and the same `X-Request-Id`) until it has `[DONE]`; two more clients
+send non-streaming completions and retry them with the same `X-Request-Id`.
 
 Figures (`summary`, per schedule): `takeover_s` (node 0's loss to the first token a client got
 from the new head), `requests_lost` (clients without `[DONE]`), `outputs_differing` (token ids
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 HTTP_PORT = 8300
 SCHEDULES = ("killed", "partitioned")
+NON_STREAMING = 2  # clients besides the streams: a completion retried with the same X-Request-Id
 BIN_S = 0.1
 
 
@@ -81,7 +83,33 @@ class RetryingStream:
         finally:
             self.started.set()
 
+    def _complete(self, deadline: float) -> None:
+        """Non-streaming: the same request, with the same `X-Request-Id`, until one answer."""
+        which = 0
+        self.started.set()
+        while time.monotonic() < deadline:
+            try:
+                with entered(self.netns):
+                    resp = httpx.post(f"{self.urls[which]}/v1/completions", json=self.body,
+                                      headers={"X-Request-Id": self.rid}, timeout=httpx.Timeout(10.0, read=10.0))
+                if resp.status_code == 200:
+                    self.ids = list(resp.json()["choices"][0]["token_ids"])
+                    now = time.monotonic()
+                    self.stamps = [now] * len(self.ids)
+                    if self.retries:
+                        self.first_after_retry = now
+                    self.done = True
+                    return
+            except httpx.HTTPError:
+                pass
+            which, self.retries = 1, self.retries + 1
+            time.sleep(0.2)
+        raise AssertionError(f"{self.rid}: no completion in time")
+
     def _stream(self) -> None:
+        if not self.body.get("stream"):
+            self._complete(time.monotonic() + self.deadline_s)
+            return
         last: str | None = None
         which = 0
         deadline = time.monotonic() + self.deadline_s
@@ -142,9 +170,11 @@ def run_schedule(model_path: str, loss: str, *, concurrency: int = 16, max_token
     model = Path(model_path).name
     with NamespaceHosts(3, prefix=f"eepb{uuid.uuid4().hex[:6]}") as hosts, EtcdCluster(hosts) as cluster:
         instance = f"b{uuid.uuid4().hex[:6]}"
+        # every host lists its own etcd member first, as a deployment does
+        ends = cluster.endpoints
         inst = HostsInstance(hosts, model_path, ep_size=6, nnodes=3, args=[
-            *args, "--etcd-endpoints", ",".join(cluster.endpoints), "--instance", instance,
-            "--http", f"{hosts.addresses[0]}:{HTTP_PORT}"])
+            *args, "--instance", instance, "--http", f"{hosts.addresses[0]}:{HTTP_PORT}"],
+            node_args={n: ["--etcd-endpoints", ",".join(ends[n:] + ends[:n])] for n in range(3)})
         credentials = cluster.grant(instance, inst.secret)
         client_ns = hosts.names[2]
         old_head_pid = None
@@ -152,15 +182,15 @@ def run_schedule(model_path: str, loss: str, *, concurrency: int = 16, max_token
             inst.start()
             old_head_pid = inst.head.pid if inst.head is not None else None
             head = inst.ready_line.rsplit(" http ", 1)[1].strip()
-            standby = inst.start_standby(1, f"{hosts.addresses[1]}:{HTTP_PORT}", [  # its own host's member first
-                "--etcd-endpoints", ",".join([cluster.endpoints[1], cluster.endpoints[2], cluster.endpoints[0]])])
+            standby = inst.start_standby(1, f"{hosts.addresses[1]}:{HTTP_PORT}")
             with entered(client_ns):
                 reference = [httpx.post(f"{head}/v1/completions", json=request_body(model, i, max_tokens, False),
-                                        timeout=120).json()["choices"][0]["token_ids"] for i in range(concurrency)]
+                                        timeout=120).json()["choices"][0]["token_ids"]
+                             for i in range(concurrency + NON_STREAMING)]
                 before = httpx.get(f"{head}/membership", timeout=30).json()
             survivors = {r: before["pids"][r] for r in range(2, 6)}  # the ranks of nodes 1 and 2
-            clients = [RetryingStream(client_ns, [head, standby], request_body(model, i, max_tokens, True), f"c{i}")
-                       for i in range(concurrency)]
+            clients = [RetryingStream(client_ns, [head, standby], request_body(model, i, max_tokens, i < concurrency),
+                                      f"c{i}") for i in range(concurrency + NON_STREAMING)]
             t_start = time.monotonic()
             for c in clients:
                 c.thread.start()
@@ -215,7 +245,7 @@ def _record(loss: str, clients: list[RetryingStream], reference: list[list[int]]
             heads: dict[str, Any], t_start: float, lost: float) -> dict[str, Any]:
     """The figures of one schedule and what they came from."""
     after = heads["after"]
-    resumed = [c.first_after_retry for c in clients if c.first_after_retry is not None]
+    resumed = [c.first_after_retry for c in clients if c.first_after_retry is not None and c.body.get("stream")]
     stamps = sorted(t for c in clients for t in c.stamps)
     bins = [0] * (int((max(stamps, default=t_start) - t_start) / BIN_S) + 1)
     for t in stamps:
@@ -223,6 +253,7 @@ def _record(loss: str, clients: list[RetryingStream], reference: list[list[int]]
     return {
         "schedule": loss,
         "summary": {
+            # the first token a stream got from the new head (a completion's tokens all come at its end)
             "takeover_s": round(min(resumed) - lost, 3) if resumed else None,
             "requests_lost": sum(not c.done for c in clients),
             "outputs_differing": sum(c.done and c.ids != reference[i] for i, c in enumerate(clients)),

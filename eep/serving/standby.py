@@ -7,7 +7,7 @@ nothing here), every `/v1/...` request is 503 naming the head, and `/membership`
 follows (`role`, `head`, `journal`: requests, those the head runs, tokens, connections).
 
 With etcd (`--etcd-endpoints`, the instance's), it watches the head's leader key; once the
-key is gone (the head's lease lapsed: the head is lost, or cut off and deposed by its own
+key it saw is gone (the head's lease lapsed: the head is lost, or cut off and deposed by its own
 clock), it takes over (`take_over`): it takes the key, listens for the agents at its own
 address (the port of `--dist-init-addr`), adopts the running ranks and repairs coverage
 (`eep.control.takeover`), admits again every request the head was running from its committed
@@ -105,12 +105,16 @@ class Standby:
         then stand by again)."""
         from eep.membership.store import NotLeader, StoreError
 
+        seen = False  # a key that was never there is a head still starting, not a head lost
         while not self._stop.wait(0.1):
             try:
                 if self._store.leader() is not None:
+                    seen = True
                     continue
             except StoreError as e:
                 logger.warning("standby: etcd: %s", e)
+                continue
+            if not seen:
                 continue
             try:
                 self.take_over()

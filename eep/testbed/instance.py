@@ -39,10 +39,12 @@ class InstanceError(EepError):
 class HostsInstance:
     def __init__(self, hosts: NamespaceHosts, model_path: str, *, ep_size: int, args: Sequence[str] = (),
                  nnodes: int | None = None, port: int = PORT, env: dict[str, str] | None = None,
-                 start_timeout_s: float = 120.0) -> None:
+                 start_timeout_s: float = 120.0, node_args: dict[int, Sequence[str]] | None = None) -> None:
         self.hosts, self.model_path, self.ep_size = hosts, model_path, ep_size
         self.nnodes = hosts.n if nnodes is None else nnodes  # on hosts 0 .. nnodes-1
         self.args = list(args)
+        # what one host's processes get besides (later flags win: e.g. its own etcd member first)
+        self.node_args = {n: list(a) for n, a in (node_args or {}).items()}
         self.start_timeout_s = start_timeout_s
         self.port = port
         self.env = {**os.environ, **(env or {})}
@@ -62,7 +64,7 @@ class HostsInstance:
     def _cmd(self, node: int) -> list[str]:
         return [sys.executable, "-m", "eep", "serve", "--model-path", self.model_path, "--ep-size", str(self.ep_size),
                 "--nnodes", str(self.nnodes), "--node-rank", str(node), "--dist-init-addr", self.dist_init_addr,
-                "--cluster-secret-file", str(self.secret_file), *self.args]
+                "--cluster-secret-file", str(self.secret_file), *self.args, *self.node_args.get(node, [])]
 
     def log(self, node: int) -> Path:
         return self.dir / f"node{node}.log"
